@@ -1,0 +1,1 @@
+"""The compiler: typed IR, shape checking on fake tensors, scheduling (and, later, fx splicing)."""

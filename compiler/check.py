@@ -1,0 +1,338 @@
+"""Type-check and schedule a program against a model's recorded sites, on fake tensors.
+
+`check(...)` returns a `TypedProgram` (every value's type, every op's place in the forward) or
+raises one `CheckError` listing every problem found, each at the user's line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compiler import ops
+from compiler.errors import CheckError, Diagnostic
+from compiler.ir import (
+    DictType, Op, OpaqueType, Program, ScalarType, Site, TensorType, TupleType, Type,
+)
+from compiler.printer import format_type
+from compiler.signatures import Event, SiteTable, call_count, quiet_fake_mode
+
+BEFORE_FORWARD = -1
+
+
+@dataclass(frozen=True)
+class TypedProgram:
+    """A program that passed the check: value types and, per op, the event it runs at."""
+
+    program: Program
+    types: dict[int, Type]
+    schedule: tuple[int, ...]  # per op: index into `events`, or BEFORE_FORWARD
+    events: tuple[Event, ...]
+    fakes: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def type_of(value: Any) -> Type:
+    """The IR type of a (fake or real) value."""
+    if isinstance(value, torch.Tensor):
+        return TensorType(str(value.dtype).removeprefix("torch."), tuple(int(d) for d in value.shape))
+    if isinstance(value, bool):
+        return ScalarType("bool")
+    if isinstance(value, int):
+        return ScalarType("int")
+    if isinstance(value, float):
+        return ScalarType("float")
+    if isinstance(value, str):
+        return ScalarType("str")
+    if value is None:
+        return ScalarType("none")
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return TupleType(tuple(type_of(v) for v in value))
+    if type(value) is dict and all(isinstance(k, str) for k in value):
+        return DictType(tuple(value), tuple(type_of(v) for v in value.values()))
+    return OpaqueType(type(value).__name__)
+
+
+def describe_site(site: Site, root: str = "model") -> str:
+    """`model.layers.3` output -> `model.model.layers[3].output`, as the user wrote it."""
+    text = root
+    for part in site.module.split(".") if site.module else ():
+        text += f"[{part}]" if part.isdigit() else f".{part}"
+    call = f" (call {site.call})" if site.call else ""
+    return f"{text}.{site.kind}{call}"
+
+
+def _event(site: Site) -> Event:
+    return (site.module, site.phase, site.call)
+
+
+class _Checker:
+    def __init__(self, program: Program, table: SiteTable, model: torch.nn.Module,
+                 params: dict[str, Any], rows: list[slice], root: str):
+        self.program, self.table, self.model = program, table, model
+        self.params, self.rows, self.root = params, rows, root
+        self.fake: dict[int, Any] = {}
+        self.real_params: dict[int, Any] = {}
+        self.diags: list[Diagnostic] = []
+        self.when: list[int] = []
+
+    def error(self, op: Op, message: str, hint: str = "") -> None:
+        self.diags.append(Diagnostic(op.span, message, hint))
+
+    # --------------------------------------------------------------------------- scheduling
+    def site_event(self, op: Op) -> int | None:
+        site = op.site
+        assert site is not None
+        index = self.table.index(_event(site))
+        if index is None:
+            calls = call_count(self.table, site.module, site.phase)
+            where = describe_site(site, self.root)
+            if calls == 0:
+                self.error(op, f"{where} never happens: the module is not called in this forward",
+                           "read a module that runs for this input (print the model to see them)")
+            else:
+                self.error(op, f"{where} does not exist: the module is called {calls} time(s)",
+                           f"call indices run from 0 to {calls - 1}")
+        return index
+
+    def schedule(self) -> None:
+        when_of: dict[int, int] = {}
+        for op in self.program.ops:
+            deps = [when_of.get(r, BEFORE_FORWARD) for r in op.refs()]
+            latest = max(deps, default=BEFORE_FORWARD)
+            if op.opcode in ("read", "write"):
+                at = self.site_event(op)
+                at = BEFORE_FORWARD if at is None else at
+                if op.opcode == "write" and latest > at:
+                    later = self.table.order[latest]
+                    self.error(
+                        op,
+                        f"cannot write {describe_site(op.site, self.root)}: the value written is "  # type: ignore[arg-type]
+                        f"computed from {self._event_text(later)}, which runs later in the forward",
+                        "values flow forward only; read from an earlier module, or save the value "
+                        "in one trace and write it in a second",
+                    )
+            elif op.opcode == "stop" and not op.args:
+                at = max(self.when, default=BEFORE_FORWARD)
+            else:
+                at = latest
+            self.when.append(at)
+            if op.result is not None:
+                when_of[op.result] = at
+
+    def _event_text(self, event: Event) -> str:
+        path, phase, call = event
+        return describe_site(Site(path, "output" if phase == "post" else "input", call), self.root)
+
+    # ------------------------------------------------------------------------------ typing
+    def run(self) -> None:
+        failed: set[int] = set()
+        with quiet_fake_mode(), self.table.mode, torch.no_grad():
+            for op in self.program.ops:
+                if any(r in failed for r in op.refs()):
+                    if op.result is not None:
+                        failed.add(op.result)
+                    continue
+                try:
+                    ok = getattr(self, f"_{op.opcode}")(op)
+                except Exception as e:  # a torch error on fake values: the user's op is wrong
+                    self.error(op, self._failure_text(op, e))
+                    ok = False
+                if not ok and op.result is not None:
+                    failed.add(op.result)
+
+    def _failure_text(self, op: Op, e: Exception) -> str:
+        shown = ", ".join(format_type(type_of(self.fake[r])) for r in op.refs() if r in self.fake)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = op.target or op.opcode
+        return f"{what} fails on ({shown}): {first}" if shown else f"{what} fails: {first}"
+
+    def _values(self, op: Op, source: dict[int, Any]) -> tuple[list[Any], dict[str, Any]]:
+        args = [ops.materialize(a, source) for a in op.args]
+        kwargs = {k: ops.materialize(v, source) for k, v in op.kwargs}
+        return args, kwargs
+
+    def _site_live(self, op: Op) -> Any:
+        event = _event(op.site)  # type: ignore[arg-type]
+        if event not in self.table.values:
+            return None
+        return self.table.values[event]
+
+    def _read(self, op: Op) -> bool:
+        live = self._site_live(op)
+        if live is None:
+            return False
+        site = op.site
+        value = ops.site_value(live, site.kind)  # type: ignore[union-attr]
+        self.fake[op.result] = ops.slice_rows(value, self.rows[site.invoke], self.table.batch_size)  # type: ignore
+        return True
+
+    def _param(self, op: Op) -> bool:
+        value = self.params[op.target]
+        found = type_of(value)
+        if found != op.type:
+            self.error(op, f"parameter {op.target!r} is declared {format_type(op.type)} "
+                           f"but bound to {format_type(found)}")
+            return False
+        self.real_params[op.result] = value  # type: ignore[index]
+        self.fake[op.result] = (  # type: ignore[index]
+            self.table.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value)
+        return True
+
+    def _weight(self, op: Op) -> bool:
+        self.fake[op.result] = self.table.mode.from_tensor(_model_tensor(self.model, op.target))  # type: ignore
+        return True
+
+    def _call(self, op: Op) -> bool:
+        args, kwargs = self._values(op, self.fake)
+        if op.target in ("getitem", "setitem") and isinstance(args[0], torch.Tensor):
+            index = ops.materialize(op.args[1], {**self.fake, **self.real_params})
+            problem = index_problem(tuple(args[0].shape), index)
+            if problem:
+                self.error(op, f"index out of range: {problem}",
+                           "indices run from -size to size-1; slices must stay within the dim")
+                return False
+        if op.target == "getitem" and isinstance(args[0], (tuple, list)) and isinstance(args[1], int):
+            if not -len(args[0]) <= args[1] < len(args[0]):
+                self.error(op, f"index {args[1]} is out of range for a tuple of {len(args[0])} "
+                               f"({format_type(type_of(args[0]))})")
+                return False
+        self.fake[op.result] = ops.call(op.target, args, kwargs)  # type: ignore[index]
+        return True
+
+    def _module(self, op: Op) -> bool:
+        args, kwargs = self._values(op, self.fake)
+        self.fake[op.result] = self.model.get_submodule(op.target)(*args, **kwargs)  # type: ignore
+        return True
+
+    def _save(self, op: Op) -> bool:
+        return True
+
+    def _stop(self, op: Op) -> bool:
+        return True
+
+    def _write(self, op: Op) -> bool:
+        live = self._site_live(op)
+        if live is None:
+            return False
+        site = op.site
+        assert site is not None
+        where = describe_site(site, self.root)
+        target = ops.site_value(live, site.kind)
+        target = ops.slice_rows(target, self.rows[site.invoke], self.table.batch_size)
+        value = ops.materialize(op.args[0], self.fake)
+        bounds_source = {**self.fake, **self.real_params}
+        for step_arg in op.path:
+            step = ops.materialize(step_arg, self.fake)
+            if isinstance(target, torch.Tensor):
+                problem = index_problem(tuple(target.shape), ops.materialize(step_arg, bounds_source))
+                if problem:
+                    self.error(op, f"index out of range writing {where}: {problem}")
+                    return False
+                target = target[step]
+            elif isinstance(target, (tuple, list)) and isinstance(step, int):
+                if not -len(target) <= step < len(target):
+                    self.error(op, f"{where} is a tuple of {len(target)} "
+                                   f"({format_type(type_of(target))}); index {step} is out of range",
+                               "in transformers 5.x decoder layers return a tensor, not a tuple")
+                    return False
+                target = target[step]
+            elif isinstance(target, dict) and step in target:
+                target = target[step]
+            else:
+                self.error(op, f"cannot index {format_type(type_of(target))} with {step!r} in {where}")
+                return False
+        return self._compatible(op, where, target, value, partial=bool(op.path))
+
+    def _compatible(self, op: Op, where: str, target: Any, value: Any, partial: bool) -> bool:
+        if not isinstance(target, torch.Tensor):
+            if type_of(target) != type_of(value):
+                self.error(op, f"write to {where} expects {format_type(type_of(target))}, "
+                               f"found {format_type(type_of(value))}")
+                return False
+            return True
+        if isinstance(value, (bool, int, float)):
+            return True
+        if not isinstance(value, torch.Tensor):
+            self.error(op, f"write to {where} expects a tensor {format_type(type_of(target))}, "
+                           f"found {format_type(type_of(value))}")
+            return False
+        expected, found = format_type(type_of(target)), format_type(type_of(value))
+        if value.dtype != target.dtype:
+            self.error(op, f"dtype clash writing {where}: expected {expected}, found {found}",
+                       f"convert it first: .to(torch.{str(target.dtype).removeprefix('torch.')})")
+            return False
+        if partial:
+            try:
+                fits = torch.broadcast_shapes(value.shape, target.shape) == target.shape
+            except RuntimeError:
+                fits = False
+        else:
+            fits = value.shape == target.shape
+        if not fits:
+            how = "broadcast to" if partial else "match"
+            self.error(op, f"shape mismatch writing {where}: the value must {how} {expected}, "
+                           f"found {found}",
+                       "index the site to the part you mean to replace, e.g. [:, -1, :]")
+            return False
+        return True
+
+
+def _model_tensor(model: torch.nn.Module, path: str) -> torch.Tensor:
+    module_path, _, name = path.rpartition(".")
+    module = model.get_submodule(module_path)
+    return getattr(module, name)
+
+
+def index_problem(shape: tuple[int, ...], index: Any) -> str | None:
+    """Why `index` is out of range for `shape` (fake tensors miss these), or None."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis and not isinstance(i, bool))
+    dim = 0
+    for item in items:
+        if item is Ellipsis:
+            dim += len(shape) - consumed
+            continue
+        if item is None or isinstance(item, bool):
+            continue
+        if dim >= len(shape):
+            return f"too many indices for a tensor of {len(shape)} dims"
+        size = shape[dim]
+        if isinstance(item, int):
+            if not -size <= item < size:
+                return f"index {item} on dim {dim} of size {size}"
+        elif isinstance(item, slice):
+            for bound in (item.start, item.stop):
+                if isinstance(bound, int) and not -size <= bound <= size:
+                    text = ":".join("" if b is None else str(b) for b in (item.start, item.stop))
+                    return f"slice {text} runs past dim {dim} of size {size}"
+        elif isinstance(item, torch.Tensor) and not isinstance(
+                item, torch._subclasses.fake_tensor.FakeTensor):
+            if item.dtype != torch.bool and item.numel() and not (
+                    -size <= int(item.min()) and int(item.max()) < size):
+                return f"tensor index with values {int(item.min())}..{int(item.max())} on dim {dim} of size {size}"
+        dim += 1
+    return None
+
+
+def check(program: Program, table: SiteTable, model: torch.nn.Module, params: dict[str, Any],
+          rows: list[slice], root: str = "model") -> TypedProgram:
+    """Schedule and type-check `program`; raise CheckError with every problem, in line order."""
+    checker = _Checker(program, table, model, params, rows, root)
+    checker.schedule()
+    checker.run()
+    if checker.diags:
+        raise CheckError(checker.diags)
+    types = {k: type_of(v) for k, v in checker.fake.items()}
+    return TypedProgram(program, types, tuple(checker.when), tuple(table.order), checker.fake)
+
+
+def fake_values(program: Program, table: SiteTable, model: torch.nn.Module,
+                params: dict[str, Any], rows: list[slice], root: str = "model") -> dict[int, Any]:
+    """The fake value of every op result so far (for `.shape` inside a trace); raises CheckError."""
+    checker = _Checker(program, table, model, params, rows, root)
+    checker.run()
+    if checker.diags:
+        raise CheckError(checker.diags)
+    return checker.fake

@@ -1,0 +1,26 @@
+"""interp_dsl: a compiler for neural-network interventions.
+
+    from interp_dsl import LanguageModel
+    model = LanguageModel("smollm2-135m")
+    with model.trace("The Eiffel Tower is in the city of"):
+        logits = model.lm_head.output.save()
+"""
+
+from compiler.errors import CheckError as CheckError
+from compiler.errors import ExecutionError as ExecutionError
+from compiler.errors import InterventionError as InterventionError
+from compiler.errors import ProxyControlFlowError as ProxyControlFlowError
+from compiler.errors import UnknownModuleError as UnknownModuleError
+from compiler.errors import UnsupportedOperationError as UnsupportedOperationError
+from compiler.errors import ValueUnavailableError as ValueUnavailableError
+from interp_dsl import einops_backend as _einops_backend  # noqa: F401  (registers proxies with einops)
+from interp_dsl.models import LanguageModel as LanguageModel
+from interp_dsl.models import Model as Model
+from interp_dsl.models import NNsight as NNsight
+from interp_dsl.proxy import Proxy as Proxy
+from interp_dsl.tracing import Tracer as Tracer
+
+
+def save(value: Proxy) -> Proxy:
+    """Keep `value` after the trace (the function spelling of `value.save()`)."""
+    return value.save()

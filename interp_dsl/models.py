@@ -1,0 +1,263 @@
+"""Model wrappers: `Model` (alias `NNsight`) for any torch module, `LanguageModel` for HF causal LMs."""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from compiler.check import check
+from compiler.errors import InterventionError
+from compiler.ir import Program
+from compiler.signatures import SiteTable, module_paths, record_sites
+from interp_dsl import embedded
+from interp_dsl.envoy import _SITE_KINDS, Envoy
+from interp_dsl.spans import user_span
+from interp_dsl.tracing import Tracer
+from runtime.interpreter import Batch, RunResult, run
+
+InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
+_TABLE_CACHE_SIZE = 8
+
+
+class Model:
+    """Wraps a `torch.nn.Module` for tracing. Attribute access walks its module tree:
+    `model.layer1.output` inside `with model.trace(x):` is the output of `layer1`."""
+
+    def __init__(self, module: torch.nn.Module, *, fake_mode: FakeTensorMode | None = None):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_root_name", "model")
+        object.__setattr__(self, "_paths", module_paths(module))
+        object.__setattr__(self, "_envoy", Envoy(self, module, "", "model"))
+        object.__setattr__(self, "_tracer", None)
+        object.__setattr__(self, "_tables", OrderedDict())
+        object.__setattr__(self, "_fake_mode", fake_mode)
+
+    # -------------------------------------------------------------------------- user surface
+    def trace(self, *args: Any, **kwargs: Any) -> Tracer:
+        """`with model.trace(input):` record interventions, then check and run them on exit.
+        Without an input, add inputs with `tracer.invoke(...)`; they run as one batch."""
+        if self._fake_mode is not None:
+            raise InterventionError.at(
+                user_span(), "this model has no weights (built from a config for checking)",
+                "use model.scan(...) to check shapes, or load real weights to run")
+        return Tracer(self, (args, kwargs) if args or kwargs else None)
+
+    def scan(self, *args: Any, **kwargs: Any) -> Tracer:
+        """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""
+        return Tracer(self, (args, kwargs) if args or kwargs else None, execute=False)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped torch module."""
+        return self._module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._envoy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SITE_KINDS:
+            setattr(self._envoy, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getitem__(self, index: int) -> Envoy:
+        return self._envoy[index]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._envoy(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    # ------------------------------------------------------------------------------ internals
+    def _begin(self, tracer: Tracer) -> None:
+        if self._tracer is not None:
+            raise InterventionError.at(user_span(), "a trace of this model is already open",
+                                       "finish it first; traces of one model do not nest")
+        object.__setattr__(self, "_tracer", tracer)
+
+    def _end(self, tracer: Tracer) -> None:
+        if self._tracer is tracer:
+            object.__setattr__(self, "_tracer", None)
+
+    def _batch(self, invokes: list[InvokeInput]) -> Batch:
+        """Concatenate the invokes' tensor arguments along the batch dimension."""
+        per_invoke = [self._invoke_tensors(args, kwargs) for args, kwargs in invokes]
+        sizes = [_batch_size(args, kwargs) for args, kwargs in per_invoke]
+        rows = tuple(slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes)))
+        if len(per_invoke) == 1:
+            args, kwargs = per_invoke[0]
+        else:
+            args = tuple(_concat([a[i] for a, _ in per_invoke]) for i in range(len(per_invoke[0][0])))
+            kwargs = {k: _concat([kw[k] for _, kw in per_invoke]) for k in per_invoke[0][1]}
+        return Batch(args, kwargs, rows, sum(sizes))
+
+    def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
+        return args, kwargs
+
+    def _site_table(self, invokes: list[InvokeInput]) -> tuple[Batch, SiteTable]:
+        batch = self._batch(invokes)
+        key = _signature((batch.args, batch.kwargs))
+        table = self._tables.get(key)
+        if table is None:
+            table = record_sites(self._module, batch.args, batch.kwargs, batch.size, self._fake_mode)
+            self._tables[key] = table
+            if len(self._tables) > _TABLE_CACHE_SIZE:
+                self._tables.popitem(last=False)
+        return batch, table
+
+    def _execute(self, program: Program, invokes: list[InvokeInput], params: dict[str, Any],
+                 execute: bool) -> RunResult:
+        batch, table = self._site_table(invokes)
+        typed = check(program, table, self._module, params, list(batch.rows), self._root_name)
+        if not execute:
+            saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
+            return RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
+        return run(self._module, typed, batch, params)
+
+
+NNsight = Model
+
+
+class LanguageModel(Model):
+    """A HF causal language model with its tokenizer.
+
+    `source` may be the embedded default `"smollm2-135m"` (or its hub id), a local HF directory,
+    a `.gguf` file, a loaded `PreTrainedModel` (pass `tokenizer=`), or a `PretrainedConfig`
+    (random weights, or `weights="fake"` for checking without any weight memory).
+    """
+
+    def __init__(self, source: Any, tokenizer: Any = None, *, weights: str = "random",
+                 dtype: torch.dtype = torch.float32, **ignored: Any):
+        fake_mode = None
+        if isinstance(source, torch.nn.Module):
+            module = source
+        elif _is_config(source):
+            module, fake_mode = _from_config(source, weights)
+        elif isinstance(source, (str, Path)):
+            directory = _resolve_directory(str(source))
+            module = _load_directory(directory, dtype)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+        else:
+            raise InterventionError.at(user_span(), f"cannot make a LanguageModel from a "
+                                       f"{type(source).__name__}", "give a name, a path, a model or a config")
+        module.eval()
+        super().__init__(module, fake_mode=fake_mode)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "config", module.config)
+
+    def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
+        if len(args) != 1:
+            raise InterventionError.at(user_span(), f"an invoke of a LanguageModel takes one input "
+                                       f"(text, token ids or a tokenizer output), got {len(args)}")
+        ids, mask = self._tokenize(args[0])
+        return (), {"input_ids": ids, "attention_mask": mask, **kwargs}
+
+    def _tokenize(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(data, str) or (isinstance(data, list) and data and isinstance(data[0], str)):
+            if self.tokenizer is None:
+                raise InterventionError.at(user_span(), "this model has no tokenizer; pass token ids",
+                                           "or give LanguageModel(model, tokenizer=...)")
+            enc = self.tokenizer(data, return_tensors="pt", padding=True)
+            return enc["input_ids"], enc["attention_mask"]
+        if isinstance(data, dict) or hasattr(data, "keys"):
+            ids = torch.as_tensor(data["input_ids"])
+            mask = torch.as_tensor(data["attention_mask"]) if "attention_mask" in data else None
+        else:
+            ids, mask = torch.as_tensor(data), None
+        if ids.dim() == 1:
+            ids = ids[None]
+            mask = mask[None] if mask is not None and mask.dim() == 1 else mask
+        return ids.long(), (torch.ones_like(ids) if mask is None else mask.long())
+
+    def _batch(self, invokes: list[InvokeInput]) -> Batch:
+        per = [self._invoke_tensors(a, k)[1] for a, k in invokes]
+        length = max(p["input_ids"].shape[1] for p in per)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        ids = torch.cat([_left_pad(p["input_ids"], length, pad_id or 0) for p in per])
+        mask = torch.cat([_left_pad(p["attention_mask"], length, 0) for p in per])
+        sizes = [p["input_ids"].shape[0] for p in per]
+        rows = tuple(slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes)))
+        extra = {k: v for k, v in per[0].items() if k not in ("input_ids", "attention_mask")}
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, **extra}
+        if "position_ids" in inspect.signature(self._module.forward).parameters:
+            # Left padding must not shift positions: each row equals its unpadded run.
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Batch((), kwargs, rows, ids.shape[0])
+
+
+def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value)
+
+
+def _concat(values: list[Any]) -> Any:
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    if any(v != values[0] for v in values[1:]):
+        raise InterventionError.at(user_span(), "invokes pass different non-tensor arguments",
+                                   "non-tensor arguments must agree across invokes of one batch")
+    return values[0]
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise InterventionError.at(user_span(), "an invoke's input has no tensor to batch",
+                               "pass a tensor whose first dimension is the batch")
+
+
+def _signature(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), str(obj.dtype))
+    if isinstance(obj, (tuple, list)):
+        return tuple(_signature(x) for x in obj)
+    if isinstance(obj, dict):
+        return tuple((k, _signature(v)) for k, v in obj.items())
+    return repr(obj)
+
+
+def _is_config(obj: Any) -> bool:
+    from transformers import PretrainedConfig
+    return isinstance(obj, PretrainedConfig)
+
+
+def _from_config(config: Any, weights: str) -> tuple[torch.nn.Module, FakeTensorMode | None]:
+    from transformers import AutoModelForCausalLM
+    if weights == "random":
+        return AutoModelForCausalLM.from_config(config), None
+    if weights == "fake":
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            return AutoModelForCausalLM.from_config(config), mode
+    raise InterventionError.at(user_span(), f"weights must be 'random' or 'fake', got {weights!r}")
+
+
+def _resolve_directory(source: str) -> Path:
+    if embedded.is_embedded(source):
+        return embedded.cached_dir(embedded.embedded_gguf())
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return embedded.cached_dir(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise InterventionError.at(
+        user_span(), f"no model found at {source!r}: there is no model hub at run time",
+        f"give a local HF directory, a .gguf file, or the embedded default "
+        f"{embedded.EMBEDDED_NAMES[0]!r}")
+
+
+def _load_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

@@ -1,0 +1,316 @@
+"""Proxy: a value of the experiment, recorded as IR while tracing, the real value afterwards."""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from compiler import ops
+from compiler.errors import (
+    ProxyControlFlowError, UnsupportedOperationError, ValueUnavailableError,
+)
+from compiler.ir import Arg, Site
+from interp_dsl.spans import user_span
+
+if TYPE_CHECKING:
+    from interp_dsl.tracing import Tracer
+
+_UNSET = object()
+
+# Tensor dunder methods reach __torch_function__ when a real tensor is on the left.
+_DUNDERS = {
+    "__add__": "add", "__sub__": "sub", "__mul__": "mul", "__truediv__": "truediv",
+    "__floordiv__": "floordiv", "__mod__": "mod", "__pow__": "pow", "__matmul__": "matmul",
+    "__and__": "and_", "__or__": "or_", "__xor__": "xor", "__lt__": "lt", "__le__": "le",
+    "__gt__": "gt", "__ge__": "ge", "__eq__": "eq", "__ne__": "ne", "__getitem__": "getitem",
+    "__neg__": "neg", "__pos__": "pos", "__abs__": "abs", "__invert__": "invert",
+    "__radd__": "add", "__rsub__": "sub", "__rmul__": "mul", "__rtruediv__": "truediv",
+    "__rfloordiv__": "floordiv", "__rmod__": "mod", "__rpow__": "pow", "__rmatmul__": "matmul",
+}
+_GRADIENT_ATTRS = ("grad", "requires_grad", "retain_grad", "backward", "register_hook")
+
+
+class Proxy:
+    """A value inside a trace. Every operation on it records an op; nothing runs until the end.
+
+    After the trace, a saved proxy stands for its value: indexing, arithmetic, torch functions,
+    attributes and printing all act on the real tensor (also reachable as `.value`).
+    """
+
+    __slots__ = ("_tracer", "_id", "_origin", "_value", "_missing", "_saved", "__weakref__")
+
+    def __init__(self, tracer: "Tracer", id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None):
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_id", id)
+        object.__setattr__(self, "_origin", origin)
+        object.__setattr__(self, "_value", _UNSET)
+        object.__setattr__(self, "_missing", "")
+        object.__setattr__(self, "_saved", False)
+
+    # ------------------------------------------------------------------------------ life cycle
+    @property
+    def _live(self) -> bool:
+        return self._tracer.recording
+
+    def _resolve(self, value: Any = _UNSET, missing: str = "") -> None:
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_missing", missing)
+
+    def _rebind(self, other: "Proxy") -> "Proxy":
+        """In-place operations make this proxy name the new value (as aliasing would in torch)."""
+        object.__setattr__(self, "_id", other._id)
+        if self._saved:
+            self._tracer.save(self)
+        return self
+
+    @property
+    def value(self) -> Any:
+        """The real value, after the trace. (`.value` is the older nnsight spelling; a saved
+        proxy can also be used directly.)"""
+        if self._live:
+            raise ValueUnavailableError.at(
+                user_span(), "a value is not available inside the trace; it exists once the "
+                "`with` block ends", "call .save() on it and use it after the block")
+        if self._value is _UNSET:
+            raise ValueUnavailableError.at(
+                user_span(), self._missing or "this value was not saved",
+                "" if self._missing else "call .save() on it inside the trace")
+        return self._value
+
+    def save(self) -> "Proxy":
+        """Keep this value after the trace."""
+        if not self._live:
+            return self
+        self._tracer.save(self)
+        return self
+
+    def stop(self) -> None:
+        """Old spelling: stop the forward right after this value's site."""
+        self._tracer.stop(self)
+
+    # ------------------------------------------------------------------------------- tracing
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if not self._live:
+            return ops.functions()[name](*_unwrap(args), **_unwrap(kwargs))
+        return self._tracer.call(name, args, kwargs)
+
+    def _inplace(self, name: str, other: Any) -> "Proxy":
+        if not self._live:
+            raise ProxyControlFlowError.at(user_span(), "in-place operation on a value after the trace")
+        result = self._tracer.call(name, (self, other), {})
+        return self._write_through(result)
+
+    def _write_through(self, result: "Proxy") -> "Proxy":
+        if self._origin is not None:
+            site, path = self._origin
+            self._tracer.write(site, path, result)
+            object.__setattr__(result, "_origin", self._origin)
+        return self._rebind(result)
+
+    @classmethod
+    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tracer = _find_tracer((args, kwargs))
+        if tracer is None or not tracer.recording:
+            return func(*_unwrap(args), **_unwrap(kwargs))
+        name = ops.name_of(func)
+        dunder = getattr(func, "__name__", "")
+        if name is None and dunder in _DUNDERS:
+            name = _DUNDERS[dunder]
+            if dunder.startswith("__r") and dunder != "__rshift__":
+                args = (args[1], args[0])
+        if name is None:
+            qual = f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__qualname__', func)}"
+            raise UnsupportedOperationError.at(
+                user_span(), f"{qual} is not an op interp_dsl can record",
+                "use a pure torch function, a tensor method or an einops function")
+        if ops.is_inplace_method(name) and isinstance(args[0], Proxy):
+            return args[0]._write_through(tracer.call(name, args, kwargs))
+        return tracer.call(name, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if not self._live:
+            return getattr(self.value, name)
+        if name in _GRADIENT_ATTRS:
+            raise UnsupportedOperationError.at(
+                user_span(), f"`.{name}`: gradients are not supported yet", "run without gradients")
+        if hasattr(torch.Tensor, name):
+            full = f"Tensor.{name}"
+            if full not in ops.functions():
+                raise UnsupportedOperationError.at(
+                    user_span(), f"tensor method .{name}() is not an op interp_dsl can record",
+                    "values inside a trace are symbolic; use .save() and call it after the block"
+                    if name in ("item", "tolist", "numpy") else "")
+            if not callable(getattr(torch.Tensor, name)):
+                return self._tracer.call(full, (self,), {})
+            if ops.is_inplace_method(full):
+                return lambda *a, **k: self._write_through(self._tracer.call(full, (self, *a), k))
+            return lambda *a, **k: self._tracer.call(full, (self, *a), k)
+        return self._tracer.call("getattr", (self, name), {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _GRADIENT_ATTRS:
+            raise UnsupportedOperationError.at(
+                user_span(), f"setting `.{name}`: gradients are not supported yet")
+        raise UnsupportedOperationError.at(
+            user_span(), f"cannot set attribute {name!r} on a traced value",
+            "write a module's value with `module.output = ...` or `value[...] = ...`")
+
+    def __getitem__(self, index: Any) -> Any:
+        if not self._live:
+            return self.value[_unwrap(index)]
+        return self._tracer.call("getitem", (self, index), {}, origin_of=(self, index))
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if not self._live:
+            self.value[_unwrap(index)] = _unwrap(value)
+            return
+        if self._origin is not None:
+            site, path = self._origin
+            self._tracer.write(site, (*path, self._tracer.encode(index)), value)
+            self._rebind(self._tracer.reread(self._origin))
+        else:
+            self._rebind(self._tracer.call("setitem", (self, index, value), {}))
+
+    # ------------------------------------------------------------------- shape and conversion
+    @property
+    def shape(self) -> torch.Size:
+        return self._fake_or_value().shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._fake_or_value().dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._fake_or_value().ndim
+
+    @property
+    def device(self) -> torch.device:
+        return self._fake_or_value().device
+
+    def size(self, dim: int | None = None) -> Any:
+        shape = self.shape
+        return shape if dim is None else shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def _fake_or_value(self) -> Any:
+        return self._tracer.fake(self) if self._live else self.value
+
+    def __len__(self) -> int:
+        return len(self._fake_or_value())
+
+    def __iter__(self) -> Any:
+        if not self._live:
+            return iter(self.value)
+        return (self[i] for i in range(len(self)))
+
+    def _control_flow(self, what: str) -> Any:
+        if not self._live:
+            return getattr(self.value, what)()
+        raise ProxyControlFlowError.at(
+            user_span(), f"a traced value has no concrete value inside the trace ({what[2:-2]}() "
+            "was called on it, e.g. by `if`, `while`, `int(...)` or `float(...)`)",
+            "compute both branches with torch.where(cond, a, b), or save the value and decide "
+            "after the `with` block")
+
+    def __bool__(self) -> bool:
+        return self._control_flow("__bool__")
+
+    def __int__(self) -> int:
+        return self._control_flow("__int__")
+
+    def __float__(self) -> float:
+        return self._control_flow("__float__")
+
+    def __index__(self) -> int:
+        return self._control_flow("__index__")
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.value.__array__(*args, **kwargs)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        if self._live:
+            return f"Proxy(%{self._id})"
+        if self._value is _UNSET:
+            return f"Proxy(<{self._missing or 'not saved'}>)"
+        return repr(self._value)
+
+    def __str__(self) -> str:
+        return repr(self) if self._live or self._value is _UNSET else str(self._value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec) if not self._live else repr(self)
+
+
+def _binary(name: str, reflected: bool = False) -> Callable[[Proxy, Any], Any]:
+    fn = ops.functions()[name] if name in ops.functions() else getattr(operator, name)
+
+    def method(self: Proxy, other: Any) -> Any:
+        if not self._live:
+            a, b = self.value, _unwrap(other)
+            return fn(b, a) if reflected else fn(a, b)
+        return self._tracer.call(name, (other, self) if reflected else (self, other), {})
+
+    return method
+
+
+def _unary(name: str) -> Callable[[Proxy], Any]:
+    def method(self: Proxy) -> Any:
+        return self._call(name, self)
+
+    return method
+
+
+def _inplace(name: str) -> Callable[[Proxy, Any], Any]:
+    def method(self: Proxy, other: Any) -> Any:
+        if not self._live:
+            return _binary(name)(self, other)
+        return self._inplace(name, other)
+
+    return method
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_",
+            "xor", "lshift", "rshift"):
+    _dunder = _op.rstrip("_")
+    setattr(Proxy, f"__{_dunder}__", _binary(_op))
+    setattr(Proxy, f"__r{_dunder}__", _binary(_op, reflected=True))
+    setattr(Proxy, f"__i{_dunder}__", _inplace(_op))
+for _op in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(Proxy, f"__{_op}__", _binary(_op))
+for _op in ("neg", "pos", "abs", "invert"):
+    setattr(Proxy, f"__{_op}__", _unary(_op))
+
+
+def _find_tracer(obj: Any) -> "Tracer | None":
+    if isinstance(obj, Proxy):
+        return obj._tracer
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = _find_tracer(item)
+            if found is not None:
+                return found
+    if isinstance(obj, dict):
+        return _find_tracer(list(obj.values()))
+    return None
+
+
+def _unwrap(obj: Any) -> Any:
+    """Replace finished proxies by their values."""
+    if isinstance(obj, Proxy):
+        return obj.value
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_unwrap(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,208 @@
+"""The `with model.trace(...)` context: records IR, then checks and runs it on leaving the block."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from compiler.check import fake_values
+from compiler.errors import InterventionError, UnsupportedOperationError
+from compiler.ir import (
+    Arg, Const, DTypeArg, EllipsisArg, ListArg, Op, Program, Ref, SliceArg, Site, TupleArg,
+)
+from interp_dsl.proxy import Proxy
+from interp_dsl.spans import user_span
+
+if TYPE_CHECKING:
+    from interp_dsl.models import Model
+
+
+class Invoker:
+    """One input of a batched trace: `with tracer.invoke(prompt):` scopes module access to it."""
+
+    def __init__(self, tracer: "Tracer", index: int):
+        self.tracer, self.index = tracer, index
+        self._outer: int | None = None
+
+    def __enter__(self) -> "Invoker":
+        self._outer = self.tracer.current_invoke
+        self.tracer.current_invoke = self.index
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracer.current_invoke = self._outer
+
+
+class Tracer:
+    """Records an experiment as IR; on exit, checks it on fake tensors and runs it.
+
+    Created by `model.trace(...)` or `model.scan(...)`; state lives on this object and on its
+    model, never in module globals.
+    """
+
+    def __init__(self, model: "Model", inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
+                 execute: bool = True):
+        self.model = model
+        self.execute = execute
+        self.ops: list[Op] = []
+        self.params: dict[str, Any] = {}
+        self.invoke_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.current_invoke: int | None = None
+        self.recording = False
+        self.call_index: dict[str, int] = {}
+        self._saved: list[Proxy] = []
+        self._proxies: list[Proxy] = []
+        self._fake_cache: tuple[int, dict[int, Any]] | None = None
+        if inputs is not None:
+            self.current_invoke = self._add_invoke(inputs)
+        self.invoker = Invoker(self, 0) if inputs is not None else None
+
+    # ---------------------------------------------------------------------------- contexts
+    def __enter__(self) -> "Tracer":
+        self.model._begin(self)
+        self.recording = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.recording = False
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self.model._end(self)
+        return False
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
+        """A new batch slice with its own input; module values inside refer to it."""
+        if not self.recording:
+            raise InterventionError.at(user_span(), "tracer.invoke() is used inside its trace")
+        return Invoker(self, self._add_invoke((args, kwargs)))
+
+    def _add_invoke(self, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> int:
+        self.invoke_inputs.append(inputs)
+        self._fake_cache = None
+        return len(self.invoke_inputs) - 1
+
+    def stop(self, at: Proxy | None = None) -> None:
+        """End the forward once everything requested so far has run."""
+        self._emit("stop", args=(Ref(at._id),) if at is not None else ())
+
+    # ------------------------------------------------------------------------------ recording
+    def _emit(self, opcode: str, has_result: bool = False, **fields: Any) -> int | None:
+        result = len(self.ops) if has_result else None
+        self.ops.append(Op(opcode, result=result, span=user_span(), **fields))
+        self._fake_cache = None
+        return result
+
+    def _proxy(self, id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None) -> Proxy:
+        proxy = Proxy(self, id, origin)
+        self._proxies.append(proxy)
+        return proxy
+
+    def encode(self, obj: Any) -> Arg:
+        """A Python value as an IR argument; tensors and floats become params."""
+        if isinstance(obj, Proxy):
+            if obj._tracer is not self:
+                if not obj._live:
+                    return self.encode(obj.value)
+                raise InterventionError.at(user_span(), "a value from another trace is used here",
+                                           "save it there and use the saved value")
+            return Ref(obj._id)
+        if isinstance(obj, (torch.Tensor, float)):
+            name = f"p{len(self.params)}"
+            self.params[name] = obj
+            from compiler.check import type_of
+            return Ref(self._emit("param", True, target=name, type=type_of(obj)))  # type: ignore[arg-type]
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return Const(obj)
+        if isinstance(obj, slice):
+            return SliceArg(self.encode(obj.start), self.encode(obj.stop), self.encode(obj.step))
+        if obj is Ellipsis:
+            return EllipsisArg()
+        if isinstance(obj, tuple):  # torch.Size included
+            return TupleArg(tuple(self.encode(x) for x in obj))
+        if isinstance(obj, list):
+            return ListArg(tuple(self.encode(x) for x in obj))
+        if isinstance(obj, torch.dtype):
+            return DTypeArg(str(obj).removeprefix("torch."))
+        raise UnsupportedOperationError.at(
+            user_span(), f"a {type(obj).__name__} cannot be used in a trace",
+            "use tensors, numbers, strings, slices, tuples and lists")
+
+    def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             origin_of: tuple[Proxy, Any] | None = None) -> Proxy:
+        encoded = tuple(self.encode(a) for a in args)
+        enc_kwargs = tuple((k, self.encode(v)) for k, v in kwargs.items())
+        id = self._emit("call", True, target=name, args=encoded, kwargs=enc_kwargs)
+        origin = None
+        if origin_of is not None and origin_of[0]._origin is not None:
+            site, path = origin_of[0]._origin
+            origin = (site, (*path, encoded[1]))
+        return self._proxy(id, origin)  # type: ignore[arg-type]
+
+    def read(self, site: Site) -> Proxy:
+        id = self._emit("read", True, site=site)
+        return self._proxy(id, (site, ()))  # type: ignore[arg-type]
+
+    def reread(self, origin: tuple[Site, tuple[Arg, ...]]) -> Proxy:
+        """The value at `origin` after a write: read the site again and index down the path."""
+        site, path = origin
+        proxy = self.read(site)
+        for step in path:
+            id = self._emit("call", True, target="getitem", args=(Ref(proxy._id), step))
+            proxy = self._proxy(id, (site, (*proxy._origin[1], step)))  # type: ignore[index,arg-type]
+        return proxy
+
+    def write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
+        self._emit("write", site=site, path=path, args=(self.encode(value),))
+
+    def module_call(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:
+        encoded = tuple(self.encode(a) for a in args)
+        enc_kwargs = tuple((k, self.encode(v)) for k, v in kwargs.items())
+        return self._proxy(self._emit("module", True, target=path, args=encoded, kwargs=enc_kwargs))  # type: ignore
+
+    def weight(self, path: str) -> Proxy:
+        return self._proxy(self._emit("weight", True, target=path))  # type: ignore[arg-type]
+
+    def save(self, proxy: Proxy) -> None:
+        object.__setattr__(proxy, "_saved", True)
+        self._saved.append(proxy)
+        self._emit("save", target=f"save{len(self._saved) - 1}", args=(Ref(proxy._id),))
+
+    def site(self, module_path: str, kind: str) -> Site:
+        if self.current_invoke is None:
+            raise InterventionError.at(
+                user_span(), f".{kind} is used outside an invoke",
+                "pass an input to model.trace(...) or read it inside `with tracer.invoke(...):`")
+        return Site(module_path, kind, self.call_index.get(module_path, 0), self.current_invoke)
+
+    # ------------------------------------------------------------------------------- results
+    def program(self) -> Program:
+        return Program(tuple(self.ops), max(1, len(self.invoke_inputs)))
+
+    def fake(self, proxy: Proxy) -> Any:
+        """The fake value of a proxy (shape and dtype, no data), checking the ops so far."""
+        if self._fake_cache is None or self._fake_cache[0] != len(self.ops):
+            batch, table = self.model._site_table(self.invoke_inputs)
+            values = fake_values(self.program(), table, self.model._module, self.params,
+                                 list(batch.rows), self.model._root_name)
+            self._fake_cache = (len(self.ops), values)
+        return self._fake_cache[1][proxy._id]
+
+    def _finish(self) -> None:
+        if not self.invoke_inputs:
+            raise InterventionError.at(user_span(), "the trace has no input",
+                                       "pass one to model.trace(...) or use tracer.invoke(...)")
+        program = self.program()
+        result = self.model._execute(program, self.invoke_inputs, self.params, self.execute)
+        for proxy in self._proxies:
+            if not proxy._saved:
+                proxy._resolve(missing="this value was not saved; call .save() on it in the trace")
+            elif proxy._id in result.values:
+                proxy._resolve(result.values[proxy._id])
+            elif self.execute:
+                proxy._resolve(missing="this value was not computed: the forward stopped before it")
+            else:
+                proxy._resolve(missing="model.scan(...) computes shapes, not values; use .shape")
+        self.result = result

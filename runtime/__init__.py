@@ -1,0 +1,1 @@
+"""Execution of typed IR: the reference interpreter (forward hooks)."""

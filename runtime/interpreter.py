@@ -1,0 +1,173 @@
+"""The reference interpreter: executes a typed program with forward hooks on the real modules.
+
+It is slow but obviously right, and defines what an experiment means. Each op runs at the event
+the checker scheduled it for (its site's event, or the latest event of its inputs), in program
+order within an event. Hooks are removed after every run, also when it fails.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compiler import ops
+from compiler.check import BEFORE_FORWARD, TypedProgram
+from compiler.errors import ExecutionError
+from compiler.ir import Op
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The model's forward arguments, and which rows of the batch belong to each invoke."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rows: tuple[slice, ...]
+    size: int
+
+
+@dataclass
+class RunResult:
+    saves: dict[str, Any] = field(default_factory=dict)  # save name -> value
+    values: dict[int, Any] = field(default_factory=dict)  # value id -> value, for saved ids
+    output: Any = None  # the model's return value (None when stopped)
+    stopped: bool = False
+
+
+class _Stop(Exception):
+    """Raised from a hook to end the forward early."""
+
+
+class _Run:
+    def __init__(self, model: torch.nn.Module, typed: TypedProgram, batch: Batch,
+                 params: dict[str, Any]):
+        self.model, self.typed, self.batch, self.params = model, typed, batch, params
+        self.values: dict[int, Any] = {}
+        self.result = RunResult()
+        self.positions = {e: i for i, e in enumerate(typed.events)}
+        self.by_event: dict[int, list[Op]] = defaultdict(list)
+        for op, at in zip(typed.program.ops, typed.schedule):
+            self.by_event[at].append(op)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+        self.adhoc_depth = 0
+        self.stop_requested = False
+
+    def execute(self) -> RunResult:
+        handles = self._install_hooks()
+        try:
+            self._run_ops(self.by_event.get(BEFORE_FORWARD, []), None)
+            try:
+                with torch.no_grad():
+                    self.result.output = self.model(*self.batch.args, **self.batch.kwargs)
+            except _Stop:
+                self.result.stopped = True
+        finally:
+            for h in handles:
+                h.remove()
+        return self.result
+
+    # ---------------------------------------------------------------------------------- hooks
+    def _install_hooks(self) -> list[Any]:
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for index in self.by_event:
+            if index != BEFORE_FORWARD:
+                path, phase, _ = self.typed.events[index]
+                wanted[path].add(phase)
+        handles = []
+        for path, phases in wanted.items():
+            module = self.model.get_submodule(path)
+            if "pre" in phases:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, p=path: self._on_pre(p, a, k), with_kwargs=True))
+            if "post" in phases:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, k, o, p=path: self._on_post(p, o), with_kwargs=True))
+        return handles
+
+    def _event_ops(self, path: str, phase: str) -> list[Op] | None:
+        if self.adhoc_depth:
+            return None
+        n = self.calls[(path, phase)]
+        self.calls[(path, phase)] = n + 1
+        index = self.positions.get((path, phase, n))
+        return self.by_event.get(index) if index is not None else None
+
+    def _on_pre(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        todo = self._event_ops(path, "pre")
+        if not todo:
+            return None
+        live = (tuple(args), dict(kwargs))
+        new = self._run_ops(todo, live)
+        self._maybe_stop()
+        return new if new is not live else None
+
+    def _on_post(self, path: str, output: Any) -> Any:
+        todo = self._event_ops(path, "post")
+        if not todo:
+            return None
+        new = self._run_ops(todo, output)
+        self._maybe_stop()
+        return new if new is not output else None
+
+    def _maybe_stop(self) -> None:
+        if self.stop_requested:
+            raise _Stop()
+
+    # ------------------------------------------------------------------------------------ ops
+    def _run_ops(self, todo: list[Op], live: Any) -> Any:
+        for op in todo:
+            try:
+                live = self._run_op(op, live)
+            except _Stop:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ExecutionError.at(op.span, f"{op.target or op.opcode} failed while the model "
+                                                 f"ran: {first}") from None
+        return live
+
+    def _run_op(self, op: Op, live: Any) -> Any:
+        args = [ops.materialize(a, self.values) for a in op.args]
+        kwargs = {k: ops.materialize(v, self.values) for k, v in op.kwargs}
+        code = op.opcode
+        if code == "read":
+            rows = self.batch.rows[op.site.invoke]  # type: ignore[union-attr]
+            value = ops.site_value(live, op.site.kind)  # type: ignore[union-attr]
+            self.values[op.result] = ops.slice_rows(value, rows, self.batch.size)  # type: ignore
+        elif code == "write":
+            path = [ops.materialize(a, self.values) for a in op.path]
+            rows = self.batch.rows[op.site.invoke]  # type: ignore[union-attr]
+            live = ops.write_site(live, op.site.kind, path, args[0], rows, self.batch.size)  # type: ignore
+        elif code == "call":
+            self.values[op.result] = ops.call(op.target, args, kwargs)  # type: ignore[index]
+        elif code == "module":
+            self.adhoc_depth += 1
+            try:
+                self.values[op.result] = self.model.get_submodule(op.target)(*args, **kwargs)  # type: ignore
+            finally:
+                self.adhoc_depth -= 1
+        elif code == "weight":
+            module_path, _, name = op.target.rpartition(".")
+            self.values[op.result] = getattr(self.model.get_submodule(module_path), name)  # type: ignore
+        elif code == "param":
+            self.values[op.result] = self.params[op.target]  # type: ignore[index]
+        elif code == "save":
+            value = _snapshot(args[0])
+            self.result.saves[op.target] = value
+            self.result.values[op.args[0].id] = value  # type: ignore[union-attr]
+        elif code == "stop":
+            self.stop_requested = True
+        return live
+
+
+def _snapshot(value: Any) -> Any:
+    """Saved values must not change if the model later works in place on the same storage."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), value)
+
+
+def run(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[str, Any]) -> RunResult:
+    """Run the model once on `batch`, executing `typed` at its sites."""
+    return _Run(model, typed, batch, params).execute()
