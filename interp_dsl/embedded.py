@@ -64,11 +64,15 @@ def cached_dir(gguf: Path) -> Path:
 
 def _dequantize(gguf: Path, out: Path) -> None:
     import torch
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float32 now; HF refuses to re-save a GGUF-loaded model, so write the
+    # tensors (tied ones once) and a config without the quantization entry ourselves.
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights are plain float32 now
-    model.save_pretrained(out)
+        del model.config.quantization_config
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)

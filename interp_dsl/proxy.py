@@ -178,8 +178,9 @@ class Proxy:
 
     # ------------------------------------------------------------------- shape and conversion
     @property
-    def shape(self) -> torch.Size:
-        return self._fake_or_value().shape
+    def shape(self) -> Any:
+        shape = self._fake_or_value().shape
+        return Shape(shape) if self._live else shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -250,6 +251,20 @@ class Proxy:
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec) if not self._live else repr(self)
+
+
+class Shape(tuple):
+    """A concrete shape inside a trace (torch.Size cannot be subclassed); `.save()`, the newer
+    nnsight spelling, is accepted and returns it."""
+
+    def save(self) -> "Shape":
+        return self
+
+    def numel(self) -> int:
+        return int(torch.Size(self).numel())
+
+    def __repr__(self) -> str:
+        return repr(torch.Size(self))
 
 
 def _binary(name: str, reflected: bool = False) -> Callable[[Proxy, Any], Any]:
