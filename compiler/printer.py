@@ -79,7 +79,7 @@ def format_op(op: Op, types: dict[int, Type] | None = None) -> str:
         body = "stop" + (f" at {args[0]}" if args else "")
     else:
         body = f"{'module ' if op.opcode == 'module' else ''}{op.target}({', '.join(args)})"
-    if types is not None and op.result is not None and op.result in types:
+    if types is not None and op.result in types and op.opcode != "param":
         body += f" : {format_type(types[op.result])}"
     return lhs + body
 

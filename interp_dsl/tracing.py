@@ -8,6 +8,7 @@ import torch
 
 from compiler.check import fake_values
 from compiler.errors import InterventionError, UnsupportedOperationError
+from compiler.passes import drop_dead_reads
 from compiler.ir import (
     Arg, Const, DTypeArg, EllipsisArg, ListArg, Op, Program, Ref, SliceArg, Site, TupleArg,
 )
@@ -46,6 +47,7 @@ class Tracer:
         self.model = model
         self.execute = execute
         self.ops: list[Op] = []
+        self._next_id = 0
         self.params: dict[str, Any] = {}
         self.invoke_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.current_invoke: int | None = None
@@ -90,7 +92,8 @@ class Tracer:
 
     # ------------------------------------------------------------------------------ recording
     def _emit(self, opcode: str, has_result: bool = False, **fields: Any) -> int | None:
-        result = len(self.ops) if has_result else None
+        result = self._next_id if has_result else None
+        self._next_id += has_result
         self.ops.append(Op(opcode, result=result, span=user_span(), **fields))
         self._fake_cache = None
         return result
@@ -179,13 +182,18 @@ class Tracer:
 
     # ------------------------------------------------------------------------------- results
     def program(self) -> Program:
-        return Program(tuple(self.ops), max(1, len(self.invoke_inputs)))
+        """The experiment recorded so far, as IR."""
+        return self._program()[0]
+
+    def _program(self) -> tuple[Program, dict[int, int]]:
+        return drop_dead_reads(Program(tuple(self.ops), max(1, len(self.invoke_inputs))))
 
     def fake(self, proxy: Proxy) -> Any:
         """The fake value of a proxy (shape and dtype, no data), checking the ops so far."""
         if self._fake_cache is None or self._fake_cache[0] != len(self.ops):
             batch, table = self.model._site_table(self.invoke_inputs)
-            values = fake_values(self.program(), table, self.model._module, self.params,
+            program = Program(tuple(self.ops), max(1, len(self.invoke_inputs)))
+            values = fake_values(program, table, self.model._module, self.params,
                                  list(batch.rows), self.model._root_name)
             self._fake_cache = (len(self.ops), values)
         return self._fake_cache[1][proxy._id]
@@ -194,13 +202,13 @@ class Tracer:
         if not self.invoke_inputs:
             raise InterventionError.at(user_span(), "the trace has no input",
                                        "pass one to model.trace(...) or use tracer.invoke(...)")
-        program = self.program()
-        result = self.model._execute(program, self.invoke_inputs, self.params, self.execute)
+        program, ids = self._program()
+        self.typed, result = self.model._execute(program, self.invoke_inputs, self.params, self.execute)
         for proxy in self._proxies:
             if not proxy._saved:
                 proxy._resolve(missing="this value was not saved; call .save() on it in the trace")
-            elif proxy._id in result.values:
-                proxy._resolve(result.values[proxy._id])
+            elif ids.get(proxy._id) in result.values:
+                proxy._resolve(result.values[ids[proxy._id]])
             elif self.execute:
                 proxy._resolve(missing="this value was not computed: the forward stopped before it")
             else:
