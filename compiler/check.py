@@ -14,7 +14,15 @@ import torch
 from compiler import ops
 from compiler.errors import CheckError, Diagnostic
 from compiler.ir import (
-    DictType, Op, OpaqueType, Program, ScalarType, Site, TensorType, TupleType, Type,
+    DictType,
+    Op,
+    OpaqueType,
+    Program,
+    ScalarType,
+    Site,
+    TensorType,
+    TupleType,
+    Type,
 )
 from compiler.printer import format_type
 from compiler.signatures import Event, SiteTable, call_count, quiet_fake_mode
@@ -76,6 +84,7 @@ class _Checker:
         self.real_params: dict[int, Any] = {}
         self.diags: list[Diagnostic] = []
         self.when: list[int] = []
+        self.failed: set[int] = set()
 
     def error(self, op: Op, message: str, hint: str = "") -> None:
         self.diags.append(Diagnostic(op.span, message, hint))
@@ -126,10 +135,11 @@ class _Checker:
         return describe_site(Site(path, "output" if phase == "post" else "input", call), self.root)
 
     # ------------------------------------------------------------------------------ typing
-    def run(self) -> None:
-        failed: set[int] = set()
+    def run(self, start: int = 0) -> None:
+        """Type every op from `start` on (earlier ones were typed by a previous call)."""
+        failed = self.failed
         with quiet_fake_mode(), self.table.mode, torch.no_grad():
-            for op in self.program.ops:
+            for op in self.program.ops[start:]:
                 if any(r in failed for r in op.refs()):
                     if op.result is not None:
                         failed.add(op.result)
@@ -328,11 +338,19 @@ def check(program: Program, table: SiteTable, model: torch.nn.Module, params: di
     return TypedProgram(program, types, tuple(checker.when), tuple(table.order), checker.fake)
 
 
-def fake_values(program: Program, table: SiteTable, model: torch.nn.Module,
-                params: dict[str, Any], rows: list[slice], root: str = "model") -> dict[int, Any]:
-    """The fake value of every op result so far (for `.shape` inside a trace); raises CheckError."""
-    checker = _Checker(program, table, model, params, rows, root)
-    checker.run()
-    if checker.diags:
-        raise CheckError(checker.diags)
-    return checker.fake
+class IncrementalTyper:
+    """Fake values of a growing program (for `.shape` inside a trace): each op is typed once."""
+
+    def __init__(self, table: SiteTable, model: torch.nn.Module, params: dict[str, Any],
+                 rows: list[slice], root: str = "model"):
+        self._checker = _Checker(Program(()), table, model, params, rows, root)
+
+    def values(self, program: Program) -> dict[int, Any]:
+        """Fake values of `program`'s results; raises CheckError for problems in new ops."""
+        done = len(self._checker.program.ops)
+        self._checker.program = program
+        self._checker.run(start=done)
+        if self._checker.diags:
+            diags, self._checker.diags = self._checker.diags, []
+            raise CheckError(diags)
+        return self._checker.fake

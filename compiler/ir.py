@@ -39,7 +39,7 @@ NO_SPAN = Span("<unknown>", 0)
 @dataclass(frozen=True, slots=True)
 class TensorType:
     dtype: str
-    shape: tuple[Union[int, str], ...]
+    shape: tuple[int | str, ...]
 
     def __post_init__(self) -> None:
         if not all(isinstance(d, (int, str)) for d in self.shape):
@@ -55,6 +55,10 @@ class TupleType:
 class DictType:
     keys: tuple[str, ...]
     values: tuple["Type", ...]
+
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.values):
+            raise ValueError("a dict type has one value type per key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +77,7 @@ class OpaqueType:
     name: str
 
 
-Type = Union[TensorType, TupleType, DictType, ScalarType, OpaqueType]
+Type = TensorType | TupleType | DictType | ScalarType | OpaqueType
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -84,7 +88,7 @@ class Ref:
 
 @dataclass(frozen=True, slots=True)
 class Const:
-    value: Union[int, bool, str, None]
+    value: int | bool | str | None
 
     def __post_init__(self) -> None:
         if self.value is not None and not isinstance(self.value, (int, bool, str)):
@@ -118,7 +122,7 @@ class DTypeArg:
     name: str  # "float32", "int64", ...
 
 
-Arg = Union[Ref, Const, SliceArg, EllipsisArg, TupleArg, ListArg, DTypeArg]
+Arg = Ref | Const | SliceArg | EllipsisArg | TupleArg | ListArg | DTypeArg
 
 
 # ---------------------------------------------------------------------------------- sites, ops

@@ -9,15 +9,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import einops
 import torch
 import torch.nn.functional as F
 
 from compiler.ir import (
-    Arg, Const, DTypeArg, EllipsisArg, ListArg, Ref, SliceArg, TupleArg,
+    Arg,
+    Const,
+    DTypeArg,
+    EllipsisArg,
+    ListArg,
+    Ref,
+    SliceArg,
+    TupleArg,
 )
 
 # Python operators, recorded under their `operator` names.
@@ -33,6 +40,7 @@ _OPERATORS = {
 # Tensor factories: not overridable (no tensor argument), but pure and needed (noise, masks).
 _FACTORIES = (
     "randn", "rand", "randint", "zeros", "ones", "full", "arange", "linspace", "eye", "tensor",
+    "randn_like", "rand_like", "randint_like",
 )
 
 _NAMESPACES: tuple[tuple[str, Any], ...] = (

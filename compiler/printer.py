@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 from compiler.ir import (
-    Arg, Const, DictType, DTypeArg, EllipsisArg, ListArg, OpaqueType, Op, Program, Ref, ScalarType,
-    SliceArg, Site, TensorType, TupleArg, TupleType, Type,
+    Arg,
+    Const,
+    DictType,
+    DTypeArg,
+    EllipsisArg,
+    ListArg,
+    Op,
+    OpaqueType,
+    Program,
+    Ref,
+    ScalarType,
+    Site,
+    SliceArg,
+    TensorType,
+    TupleArg,
+    TupleType,
+    Type,
 )
 
 _DTYPE_SHORT = {
@@ -21,7 +36,7 @@ def format_type(t: Type | None) -> str:
     if isinstance(t, TupleType):
         return "(" + ", ".join(format_type(i) for i in t.items) + ("," if len(t.items) == 1 else "") + ")"
     if isinstance(t, DictType):
-        return "{" + ", ".join(f"{k}: {format_type(v)}" for k, v in zip(t.keys, t.values)) + "}"
+        return "{" + ", ".join(f"{k}: {format_type(v)}" for k, v in zip(t.keys, t.values, strict=True)) + "}"
     if isinstance(t, ScalarType):
         return t.kind
     if isinstance(t, OpaqueType):

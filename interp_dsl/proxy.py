@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from compiler import ops
 from compiler.errors import (
-    ProxyControlFlowError, UnsupportedOperationError, ValueUnavailableError,
+    ProxyControlFlowError,
+    UnsupportedOperationError,
+    ValueUnavailableError,
 )
 from compiler.ir import Arg, Site
 from interp_dsl.spans import user_span
@@ -138,7 +141,7 @@ class Proxy:
         if name in _GRADIENT_ATTRS:
             raise UnsupportedOperationError.at(
                 user_span(), f"`.{name}`: gradients are not supported yet", "run without gradients")
-        if hasattr(torch.Tensor, name):
+        if hasattr(torch.Tensor, name) and self._is_tensor():
             full = f"Tensor.{name}"
             if full not in ops.functions():
                 raise UnsupportedOperationError.at(
@@ -151,6 +154,13 @@ class Proxy:
                 return lambda *a, **k: self._write_through(self._tracer.call(full, (self, *a), k))
             return lambda *a, **k: self._tracer.call(full, (self, *a), k)
         return self._tracer.call("getattr", (self, name), {})
+
+    def _is_tensor(self) -> bool:
+        """Whether the value is a tensor (not a tuple such as topk's (values, indices))."""
+        try:
+            return isinstance(self._tracer.fake(self), torch.Tensor)
+        except Exception:  # no fake pass for this model: assume a tensor; the final check decides
+            return True
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _GRADIENT_ATTRS:

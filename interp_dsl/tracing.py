@@ -6,12 +6,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from compiler.check import fake_values
+from compiler.check import IncrementalTyper
 from compiler.errors import InterventionError, UnsupportedOperationError
-from compiler.passes import drop_dead_reads
 from compiler.ir import (
-    Arg, Const, DTypeArg, EllipsisArg, ListArg, Op, Program, Ref, SliceArg, Site, TupleArg,
+    Arg,
+    Const,
+    DTypeArg,
+    EllipsisArg,
+    ListArg,
+    Op,
+    Program,
+    Ref,
+    Site,
+    SliceArg,
+    TupleArg,
 )
+from compiler.passes import drop_dead_reads
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
 
@@ -55,7 +65,7 @@ class Tracer:
         self.call_index: dict[str, int] = {}
         self._saved: list[Proxy] = []
         self._proxies: list[Proxy] = []
-        self._fake_cache: tuple[int, dict[int, Any]] | None = None
+        self._typer: IncrementalTyper | None = None
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -83,8 +93,13 @@ class Tracer:
 
     def _add_invoke(self, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> int:
         self.invoke_inputs.append(inputs)
-        self._fake_cache = None
+        self._typer = None  # the padded batch changed: types must be recomputed
         return len(self.invoke_inputs) - 1
+
+    def barrier(self, participants: int) -> Any:
+        """nnsight's cross-invoke barrier. Accepted and a no-op: the scheduler already orders
+        every read before the writes that use it."""
+        return lambda: None
 
     def stop(self, at: Proxy | None = None) -> None:
         """End the forward once everything requested so far has run."""
@@ -95,7 +110,6 @@ class Tracer:
         result = self._next_id if has_result else None
         self._next_id += has_result
         self.ops.append(Op(opcode, result=result, span=user_span(), **fields))
-        self._fake_cache = None
         return result
 
     def _proxy(self, id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None) -> Proxy:
@@ -190,13 +204,12 @@ class Tracer:
 
     def fake(self, proxy: Proxy) -> Any:
         """The fake value of a proxy (shape and dtype, no data), checking the ops so far."""
-        if self._fake_cache is None or self._fake_cache[0] != len(self.ops):
+        if self._typer is None:
             batch, table = self.model._site_table(self.invoke_inputs)
-            program = Program(tuple(self.ops), max(1, len(self.invoke_inputs)))
-            values = fake_values(program, table, self.model._module, self.params,
-                                 list(batch.rows), self.model._root_name)
-            self._fake_cache = (len(self.ops), values)
-        return self._fake_cache[1][proxy._id]
+            self._typer = IncrementalTyper(table, self.model._module, self.params, list(batch.rows),
+                                           self.model._root_name)
+        program = Program(tuple(self.ops), max(1, len(self.invoke_inputs)))
+        return self._typer.values(program)[proxy._id]
 
     def _finish(self) -> None:
         if not self.invoke_inputs:

@@ -49,7 +49,7 @@ class _Run:
         self.result = RunResult()
         self.positions = {e: i for i, e in enumerate(typed.events)}
         self.by_event: dict[int, list[Op]] = defaultdict(list)
-        for op, at in zip(typed.program.ops, typed.schedule):
+        for op, at in zip(typed.program.ops, typed.schedule, strict=True):
             self.by_event[at].append(op)
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.adhoc_depth = 0

@@ -10,8 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.ir import (
-    Const, DTypeArg, EllipsisArg, ListArg, Op, Program, Ref, ScalarType, Site, SliceArg, Span,
-    TensorType, TupleArg, TupleType, dumps, from_json, loads, to_json,
+    Const,
+    DTypeArg,
+    EllipsisArg,
+    ListArg,
+    Op,
+    Program,
+    Ref,
+    ScalarType,
+    Site,
+    SliceArg,
+    Span,
+    TensorType,
+    TupleArg,
+    TupleType,
+    dumps,
+    from_json,
+    loads,
+    to_json,
 )
 from compiler.printer import format_program
 from interp_dsl import NNsight

@@ -5,9 +5,9 @@ from __future__ import annotations
 import einops
 import pytest
 import torch
+from conftest import layers_of, run_with_hooks
 from torch.testing import assert_close
 
-from conftest import layers_of, run_with_hooks
 from interp_dsl import CheckError, ExecutionError, InterventionError, UnknownModuleError
 
 A = "the eiffel tower is in the city of"
@@ -38,7 +38,7 @@ def test_invokes_equal_separate_runs(lm):
     for text, h, logits in ((A, h_a, logits_a), (SHORT, h_s, logits_s)):
         captured = {}
         ref = run_with_hooks(lm.module, tokens(lm, text), [
-            (layers_of(lm.module)[1], lambda m, i, o: captured.__setitem__("h", o))])
+            (layers_of(lm.module)[1], lambda m, i, o, c=captured: c.__setitem__("h", o))])
         n = ref.logits.shape[1]
         assert logits.shape[0] == 1 and h.shape[1] == logits_a.shape[1]  # one padded batch
         assert_close(logits[:, -n:], ref.logits, atol=1e-4, rtol=1e-4)

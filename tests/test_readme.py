@@ -1,0 +1,47 @@
+"""README.md is executed: its Python blocks run in order on SmolLM2, and its commands match CI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def blocks(language: str) -> list[tuple[int, str]]:
+    """(first line number, code) of each fenced block in the README."""
+    text = README.read_text()
+    out = []
+    for m in re.finditer(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M):
+        out.append((text[: m.start(1)].count("\n") + 1, m.group(1)))
+    return out
+
+
+def test_ci_runs_the_readme_commands():
+    setup, test = (code.strip() for _, code in blocks("bash"))
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert setup[setup.index("pip install torch"):] in ci  # everything after creating the venv
+    assert test in ci
+
+
+@pytest.mark.e2e
+def test_readme_python_blocks_run(smollm, monkeypatch):
+    import interp_dsl
+    monkeypatch.setattr(interp_dsl, "LanguageModel", lambda *a, **k: smollm)  # load once per session
+    namespace: dict = {"__name__": "readme"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for first_line, code in blocks("python"):
+            padded = "\n" * (first_line - 1) + code  # spans point at README's own lines
+            exec(compile(padded, str(README), "exec"), namespace)
+    out = printed.getvalue()
+    assert out.splitlines()[0] == " Paris"
+    assert namespace["model"].tokenizer.decode(namespace["transplanted"].argmax()) == " Paris"
+    assert "index 12 on dim 1 of size 9" in out and "found f32[1, 9, 64]" in out
+    assert f"{README}:" in out  # errors name README's own lines
+    assert namespace["width"] == 1536 and namespace["early"].shape == (1, 9, 576)
