@@ -42,7 +42,7 @@ class Proxy:
     attributes and printing all act on the real tensor (also reachable as `.value`).
     """
 
-    __slots__ = ("_tracer", "_id", "_origin", "_value", "_missing", "_saved", "__weakref__")
+    __slots__ = ("_tracer", "_id", "_origin", "_value", "_missing", "_saved", "_save_name", "__weakref__")
 
     def __init__(self, tracer: "Tracer", id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None):
         object.__setattr__(self, "_tracer", tracer)
@@ -51,6 +51,7 @@ class Proxy:
         object.__setattr__(self, "_value", _UNSET)
         object.__setattr__(self, "_missing", "")
         object.__setattr__(self, "_saved", False)
+        object.__setattr__(self, "_save_name", None)
 
     # ------------------------------------------------------------------------------ life cycle
     @property
@@ -82,11 +83,11 @@ class Proxy:
                 "" if self._missing else "call .save() on it inside the trace")
         return self._value
 
-    def save(self) -> "Proxy":
-        """Keep this value after the trace."""
+    def save(self, name: str | None = None) -> "Proxy":
+        """Keep this value after the trace (`name` labels it in results; default `save<n>`)."""
         if not self._live:
             return self
-        self._tracer.save(self)
+        self._tracer.save(self, name)
         return self
 
     def stop(self) -> None:

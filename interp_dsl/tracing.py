@@ -66,6 +66,7 @@ class Tracer:
         self._saved: list[Proxy] = []
         self._proxies: list[Proxy] = []
         self._typer: IncrementalTyper | None = None
+        self.span_source = user_span  # where ops say they come from; the .ivx lowering replaces it
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -109,7 +110,7 @@ class Tracer:
     def _emit(self, opcode: str, has_result: bool = False, **fields: Any) -> int | None:
         result = self._next_id if has_result else None
         self._next_id += has_result
-        self.ops.append(Op(opcode, result=result, span=user_span(), **fields))
+        self.ops.append(Op(opcode, result=result, span=self.span_source(), **fields))
         return result
 
     def _proxy(self, id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None) -> Proxy:
@@ -182,10 +183,13 @@ class Tracer:
     def weight(self, path: str) -> Proxy:
         return self._proxy(self._emit("weight", True, target=path))  # type: ignore[arg-type]
 
-    def save(self, proxy: Proxy) -> None:
+    def save(self, proxy: Proxy, name: str | None = None) -> None:
+        if name is None:
+            name = proxy._save_name or f"save{len(self._saved)}"
         object.__setattr__(proxy, "_saved", True)
+        object.__setattr__(proxy, "_save_name", name)
         self._saved.append(proxy)
-        self._emit("save", target=f"save{len(self._saved) - 1}", args=(Ref(proxy._id),))
+        self._emit("save", target=name, args=(Ref(proxy._id),))
 
     def site(self, module_path: str, kind: str) -> Site:
         if self.current_invoke is None:

@@ -1,0 +1,1 @@
+"""The .ivx experiment language: grammar, syntax tree, parser and canonical printer."""

@@ -1,0 +1,200 @@
+"""The `.ivx` syntax tree: frozen records, each with the span of the text it came from.
+
+Spans do not take part in equality, so a printed-and-reparsed file equals the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compiler.ir import NO_SPAN, Span
+
+
+def _span() -> Span:
+    return field(default=NO_SPAN, compare=False, repr=False)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------- expressions
+@dataclass(frozen=True)
+class Name:
+    id: str
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The word `model`: the root of every module path."""
+
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Literal:
+    value: int | float | str | bool | None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Attr:
+    obj: "Expr"
+    name: str
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Slice:
+    start: "Expr | None"
+    stop: "Expr | None"
+    step: "Expr | None"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class EllipsisLit:
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Index:
+    obj: "Expr"
+    items: tuple["Expr", ...]  # Slice and EllipsisLit allowed here
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Kwarg:
+    name: str
+    value: "Expr"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Call:
+    func: "Expr"
+    args: tuple["Expr", ...]
+    kwargs: tuple[Kwarg, ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str
+    left: "Expr"
+    right: "Expr"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str
+    operand: "Expr"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class TupleLit:
+    items: tuple["Expr", ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class ListLit:
+    items: tuple["Expr", ...]
+    span: Span = _span()
+
+
+Expr = (Name | ModelRef | Literal | Attr | Slice | EllipsisLit | Index | Call | BinOp | Unary
+        | TupleLit | ListLit)
+
+
+# ------------------------------------------------------------------------------------ statements
+@dataclass(frozen=True)
+class ModelDecl:
+    source: str
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class PromptDecl:
+    name: str
+    value: Expr  # a string, a list of strings, or lines(...) / jsonl(...) / csv(...)
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    value: Expr  # load("file.safetensors", key="...")
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Range:
+    start: int
+    stop: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class SweepDecl:
+    name: str
+    values: Range | ListLit
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Let:
+    name: str
+    value: Expr
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Assign:
+    target: Expr
+    op: str  # "=", "+=", "-=", "*=", "/="
+    value: Expr
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Save:
+    name: str
+    value: Expr
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Stop:
+    span: Span = _span()
+
+
+Stmt = Let | Assign | Save | Stop
+
+
+@dataclass(frozen=True)
+class Invoke:
+    prompt: str
+    body: tuple[Stmt, ...]
+    span: Span = _span()
+
+
+Decl = ModelDecl | PromptDecl | TensorDecl | SweepDecl | Invoke | Stmt
+
+
+@dataclass(frozen=True)
+class Comment:
+    """A `# ...` comment, kept so that `ivx fmt` does not lose it."""
+
+    line: int
+    text: str
+    own_line: bool
+
+
+@dataclass(frozen=True)
+class Module:
+    """A parsed `.ivx` file."""
+
+    body: tuple[Decl, ...]
+    comments: tuple[Comment, ...] = field(default=(), compare=False)
+    file: str = field(default="<ivx>", compare=False)

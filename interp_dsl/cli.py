@@ -1,0 +1,134 @@
+"""The `ivx` command: run, format and explain `.ivx` experiments.
+
+Exit codes: 0 success, 1 the experiment is invalid (or failed while running), 2 usage or syntax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import InterventionError
+from grammar.parser import IvxSyntaxError, parse_file
+from grammar.printer import format_module
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ivx", description="Run, format and explain .ivx experiments.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run an experiment and write its saves",
+                         description="Run an experiment; write saves.safetensors and manifest.json.")
+    run.add_argument("file", help="the .ivx experiment")
+    run.add_argument("--out", help="output directory (default: runs/<file stem>)")
+    run.add_argument("--model", help="model name or path, overriding the file's `model` line")
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    fmt = sub.add_parser("fmt", help="print the canonical form", description="Print the canonical form.")
+    fmt.add_argument("file")
+    fmt.add_argument("--write", action="store_true", help="rewrite the file in place")
+    fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not canonical")
+    explain = sub.add_parser("explain", help="print the typed IR", description="Print the typed IR.")
+    explain.add_argument("file")
+    explain.add_argument("--model", help="model name or path, overriding the file's `model` line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": _run, "fmt": _fmt, "explain": _explain}[args.command](args)
+    except IvxSyntaxError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except InterventionError as e:
+        print(e, file=sys.stderr)
+        return EXIT_INVALID
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"ivx: {e.strerror}: {e.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ivx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: say so briefly, keep the traceback behind a flag
+        if os.environ.get("IVX_DEBUG"):
+            traceback.print_exc()
+        print(f"ivx: internal error: {type(e).__name__}: {e} (set IVX_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+def _fmt(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    text = format_module(parse_file(path))
+    if args.check:
+        return EXIT_OK if text == path.read_text() else EXIT_INVALID
+    if args.write:
+        path.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from compiler.printer import format_program
+    from interp_dsl.experiment import load_experiment, lower, resolve_model
+
+    exp = load_experiment(args.file)
+    model = resolve_model(exp, args.model)
+    point = exp.points()[0]
+    tracer = lower(exp, model, point, execute=False)
+    if exp.sweeps:
+        axes = ", ".join(f"{k} ({len(v)} values)" for k, v in exp.sweeps.items())
+        print(f"# sweep over {axes}; shown at {point}")
+    print(format_program(tracer.typed.program, tracer.typed.types, spans=True))
+    print(f"# structural hash {tracer.typed.program.structural_hash()}")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from interp_dsl.experiment import load_experiment, resolve_model, run
+    from interp_dsl.results import versions, write_results
+
+    exp = load_experiment(args.file)
+    model = resolve_model(exp, args.model)
+    output = run(exp, model)
+    out = Path(args.out or Path("runs") / exp.path.stem)
+    manifest = {
+        "experiment": str(exp.path), "text": exp.text, "model": args.model or exp.model_source,
+        "ir_hashes": sorted(set(output.ir_hashes)), "versions": versions(),
+        "sweep": exp.sweeps, "points": output.points,
+        "saves": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                  for k, v in output.saves.items()},
+    }
+    write_results(out, output.saves, manifest)
+    if not args.quiet:
+        print(_summary(output.saves, model, exp.sweeps))
+        print(f"wrote {out}/saves.safetensors and {out}/manifest.json")
+    return EXIT_OK
+
+
+def _summary(saves: dict[str, Any], model: Any, sweeps: dict[str, list[Any]]) -> str:
+    lines = []
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    for name, value in saves.items():
+        line = f"{name}: {str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+        if vocab and tokenizer is not None and value.dim() and value.shape[-1] == vocab:
+            last = value.reshape(-1, vocab)[-1]
+            top = [repr(tokenizer.decode([int(i)])) for i in last.topk(3).indices]
+            line += f"  top tokens (last row): {', '.join(top)}"
+        elif value.numel() <= 8:
+            line += f"  = {[round(float(x), 4) for x in value.flatten()]}"
+        lines.append(line)
+    if sweeps:
+        lines.append("leading dims index the sweep: " + " x ".join(f"{k}[{len(v)}]" for k, v in sweeps.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""`.ivx` experiments: declarations, lowering to IR through the proxy API's own IR builder, running.
+
+Lowering drives a `Tracer` exactly as Python code would (attribute access on the model, operators,
+`with tracer.invoke(...)`), with spans taken from the file, so an experiment written in `.ivx` and
+its proxy-API twin produce the same IR by construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from compiler import ops
+from compiler.errors import Diagnostic, InterventionError, did_you_mean
+from compiler.ir import Span
+from grammar import ast
+from grammar.parser import parse_file
+from interp_dsl.envoy import Envoy
+from interp_dsl.models import LanguageModel, Model
+from interp_dsl.proxy import Proxy
+from interp_dsl.tracing import Tracer
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+    "//": operator.floordiv, "%": operator.mod, "@": operator.matmul, "**": operator.pow,
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt, ">=": operator.ge,
+}
+_INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv}
+_UNARY = {"-": operator.neg, "+": operator.pos, "~": operator.invert}
+_NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
+               "linalg": "torch.linalg"}
+_SITE_KINDS = ("output", "input", "inputs")
+
+
+class ExperimentError(InterventionError):
+    """A name, prompt, file or value in an `.ivx` experiment is wrong."""
+
+
+def _error(span: Span, message: str, hint: str = "") -> ExperimentError:
+    return ExperimentError([Diagnostic(span, message, hint)])
+
+
+@dataclass
+class Experiment:
+    """A parsed `.ivx` file with its declarations resolved (prompts read, tensors loaded)."""
+
+    module: ast.Module
+    path: Path
+    text: str
+    model_source: str | None = None
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sweeps: dict[str, list[Any]] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of sweep values (one empty point when nothing is swept)."""
+        names = list(self.sweeps)
+        return [dict(zip(names, values, strict=True))
+                for values in itertools.product(*(self.sweeps[n] for n in names))]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse `path` and resolve its declarations; raises IvxSyntaxError or ExperimentError."""
+    path = Path(path)
+    module = parse_file(path)
+    experiment = Experiment(module, path, path.read_text())
+    diagnostics: list[Diagnostic] = []
+    for decl in module.body:
+        try:
+            _declare(experiment, decl)
+        except InterventionError as e:
+            diagnostics.extend(e.diagnostics)
+    if diagnostics:
+        raise ExperimentError(diagnostics)
+    return experiment
+
+
+def _declare(exp: Experiment, decl: ast.Decl) -> None:
+    if isinstance(decl, ast.ModelDecl):
+        exp.model_source = decl.source
+    elif isinstance(decl, ast.PromptDecl):
+        exp.prompts[decl.name] = _prompt_rows(decl.value, exp.path.parent)
+    elif isinstance(decl, ast.TensorDecl):
+        exp.tensors[decl.name] = _load_tensor(decl.value, exp.path.parent)
+    elif isinstance(decl, ast.SweepDecl):
+        if isinstance(decl.values, ast.Range):
+            if decl.values.stop <= decl.values.start:
+                raise _error(decl.span, f"sweep {decl.name} is empty: {decl.values.start}..{decl.values.stop}",
+                             "a range a..b runs from a up to b-1")
+            exp.sweeps[decl.name] = list(range(decl.values.start, decl.values.stop))
+        else:
+            exp.sweeps[decl.name] = [_constant(item) for item in decl.values.items]
+
+
+def _constant(e: ast.Expr) -> Any:
+    if isinstance(e, ast.Literal) and not isinstance(e.value, str):
+        return e.value
+    if isinstance(e, ast.Unary) and e.op == "-" and isinstance(e.operand, ast.Literal):
+        return -e.operand.value  # type: ignore[operator]
+    raise _error(e.span, "sweep values are numbers", "write them as a list: [0.5, 1.0, 2.0]")
+
+
+def _string_arg(call: ast.Call, index: int, what: str) -> str:
+    if len(call.args) <= index or not isinstance(call.args[index], ast.Literal) \
+            or not isinstance(call.args[index].value, str):  # type: ignore[union-attr]
+        raise _error(call.span, f"{what} expects a file name as a string")
+    return call.args[index].value  # type: ignore[union-attr,return-value]
+
+
+def _kwarg(call: ast.Call, name: str, default: str | None = None) -> str | None:
+    for k in call.kwargs:
+        if k.name == name and isinstance(k.value, ast.Literal) and isinstance(k.value.value, str):
+            return k.value.value
+    return default
+
+
+def _prompt_rows(value: ast.Expr, base: Path) -> list[str]:
+    if isinstance(value, ast.Literal) and isinstance(value.value, str):
+        return [value.value]
+    if isinstance(value, ast.ListLit) and all(
+            isinstance(i, ast.Literal) and isinstance(i.value, str) for i in value.items):
+        return [i.value for i in value.items]  # type: ignore[union-attr,misc]
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
+            and value.func.id in ("lines", "jsonl", "csv"):
+        kind = value.func.id
+        path = base / _string_arg(value, 0, f"{kind}(...)")
+        if not path.exists():
+            raise _error(value.span, f"prompt file {path} does not exist")
+        if kind == "lines":
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+        elif kind == "jsonl":
+            key = _kwarg(value, "field", "text")
+            rows = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if key not in record:
+                        raise _error(value.span, f"{path}:{number} has no field {key!r}",
+                                     did_you_mean(key, record) or f"its fields: {', '.join(record)}")
+                    rows.append(str(record[key]))
+        else:
+            column = _kwarg(value, "column", "text")
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                if column not in (reader.fieldnames or ()):
+                    raise _error(value.span, f"{path} has no column {column!r}",
+                                 did_you_mean(column, reader.fieldnames or ()) or "")
+                rows = [row[column] for row in reader]
+        if not rows:
+            raise _error(value.span, f"{path} holds no prompts")
+        return rows
+    raise _error(value.span, "a prompt is a string, a list of strings, or lines(\"f.txt\"), "
+                             "jsonl(\"f.jsonl\", field=\"text\"), csv(\"f.csv\", column=\"text\")")
+
+
+def _load_tensor(value: ast.Expr, base: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "load"):
+        raise _error(value.span, "a tensor is declared with load(\"file.safetensors\", key=\"name\")")
+    path = base / _string_arg(value, 0, "load(...)")
+    if not path.exists():
+        raise _error(value.span, f"tensor file {path} does not exist")
+    tensors = load_file(str(path))
+    key = _kwarg(value, "key")
+    if key is None:
+        if len(tensors) != 1:
+            raise _error(value.span, f"{path} holds {len(tensors)} tensors; say which with key=...",
+                         f"keys: {', '.join(sorted(tensors))}")
+        return next(iter(tensors.values()))
+    if key not in tensors:
+        raise _error(value.span, f"{path} has no tensor {key!r}",
+                     did_you_mean(key, tensors) or f"keys: {', '.join(sorted(tensors))}")
+    return tensors[key]
+
+
+# --------------------------------------------------------------------------------------- lowering
+class _Namespace:
+    """`torch`, `F`, `einops` inside an experiment: only whitelisted functions resolve."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+
+class _Lowering:
+    def __init__(self, exp: Experiment, model: Model, tracer: Tracer, point: dict[str, Any]):
+        self.exp, self.model, self.tracer = exp, model, tracer
+        self.env: dict[str, Any] = {**exp.tensors, **point}
+        self.current = Span(str(exp.path), 0)
+        self.diagnostics: list[Diagnostic] = []
+        tracer.span_source = lambda: self.current
+
+    # statements
+    def run(self) -> None:
+        for decl in self.exp.module.body:
+            if isinstance(decl, ast.Invoke):
+                self._invoke(decl)
+            elif isinstance(decl, (ast.Let, ast.Assign, ast.Save, ast.Stop)):
+                self._statement(decl)
+        if self.diagnostics:
+            raise ExperimentError(self.diagnostics)
+
+    def _invoke(self, block: ast.Invoke) -> None:
+        if block.prompt not in self.exp.prompts:
+            self.diagnostics.append(Diagnostic(
+                block.span, f"unknown prompt {block.prompt!r}",
+                did_you_mean(block.prompt, self.exp.prompts) or
+                f"declare it: prompt {block.prompt} = \"...\""))
+            return
+        with self.tracer.invoke(self.exp.prompts[block.prompt]):
+            for statement in block.body:
+                self._statement(statement)
+
+    def _statement(self, s: ast.Stmt) -> None:
+        self.current = s.span
+        try:
+            if isinstance(s, ast.Let):
+                self.env[s.name] = self.eval(s.value)
+            elif isinstance(s, ast.Save):
+                self._save(s)
+            elif isinstance(s, ast.Stop):
+                self.tracer.stop()
+            else:
+                self._assign(s)
+        except InterventionError as e:  # raised by the proxy machinery: point at this file
+            self.diagnostics.extend(dataclasses.replace(d, span=self.current) for d in e.diagnostics)
+
+    def _save(self, s: ast.Save) -> None:
+        value = self.eval(s.value)
+        if not isinstance(value, Proxy):
+            raise _error(s.span, f"save {s.name}: the value is not computed by the model",
+                         "save values derived from module .output, .input or .inputs")
+        self.current = s.span
+        value.save(s.name)
+
+    def _assign(self, s: ast.Assign) -> None:
+        """Evaluate in Python's order: `t = v` computes v first; `t op= v` computes t's parts,
+        reads t, then v, then writes back (so the IR equals the same line in Python)."""
+        target, augmented = s.target, s.op != "="
+        value = None if augmented else self.eval(s.value)
+        if isinstance(target, ast.Name):
+            if augmented:
+                current = self.eval(target)
+                value = _INPLACE[s.op](current, self.eval(s.value))
+            self.env[target.id] = value
+        elif isinstance(target, ast.Attr) and target.name in _SITE_KINDS:
+            owner = self.eval(target.obj)
+            if not isinstance(owner, (Envoy, Model)):
+                raise _error(target.span, f"only a module's .{target.name} can be assigned")
+            self.current = s.span
+            if augmented:
+                current = getattr(owner, target.name)
+                value = _INPLACE[s.op](current, self.eval(s.value))
+            self.current = s.span
+            setattr(owner, target.name, value)
+        elif isinstance(target, ast.Index):
+            owner = self.eval(target.obj)
+            index = self._subscript(target.items)
+            self.current = s.span
+            if augmented:
+                current = owner[index]
+                value = _INPLACE[s.op](current, self.eval(s.value))
+            self.current = s.span
+            owner[index] = value
+        else:
+            raise _error(target.span, "cannot assign to this",
+                         "assign a name, a module's .output/.input/.inputs, or an index of one")
+
+    # expressions
+    def eval(self, e: ast.Expr) -> Any:
+        outer = self.current
+        try:
+            return getattr(self, f"_e_{type(e).__name__}")(e)
+        finally:
+            self.current = outer
+
+    def _e_Name(self, e: ast.Name) -> Any:
+        if e.id in self.env:
+            return self.env[e.id]
+        if e.id in _NAMESPACES:
+            return _Namespace(_NAMESPACES[e.id])
+        known = [*self.env, *_NAMESPACES, "model"]
+        raise _error(e.span, f"unknown name {e.id!r}",
+                     did_you_mean(e.id, known) or "define it first: name = expression, or let name = ...")
+
+    def _e_ModelRef(self, e: ast.ModelRef) -> Any:
+        return self.model
+
+    def _e_Literal(self, e: ast.Literal) -> Any:
+        return e.value
+
+    def _e_EllipsisLit(self, e: ast.EllipsisLit) -> Any:
+        return Ellipsis
+
+    def _e_TupleLit(self, e: ast.TupleLit) -> Any:
+        return tuple(self.eval(i) for i in e.items)
+
+    def _e_ListLit(self, e: ast.ListLit) -> Any:
+        return [self.eval(i) for i in e.items]
+
+    def _e_Slice(self, e: ast.Slice) -> Any:
+        return slice(*(None if p is None else self.eval(p) for p in (e.start, e.stop, e.step)))
+
+    def _subscript(self, items: tuple[ast.Expr, ...]) -> Any:
+        values = tuple(self.eval(i) for i in items)
+        return values[0] if len(values) == 1 else values
+
+    def _e_Attr(self, e: ast.Attr) -> Any:
+        owner = self.eval(e.obj)
+        self.current = e.span
+        if isinstance(owner, _Namespace):
+            return self._function(f"{owner.prefix}.{e.name}", e.span)
+        return getattr(owner, e.name)
+
+    def _e_Index(self, e: ast.Index) -> Any:
+        owner = self.eval(e.obj)
+        index = self._subscript(e.items)
+        self.current = e.span
+        if isinstance(owner, (Envoy, Model)) and isinstance(index, bool | float):
+            raise _error(e.span, "a module list is indexed with an integer")
+        return owner[index]
+
+    def _e_BinOp(self, e: ast.BinOp) -> Any:
+        left, right = self.eval(e.left), self.eval(e.right)
+        self.current = e.span
+        return _BINARY[e.op](left, right)
+
+    def _e_Unary(self, e: ast.Unary) -> Any:
+        operand = self.eval(e.operand)
+        self.current = e.span
+        return _UNARY[e.op](operand)
+
+    def _e_Call(self, e: ast.Call) -> Any:
+        if isinstance(e.func, ast.Name) and e.func.id not in self.env:
+            if e.func.id == "token":
+                return self._token(e)
+            func = self._function(f"torch.{e.func.id}", e.func.span, short=e.func.id)
+        else:
+            func = self.eval(e.func)
+        args = [self.eval(a) for a in e.args]
+        kwargs = {k.name: self.eval(k.value) for k in e.kwargs}
+        self.current = e.span
+        if not callable(func):
+            raise _error(e.func.span, f"{type(func).__name__} is not callable")
+        return func(*args, **kwargs)
+
+    def _function(self, name: str, span: Span, short: str | None = None) -> Callable[..., Any]:
+        table = ops.functions()
+        if name in table:
+            return table[name]
+        prefix = name.rpartition(".")[0]
+        candidates = [n.rpartition(".")[2] for n in table if n.rpartition(".")[0] == prefix]
+        hint = did_you_mean(short or name.rpartition(".")[2], candidates)
+        raise _error(span, f"unknown function {short or name!r}",
+                     hint or "functions are torch's (softmax, topk, ...), torch.nn.functional as F.*, "
+                             "einops.*, and token(\"text\")")
+
+    def _token(self, e: ast.Call) -> int:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if len(e.args) != 1 or not isinstance(e.args[0], ast.Literal) or not isinstance(e.args[0].value, str):
+            raise _error(e.span, "token(...) takes one string: token(\" Paris\")")
+        if tokenizer is None:
+            raise _error(e.span, "token(...) needs a model with a tokenizer")
+        ids = tokenizer.encode(e.args[0].value, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = [tokenizer.decode([i]) for i in ids]
+            raise _error(e.span, f"{e.args[0].value!r} is {len(ids)} tokens, not one: {pieces}",
+                         "use the text of a single token, often with its leading space")
+        return ids[0]
+
+
+def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True) -> Tracer:
+    """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
+    `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
+    tracer = model.trace() if execute else model.scan()
+    with tracer:
+        _Lowering(exp, model, tracer, point).run()
+    return tracer
+
+
+def resolve_model(exp: Experiment, override: str | None = None) -> Model:
+    source = override or exp.model_source
+    if source is None:
+        raise _error(Span(str(exp.path), 1), "the experiment names no model",
+                     "add a line: model \"smollm2-135m\" (or pass --model)")
+    if exp.model_source and not override and not Path(source).is_absolute() \
+            and (exp.path.parent / source).exists():
+        source = str(exp.path.parent / source)
+    return LanguageModel(source)
+
+
+@dataclass
+class RunOutput:
+    """Saved tensors (stacked over sweep points when the experiment sweeps) and their context."""
+
+    saves: dict[str, torch.Tensor]
+    points: list[dict[str, Any]]
+    ir_hashes: list[str]
+
+
+def run(exp: Experiment, model: Model) -> RunOutput:
+    """Run every sweep point (the reference interpreter) and collect the saves."""
+    points = exp.points()
+    per_point: list[dict[str, Any]] = []
+    hashes: list[str] = []
+    for point in points:
+        tracer = lower(exp, model, point)
+        per_point.append({n: v for n, v in tracer.result.saves.items()})
+        hashes.append(tracer.typed.program.structural_hash())
+    names = list(per_point[0])
+    if exp.sweeps:
+        axes = [len(v) for v in exp.sweeps.values()]
+        saves = {n: torch.stack([_as_tensor(p[n]) for p in per_point]).reshape(*axes, *_as_tensor(per_point[0][n]).shape)
+                 for n in names}
+    else:
+        saves = {n: _as_tensor(per_point[0][n]) for n in names}
+    return RunOutput(saves, points, hashes)
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(value)
