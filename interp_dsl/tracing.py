@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from compiler.check import IncrementalTyper
+from compiler.check import IncrementalTyper, type_of
 from compiler.errors import InterventionError, UnsupportedOperationError
 from compiler.ir import (
     Arg,
@@ -58,7 +58,8 @@ class Tracer:
         self.execute = execute
         self.ops: list[Op] = []
         self._next_id = 0
-        self.params: dict[str, Any] = {}
+        self.params: dict[str, Any] = {}  # keeps the tensors alive, so their ids stay unique
+        self._tensor_params: dict[int, int] = {}
         self.invoke_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.current_invoke: int | None = None
         self.recording = False
@@ -127,11 +128,15 @@ class Tracer:
                 raise InterventionError.at(user_span(), "a value from another trace is used here",
                                            "save it there and use the saved value")
             return Ref(obj._id)
+        if isinstance(obj, torch.Tensor) and id(obj) in self._tensor_params:
+            return Ref(self._tensor_params[id(obj)])  # one tensor object, one parameter
         if isinstance(obj, (torch.Tensor, float)):
             name = f"p{len(self.params)}"
             self.params[name] = obj
-            from compiler.check import type_of
-            return Ref(self._emit("param", True, target=name, type=type_of(obj)))  # type: ignore[arg-type]
+            ref = self._emit("param", True, target=name, type=type_of(obj))
+            if isinstance(obj, torch.Tensor):
+                self._tensor_params[id(obj)] = ref  # type: ignore[assignment]
+            return Ref(ref)  # type: ignore[arg-type]
         if obj is None or isinstance(obj, (bool, int, str)):
             return Const(obj)
         if isinstance(obj, slice):

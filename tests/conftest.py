@@ -87,3 +87,12 @@ def run_with_hooks(module, inputs, hooks):
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_transformers():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a local HF directory with the word tokenizer (for `ivx` tests)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

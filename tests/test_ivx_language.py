@@ -1,0 +1,330 @@
+"""The .ivx language: parsing, canonical printing, round trips, fuzzing, lowering, the CLI."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grammar import ast
+from grammar.parser import IvxSyntaxError, parse
+from grammar.printer import format_module
+from interp_dsl import CheckError, LanguageModel
+from interp_dsl.cli import main
+from interp_dsl.experiment import ExperimentError, load_experiment, lower
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.ivx"))
+
+
+# ------------------------------------------------------------------------------ parse and print
+def test_examples_are_canonical():
+    assert len(EXAMPLES) >= 7
+    for path in EXAMPLES:
+        module = parse(path.read_text(), str(path))
+        assert format_module(module) == path.read_text(), path
+        assert module.comments and module.comments[0].own_line  # each has a comment header
+
+
+def test_fmt_keeps_comments_and_normalises_spacing():
+    text = "# head\nmodel   'm'  # which\nsweep l in 0..3\ninvoke p {\n  x=model.a[l].output[:,-1]*2 # two\n  # end\n}\n"
+    assert format_module(parse(text)) == (
+        "# head\nmodel \"m\"  # which\n\nsweep l in 0..3\n\ninvoke p {\n"
+        "    x = model.a[l].output[:, -1] * 2  # two\n    # end\n}\n")
+
+
+names = st.sampled_from(["h", "x", "layer", "coef", "vec"])
+ints = st.integers(0, 40).map(lambda v: ast.Literal(v))
+floats = st.floats(0, 100, allow_nan=False, allow_infinity=False).map(lambda v: ast.Literal(v))
+strings = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8).map(lambda v: ast.Literal(v))
+module_paths = st.lists(st.sampled_from(["model", "layers", "mlp", "lm_head"]), min_size=1, max_size=3).map(
+    lambda parts: _path(parts))
+
+
+def _path(parts):
+    e = ast.ModelRef()
+    for p in parts:
+        e = ast.Attr(e, p)
+    return e
+
+
+def exprs():
+    leaf = st.one_of(names.map(ast.Name), ints, floats, strings, st.just(ast.Literal(None)),
+                     st.just(ast.Literal(True)),
+                     module_paths.map(lambda p: ast.Attr(p, "output")))
+    return st.recursive(leaf, lambda inner: st.one_of(
+        st.builds(ast.BinOp, st.sampled_from(["+", "-", "*", "/", "//", "%", "@", "**"]), inner, inner),
+        st.builds(ast.BinOp, st.sampled_from(["==", "<", ">="]), inner.filter(lambda e: not _is_cmp(e)),
+                  inner.filter(lambda e: not _is_cmp(e))),
+        st.builds(ast.Unary, st.sampled_from(["-", "~"]), inner),
+        st.builds(ast.Attr, inner, names),
+        st.builds(ast.Index, inner, st.lists(st.one_of(inner, st.builds(
+            ast.Slice, st.none() | inner, st.none() | inner, st.none() | inner), st.just(ast.EllipsisLit())),
+            min_size=1, max_size=3).map(tuple)),
+        st.builds(ast.Call, inner, st.lists(inner, max_size=2).map(tuple),
+                  st.lists(st.builds(ast.Kwarg, names, inner), max_size=2).map(tuple)),
+        st.lists(inner, min_size=0, max_size=3).map(lambda xs: ast.TupleLit(tuple(xs))),
+        st.lists(inner, max_size=3).map(lambda xs: ast.ListLit(tuple(xs))),
+    ), max_leaves=8)
+
+
+def _is_cmp(e):
+    return isinstance(e, ast.BinOp) and e.op in ("==", "<", ">=")
+
+
+statements = st.one_of(
+    st.builds(ast.Assign, st.one_of(names.map(ast.Name), module_paths.map(lambda p: ast.Attr(p, "output"))),
+              st.sampled_from(["=", "+=", "*="]), exprs()),
+    st.builds(ast.Save, names, exprs()),
+    st.builds(ast.Let, names, exprs()),
+    st.just(ast.Stop()),
+)
+declarations = st.one_of(
+    st.builds(ast.ModelDecl, st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=10)),
+    st.builds(ast.PromptDecl, names, strings),
+    st.builds(ast.SweepDecl, names, st.builds(ast.Range, st.integers(-3, 3), st.integers(4, 40))),
+    st.builds(ast.SweepDecl, names, st.lists(st.one_of(ints, floats), min_size=1, max_size=4).map(
+        lambda xs: ast.ListLit(tuple(xs)))),
+    st.builds(ast.Invoke, names, st.lists(statements, max_size=4).map(tuple)),
+    statements,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(declarations, max_size=6).map(lambda ds: ast.Module(tuple(ds))))
+def test_generated_programs_print_and_parse_back_equal(module):
+    text = format_module(module)
+    again = parse(text)
+    assert again == module
+    assert format_module(again) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_random_text_only_raises_our_syntax_error(text):
+    try:
+        parse(text)
+    except IvxSyntaxError as e:
+        assert e.diagnostics and all(d.span.line >= 1 for d in e.diagnostics)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(EXAMPLES), st.randoms(use_true_random=False))
+def test_mutated_examples_only_raise_our_syntax_error(path, rng: random.Random):
+    text = list(path.read_text())
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(text))
+        choice = rng.random()
+        if choice < 0.4:
+            del text[i]
+        elif choice < 0.8:
+            text.insert(i, rng.choice("[](){}=:,.\"'#\n -+*/0a"))
+        else:
+            text[i] = rng.choice("[](){}=:,.\"' ")
+    try:
+        parse("".join(text))
+    except IvxSyntaxError:
+        pass
+
+
+def test_several_syntax_errors_reported_in_line_order():
+    with pytest.raises(IvxSyntaxError) as err:
+        parse("invoke p {\n  x = a[0\n  y == 2\n  z = (1 +\n}\n", "f.ivx")
+    lines = [d.span.line for d in err.value.diagnostics]
+    assert lines == [2, 3, 4]
+    assert "missing `]`" in str(err.value) and "`==` only compares" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------- lowering
+def write(tmp_path, text, name="exp.ivx"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return LanguageModel(str(tiny_dir))
+
+
+def test_lowering_equals_the_proxy_twin(tmp_path, tiny):
+    path = write(tmp_path, """
+prompt a = "the eiffel tower is in the city of"
+prompt b = "_ _ _ _ _ _ _ _"
+invoke a {
+    h = model.model.layers[1].output[:, -1, :]
+}
+invoke b {
+    model.model.layers[1].output[:, -1, :] = h * 0.5
+    model.model.layers[2].mlp.output *= 2.0
+    save top = model.lm_head.output[:, -1, :].softmax(dim=-1).topk(3).indices
+}
+""")
+    exp = load_experiment(path)
+    dsl = lower(exp, tiny, {})
+    with tiny.trace() as twin:
+        with twin.invoke(["the eiffel tower is in the city of"]):
+            h = tiny.model.layers[1].output[:, -1, :]
+        with twin.invoke(["_ _ _ _ _ _ _ _"]):
+            tiny.model.layers[1].output[:, -1, :] = h * 0.5
+            tiny.model.layers[2].mlp.output *= 2.0
+            top = tiny.lm_head.output[:, -1, :].softmax(dim=-1).topk(3).indices.save("top")
+    assert dsl.program() == twin.program()
+    assert torch.equal(dsl.result.saves["top"], top.value)
+    assert dsl.typed.program.ops[0].span.file == str(path)
+
+
+def test_name_errors_are_all_reported_with_hints(tmp_path, tiny):
+    path = write(tmp_path, """prompt a = "the eiffel tower"
+invoke a {
+    h = model.model.layrs[0].output
+    x = sofmax(model.lm_head.output, dim=-1)
+    y = hh + 1
+}
+invoke b {
+    stop
+}
+""")
+    exp = load_experiment(path)
+    with pytest.raises(ExperimentError) as err:
+        lower(exp, tiny, {})
+    text = str(err.value)
+    assert [d.span.line for d in err.value.diagnostics] == [3, 4, 5, 7]
+    assert "did you mean 'layers'" in text and "did you mean 'softmax'" in text
+    assert "unknown name 'hh'" in text and "unknown prompt 'b'" in text
+    assert f"{path}:3:" in text
+
+
+def test_check_errors_point_at_the_ivx_line(tmp_path, tiny):
+    path = write(tmp_path, 'prompt a = "the eiffel tower"\ninvoke a {\n    model.model.layers[0].output[:, 5, :] = 0\n}\n')
+    with pytest.raises(CheckError, match=rf"{path}:3:5: error: index out of range"):
+        lower(load_experiment(path), tiny, {})
+
+
+def test_prompts_from_files_and_tensors(tmp_path, tiny):
+    from safetensors.torch import save_file
+    (tmp_path / "p.txt").write_text("the eiffel tower\nrome is in\n")
+    (tmp_path / "p.jsonl").write_text('{"text": "the city of"}\n{"text": "paris"}\n')
+    (tmp_path / "p.csv").write_text("id,text\n1,new york\n2,garden\n")
+    save_file({"v": torch.ones(32)}, str(tmp_path / "v.safetensors"))
+    path = write(tmp_path, """prompt a = lines("p.txt")
+prompt b = jsonl("p.jsonl", field="text")
+prompt c = csv("p.csv", column="text")
+tensor v = load("v.safetensors", key="v")
+invoke a {
+    model.model.layers[0].output[:, -1, :] += v
+    save ha = model.model.layers[0].output[:, -1, :]
+}
+invoke b {
+    save hb = model.model.layers[0].output
+}
+invoke c {
+    save hc = model.model.layers[0].output
+}
+""")
+    exp = load_experiment(path)
+    assert exp.prompts == {"a": ["the eiffel tower", "rome is in"], "b": ["the city of", "paris"],
+                           "c": ["new york", "garden"]}
+    tracer = lower(exp, tiny, {})
+    assert tracer.result.saves["ha"].shape == (2, 32) and tracer.result.saves["hb"].shape[0] == 2
+
+
+@pytest.mark.parametrize("decl, message", [
+    ('prompt a = lines("missing.txt")', "does not exist"),
+    ('prompt a = jsonl("p.jsonl", field="txt")', "did you mean 'text'"),
+    ('tensor v = load("v.safetensors", key="vv")', "did you mean 'v'"),
+    ("sweep s in 5..5", "is empty"),
+    ('sweep s in ["a"]', "sweep values are numbers"),
+    ("prompt a = 3", "a prompt is a string"),
+])
+def test_bad_declarations(tmp_path, decl, message):
+    from safetensors.torch import save_file
+    (tmp_path / "p.jsonl").write_text('{"text": "x"}\n')
+    save_file({"v": torch.ones(2)}, str(tmp_path / "v.safetensors"))
+    with pytest.raises(ExperimentError, match=message) as err:
+        load_experiment(write(tmp_path, decl + "\n"))
+    assert err.value.diagnostics[0].span.line == 1
+
+
+def test_sweep_points_and_stacking(tmp_path, tiny):
+    from interp_dsl.experiment import run
+    path = write(tmp_path, """prompt a = "the eiffel tower"
+sweep layer in 0..3
+sweep coef in [1.0, 2.0]
+invoke a {
+    model.model.layers[layer].output *= coef
+    save h = model.model.layers[2].output[:, -1, :]
+}
+""")
+    exp = load_experiment(path)
+    output = run(exp, tiny)
+    assert output.saves["h"].shape == (3, 2, 1, 32)
+    assert len(output.points) == 6 and output.points[1] == {"layer": 0, "coef": 2.0}
+    with tiny.trace("the eiffel tower"):
+        tiny.model.layers[1].output *= 2.0
+        expected = tiny.model.layers[2].output[:, -1, :].save()
+    torch.testing.assert_close(output.saves["h"][1, 1], expected.value)
+    assert len(set(output.ir_hashes)) == 3  # the coefficient is a parameter; the layer is not
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_run_writes_saves_and_manifest(tmp_path, tiny_dir, capsys):
+    import json
+
+    from safetensors.torch import load_file
+    path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = "the eiffel tower"\ninvoke a {{\n'
+                           '    save logits = model.lm_head.output[:, -1, :]\n}\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "logits: float32[1, 64]" in out and "top tokens" in out
+    saves = load_file(str(tmp_path / "out" / "saves.safetensors"))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert saves["logits"].shape == (1, 64)
+    assert manifest["text"] == path.read_text() and len(manifest["ir_hashes"]) == 1
+    assert manifest["saves"]["logits"] == {"shape": [1, 64], "dtype": "float32"}
+    assert "torch" in manifest["versions"]
+
+
+def test_cli_explain_prints_typed_ir(tmp_path, tiny_dir, capsys):
+    path = write(tmp_path, 'prompt a = "the eiffel tower"\ninvoke a {\n    save h = model.model.norm.output\n}\n')
+    assert main(["explain", str(path), "--model", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "%0 = read model.norm.output@0 : f32[1, 3, 32]" in out and f"{path}:3:14" in out
+
+
+def test_cli_fmt(tmp_path, capsys):
+    path = write(tmp_path, "sweep  x in 0..2\n")
+    assert main(["fmt", str(path), "--check"]) == 1
+    assert main(["fmt", str(path)]) == 0 and capsys.readouterr().out == "sweep x in 0..2\n"
+    assert main(["fmt", str(path), "--write"]) == 0 and path.read_text() == "sweep x in 0..2\n"
+    assert main(["fmt", str(path), "--check"]) == 0
+
+
+@pytest.mark.parametrize("text, code", [
+    ('model "M"\ninvoke a {\n  x = [\n}\n', 2),
+    ('prompt a = "the"\ninvoke a {\n  x = nope + 1\n}\n', 1),
+    ('prompt a = "the"\ninvoke a {\n  model.model.layers[0].output = model.model.layers[2].output\n}\n', 1),
+])
+def test_cli_exit_codes(tmp_path, tiny_dir, capsys, text, code):
+    path = write(tmp_path, text)
+    assert main(["run", str(path), "--model", str(tiny_dir), "--out", str(tmp_path / "o")]) == code
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and "Traceback" not in err
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.ivx")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+    path = write(tmp_path, 'prompt a = "the"\n')
+    assert main(["run", str(path)]) == 1
+    assert "names no model" in capsys.readouterr().err
