@@ -19,7 +19,7 @@ _MAX_REPORTED = 20
 _READABLE = {
     "RSQB": "]", "LSQB": "[", "RPAR": ")", "LPAR": "(", "RBRACE": "}", "LBRACE": "{",
     "COMMA": ",", "COLON": ":", "DOT": ".", "NAME": "a name", "INT": "an integer",
-    "FLOAT": "a number", "STRING": "a string", "_NL": "a new line", "$END": "the end of the file",
+    "FLOAT": "a number", "STRING": "a string", "_NL": "end of line", "$END": "end of file",
     "ASSIGN_OP": "=", "EQUAL": "=", "MUL_OP": "an operator", "ADD_OP": "an operator",
     "COMP_OP": "a comparison", "POW_OP": "**", "UNARY_OP": "-", "MODEL": "model",
     "IN": "in", "__ANON_0": "..",
@@ -35,7 +35,8 @@ _EXAMPLES: dict[str, list[str]] = {
         "x = f(a\n", "x = (a + b\n", "x = f(a, b=1\n", "save s = f(a\n", "save s = (a + b\n",
     ],
     "a statement assigns: write `target = expression` (`==` only compares)": [
-        "x == a\n", "model.a.output == 0\n", "a[0] == 1\n", "x\n", "model.a.output\n", "f(x)\n",
+        "x == a\n", "x == a.b\n", "x == a[0]\n", "x == f(a)\n", "x == a.b[0].c\n", "x == 1\n",
+        "model.a.output == 0\n", "a[0] == 1\n", "x\n", "x.y\n", "x[0]\n", "model.a.output\n", "f(x)\n",
     ],
     "`=` assigns and cannot appear inside an expression; to compare, write `==`": [
         "x = a = b\n", "save s = a = b\n",
@@ -46,10 +47,24 @@ _EXAMPLES: dict[str, list[str]] = {
 }
 
 
-def _in_blocks(examples: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Each statement example also inside an invoke block, where the parser state differs."""
-    return {label: [*snippets, *(f"invoke p {{\n{x}" for x in snippets if not x.startswith(("invoke", "sweep")))]
-            for label, snippets in examples.items()}
+_CONTEXTS = ("", "q = 1\n", "invoke p {\n", "q = 1\ninvoke p {\n", "invoke p {\nq = 1\n",
+             "q = 1\ninvoke p {\nq = 1\n")
+
+
+@functools.cache
+def _in_contexts() -> dict[str, list[str]]:
+    """Each example after other statements and inside blocks: lark matches by parser state,
+    which includes the depth of the stack."""
+    out = {}
+    for label, snippets in _EXAMPLES.items():
+        top_only = snippets[0].startswith(("invoke", "sweep"))
+        contexts = [c for c in _CONTEXTS if not (top_only and "invoke" in c)]
+        out[label] = [c + x for x in snippets for c in contexts]
+    return out
+
+
+_CLOSERS = {"]": "missing `]` to close the index", ")": "missing `)` to close the call or parenthesis",
+            "}": "the invoke block is not closed: add `}` on its own line"}
 
 
 class IvxSyntaxError(InterventionError):
@@ -240,7 +255,7 @@ def _comments(lines: list[str]) -> tuple[ast.Comment, ...]:
 
 def _diagnostic(e: UnexpectedInput, file: str, lines: list[str]) -> Diagnostic:
     line, col = getattr(e, "line", 1), getattr(e, "column", 1)
-    named = e.match_examples(_lark().parse, _in_blocks(_EXAMPLES), use_accepts=True)
+    named = e.match_examples(_lark().parse, _in_contexts(), use_accepts=True)
     span = Span(file, line, col, line, col + 1)
     if isinstance(e, UnexpectedCharacters):
         found = repr(lines[line - 1][col - 1]) if line <= len(lines) and col <= len(lines[line - 1]) else "?"
@@ -257,10 +272,14 @@ def _diagnostic(e: UnexpectedInput, file: str, lines: list[str]) -> Diagnostic:
         found = "unexpected input"
     expected = sorted({_READABLE.get(t, t.lower()) for t in (getattr(e, "expected", None) or
                                                              getattr(e, "allowed", None) or ())})
+    if not named and found in ("end of line", "end of file"):
+        named = next((text for closer, text in _CLOSERS.items() if closer in expected), None)
     message = named or f"unexpected {found}"
     hint = f"found {found}" if named else ""
     if expected and not named:
-        hint = "expected " + ", ".join(expected[:8]) + (" ..." if len(expected) > 8 else "")
+        shown = [x if x.startswith(("a ", "an ", "end")) else f"`{x}`" for x in expected[:8]]
+        hint = "expected " + (", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0])
+        hint += ", ..." if len(expected) > 8 else ""
     return Diagnostic(span, f"syntax error: {message}", hint)
 
 

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the command prints its own summary; keep stderr for errors
     try:
         return {"run": _run, "fmt": _fmt, "explain": _explain}[args.command](args)
     except IvxSyntaxError as e:

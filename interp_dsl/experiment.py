@@ -39,6 +39,8 @@ _UNARY = {"-": operator.neg, "+": operator.pos, "~": operator.invert}
 _NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
                "linalg": "torch.linalg"}
 _SITE_KINDS = ("output", "input", "inputs")
+_DTYPES = {name: getattr(torch, name) for name in (
+    "float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")}
 
 
 class ExperimentError(InterventionError):
@@ -231,8 +233,10 @@ class _Lowering:
                 self.tracer.stop()
             else:
                 self._assign(s)
-        except InterventionError as e:  # raised by the proxy machinery: point at this file
-            self.diagnostics.extend(dataclasses.replace(d, span=self.current) for d in e.diagnostics)
+        except InterventionError as e:
+            file = str(self.exp.path)
+            self.diagnostics.extend(d if d.span.file == file else dataclasses.replace(d, span=s.span)
+                                    for d in e.diagnostics)
 
     def _save(self, s: ast.Save) -> None:
         value = self.eval(s.value)
@@ -280,6 +284,12 @@ class _Lowering:
         outer = self.current
         try:
             return getattr(self, f"_e_{type(e).__name__}")(e)
+        except InterventionError as err:
+            # The proxy machinery located this in Python; the innermost expression is the place.
+            if all(d.span.file == str(self.exp.path) for d in err.diagnostics):
+                raise
+            raise type(err)([d if d.span.file == str(self.exp.path) else dataclasses.replace(d, span=e.span)
+                             for d in err.diagnostics]) from None
         finally:
             self.current = outer
 
@@ -288,7 +298,9 @@ class _Lowering:
             return self.env[e.id]
         if e.id in _NAMESPACES:
             return _Namespace(_NAMESPACES[e.id])
-        known = [*self.env, *_NAMESPACES, "model"]
+        if e.id in _DTYPES:
+            return _DTYPES[e.id]
+        known = [*self.env, *_NAMESPACES, *_DTYPES, "model"]
         raise _error(e.span, f"unknown name {e.id!r}",
                      did_you_mean(e.id, known) or "define it first: name = expression, or let name = ...")
 
@@ -318,6 +330,8 @@ class _Lowering:
         owner = self.eval(e.obj)
         self.current = e.span
         if isinstance(owner, _Namespace):
+            if owner.prefix == "torch" and e.name in _DTYPES:
+                return _DTYPES[e.name]
             return self._function(f"{owner.prefix}.{e.name}", e.span)
         return getattr(owner, e.name)
 

@@ -1,0 +1,135 @@
+"""Every example experiment runs on SmolLM2 and equals its proxy-API twin: same IR, same values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from interp_dsl.experiment import load_experiment, lower
+
+pytestmark = pytest.mark.e2e
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EIFFEL = "The Eiffel Tower is in the city of"
+
+
+def paris(m):
+    return m.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+
+
+def twin_hidden_states(m, point):
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            m.model.layers[-1].output.save("hidden")
+            m.lm_head.output[:, -1, :].save("logits")
+    return tracer
+
+
+def twin_logit_lens(m, point):
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            h = m.model.layers[point["layer"]].output[:, -1, :]
+            m.lm_head(m.model.norm(h)).save("lens")
+    return tracer
+
+
+def twin_ablate_mlp(m, point):
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            m.model.layers[-1].mlp.output[:] = 0
+            m.lm_head.output[:, -1, :].save("ablated")
+        with tracer.invoke([EIFFEL]):
+            m.lm_head.output[:, -1, :].save("original")
+    return tracer
+
+
+def twin_noise(m, point):
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            h = m.model.layers[5].output
+            m.model.layers[5].output = h + 0.5 * torch.randn_like(h)
+            m.lm_head.output[:, -1, :].save("noised")
+        with tracer.invoke([EIFFEL]):
+            m.lm_head.output[:, -1, :].save("clean")
+    return tracer
+
+
+def twin_transplant(m, point):
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            embeddings = m.model.embed_tokens.output
+        with tracer.invoke(["_ _ _ _ _ _ _ _ _"]):
+            m.model.embed_tokens.output = embeddings
+            m.lm_head.output[:, -1, :].save("transplanted")
+    return tracer
+
+
+def twin_patching(m, point):
+    layer = point["layer"]
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            h = m.model.layers[layer].output[:, -1, :]
+        with tracer.invoke(["The Colosseum is in the city of"]):
+            m.model.layers[layer].output[:, -1, :] = h
+            torch.softmax(m.lm_head.output[:, -1, :], dim=-1)[:, paris(m)].save("p_paris")
+    return tracer
+
+
+STEER = load_file(str(EXAMPLES / "data" / "steer.safetensors"))["paris_minus_rome"]
+
+
+def twin_steering(m, point):
+    with m.trace() as tracer:
+        with tracer.invoke(["The Colosseum is a stadium in the city of"]):
+            m.model.layers[24].output[:, -1, :] += point["coef"] * STEER
+            m.lm_head.output[:, -1, :].save("logits")
+            torch.softmax(m.lm_head.output[:, -1, :], dim=-1)[:, paris(m)].save("p_paris")
+    return tracer
+
+
+TWINS = {
+    "hidden_states": (twin_hidden_states, None),
+    "logit_lens": (twin_logit_lens, [0, 29]),
+    "ablate_mlp": (twin_ablate_mlp, None),
+    "noise": (twin_noise, None),
+    "transplant": (twin_transplant, None),
+    "patching": (twin_patching, [0, 25]),
+    "steering": (twin_steering, [0, 3]),
+}
+
+
+def test_every_example_has_a_twin():
+    assert {p.stem for p in EXAMPLES.glob("*.ivx")} == set(TWINS)
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_example_equals_its_twin(smollm, name):
+    twin, indices = TWINS[name]
+    exp = load_experiment(EXAMPLES / f"{name}.ivx")
+    points = exp.points()
+    for point in [points[i] for i in indices] if indices else points:
+        torch.manual_seed(0)
+        dsl = lower(exp, smollm, point)
+        torch.manual_seed(0)
+        python = twin(smollm, point)
+        assert dsl.program() == python.program()
+        assert dsl.program().structural_hash() == python.program().structural_hash()
+        assert dsl.result.saves.keys() == python.result.saves.keys()
+        for key in dsl.result.saves:
+            assert_close(dsl.result.saves[key], python.result.saves[key])
+
+
+def test_examples_show_what_they_claim(smollm):
+    decode = smollm.tokenizer.decode
+    transplant = lower(load_experiment(EXAMPLES / "transplant.ivx"), smollm, {}).result.saves
+    assert decode(transplant["transplanted"][0].argmax()) == " Paris"
+    patch = load_experiment(EXAMPLES / "patching.ivx")
+    early = lower(patch, smollm, {"layer": 0}).result.saves["p_paris"]
+    late = lower(patch, smollm, {"layer": 25}).result.saves["p_paris"]
+    assert late.item() > 100 * early.item()
+    steer = load_experiment(EXAMPLES / "steering.ivx")
+    ps = [lower(steer, smollm, p).result.saves["p_paris"].item() for p in steer.points()]
+    assert ps == sorted(ps) and ps[-1] > 0.3
