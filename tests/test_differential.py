@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from conftest import tiny_llama, word_tokenizer
 from interp_dsl import LanguageModel
 
 PROMPTS = ("the eiffel tower is in the city of", "rome is in")

@@ -7,10 +7,10 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tiny_llama, word_tokenizer
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.testing import assert_close
 
-from conftest import tiny_llama, word_tokenizer
 from interp_dsl import CheckError, InterventionError, LanguageModel, Model
 
 
