@@ -45,3 +45,27 @@ def test_readme_python_blocks_run(smollm, monkeypatch):
     assert "index 12 on dim 1 of size 9" in out and "found f32[1, 9, 64]" in out
     assert f"{README}:" in out  # errors name README's own lines
     assert namespace["width"] == 1536 and namespace["early"].shape == (1, 9, 576)
+
+
+@pytest.mark.e2e
+def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
+    """Each `$ ivx ...` line of the README runs and succeeds (on the session's SmolLM2)."""
+    import interp_dsl.experiment as experiment
+    from interp_dsl.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
+    commands = [line[2:].split() for _, code in blocks("console") for line in code.splitlines()
+                if line.startswith("$ ivx ")]
+    assert len(commands) >= 4
+    for argv in commands:
+        argv = [a.replace("runs/", f"{tmp_path}/") for a in argv[1:]]
+        assert main(argv) == 0, argv
+    out = capsys.readouterr().out
+    assert "p_paris: float32[30, 1]" in out and "leading dims index the sweep: layer[30]" in out
+    assert "%0 = read model.layers.29.output@0 : f32[1, 9, 576]" in out
+
+
+def test_readme_shows_the_patching_example_verbatim():
+    shown = [code for _, code in blocks("ivx")]
+    assert shown and shown[0] == (ROOT / "examples" / "patching.ivx").read_text()
