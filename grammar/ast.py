@@ -117,7 +117,17 @@ class ModelDecl:
 @dataclass(frozen=True)
 class PromptDecl:
     name: str
-    value: Expr  # a string, a list of strings, or lines(...) / jsonl(...) / csv(...)
+    value: Expr | None  # a string, a list of strings, lines(...) / jsonl(...) / csv(...); None: given at run time
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A typed parameter whose value is given at run time (`param v: f32[576]`, `param c: float`)."""
+
+    name: str
+    kind: str  # a dtype short name (f32, bf16, i64, ...) or "float" / "int"
+    shape: tuple[int, ...] | None = None  # None for a scalar kind
     span: Span = _span()
 
 
@@ -179,7 +189,7 @@ class Invoke:
     span: Span = _span()
 
 
-Decl = ModelDecl | PromptDecl | TensorDecl | SweepDecl | Invoke | Stmt
+Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | Invoke | Stmt
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,12 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def prompt_decl(self, meta: Any, c: list[Any]) -> ast.PromptDecl:
         return ast.PromptDecl(str(c[0]), c[1], self._s(meta))
 
+    def param_decl(self, meta: Any, c: list[Any]) -> ast.ParamDecl:
+        return ast.ParamDecl(str(c[0]), str(c[1]), c[2], self._s(meta))
+
+    def shape(self, meta: Any, c: list[Any]) -> tuple[int, ...]:
+        return tuple(int(x) for x in c if x is not None)
+
     def tensor_decl(self, meta: Any, c: list[Any]) -> ast.TensorDecl:
         return ast.TensorDecl(str(c[0]), c[1], self._s(meta))
 

@@ -72,7 +72,10 @@ def statement(s: ast.Decl) -> str:
     if isinstance(s, ast.ModelDecl):
         return f"model {json.dumps(s.source, ensure_ascii=False)}"
     if isinstance(s, ast.PromptDecl):
-        return f"prompt {s.name} = {expr(s.value)}"
+        return f"prompt {s.name}" + (f" = {expr(s.value)}" if s.value is not None else "")
+    if isinstance(s, ast.ParamDecl):
+        shape = f"[{', '.join(map(str, s.shape))}]" if s.shape is not None else ""
+        return f"param {s.name}: {s.kind}{shape}"
     if isinstance(s, ast.TensorDecl):
         return f"tensor {s.name} = {expr(s.value)}"
     if isinstance(s, ast.SweepDecl):

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: runs/<file stem>)")
     run.add_argument("--model", help="model name or path, overriding the file's `model` line")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    for command in (run,):
+        _add_bindings(command)
     fmt = sub.add_parser("fmt", help="print the canonical form", description="Print the canonical form.")
     fmt.add_argument("file")
     fmt.add_argument("--write", action="store_true", help="rewrite the file in place")
@@ -35,7 +37,54 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="print the typed IR", description="Print the typed IR.")
     explain.add_argument("file")
     explain.add_argument("--model", help="model name or path, overriding the file's `model` line")
+    explain.add_argument("--ivx", action="store_true", help="print the IR as .ivx text instead")
+    _add_bindings(explain)
     return p
+
+
+def _add_bindings(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
+                         help="text for a `prompt NAME` declared without one (repeatable)")
+    command.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="a value for `param NAME: TYPE`: a number, or FILE.safetensors[:KEY]")
+
+
+def _bindings(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Any]]:
+    prompts, params = {}, {}
+    for item in args.prompt:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise _usage(f"--prompt expects NAME=TEXT, got {item!r}")
+        prompts[name] = text
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise _usage(f"--param expects NAME=VALUE, got {item!r}")
+        params[name] = _param_value(value)
+    return prompts, params
+
+
+def _param_value(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from safetensors.torch import load_file
+    file, _, key = text.partition(":")
+    tensors = load_file(file)
+    if not key and len(tensors) == 1:
+        return next(iter(tensors.values()))
+    if key not in tensors:
+        raise _usage(f"{file} has no tensor {key!r}; keys: {', '.join(sorted(tensors))}")
+    return tensors[key]
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except InterventionError as e:
         print(e, file=sys.stderr)
         return EXIT_INVALID
+    except _UsageError as e:
+        print(f"ivx: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"ivx: {e.strerror}: {e.filename}", file=sys.stderr)
         return EXIT_USAGE
@@ -80,14 +132,18 @@ def _explain(args: argparse.Namespace) -> int:
     from compiler.printer import format_program
     from interp_dsl.experiment import load_experiment, lower, resolve_model
 
-    exp = load_experiment(args.file)
+    exp = load_experiment(args.file, *_bindings(args))
     model = resolve_model(exp, args.model)
     point = exp.points()[0]
     tracer = lower(exp, model, point, execute=False)
     if exp.sweeps:
         axes = ", ".join(f"{k} ({len(v)} values)" for k, v in exp.sweeps.items())
         print(f"# sweep over {axes}; shown at {point}")
-    print(format_program(tracer.typed.program, tracer.typed.types, spans=True))
+    if args.ivx:
+        from grammar.decompile import to_ivx
+        print(format_module(to_ivx(tracer.typed.program)), end="")
+    else:
+        print(format_program(tracer.typed.program, tracer.typed.types, spans=True))
     print(f"# structural hash {tracer.typed.program.structural_hash()}")
     return EXIT_OK
 
@@ -96,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     from interp_dsl.experiment import load_experiment, resolve_model, run
     from interp_dsl.results import versions, write_results
 
-    exp = load_experiment(args.file)
+    exp = load_experiment(args.file, *_bindings(args))
     model = resolve_model(exp, args.model)
     output = run(exp, model)
     out = Path(args.out or Path("runs") / exp.path.stem)

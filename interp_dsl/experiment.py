@@ -23,7 +23,7 @@ from compiler import ops
 from compiler.errors import Diagnostic, InterventionError, did_you_mean
 from compiler.ir import Span
 from grammar import ast
-from grammar.parser import parse_file
+from grammar.parser import parse
 from interp_dsl.envoy import Envoy
 from interp_dsl.models import LanguageModel, Model
 from interp_dsl.proxy import Proxy
@@ -38,7 +38,8 @@ _BINARY: dict[str, Callable[[Any, Any], Any]] = {
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv}
 _UNARY = {"-": operator.neg, "+": operator.pos, "~": operator.invert}
 _NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
-               "linalg": "torch.linalg"}
+               "linalg": "torch.linalg", "special": "torch.special", "fft": "torch.fft"}
+_BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in the proxy API
 _SITE_KINDS = ("output", "input", "inputs")
 _DTYPES = {name: getattr(torch, name) for name in (
     "float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")}
@@ -61,8 +62,9 @@ class Experiment:
     text: str
     model_source: str | None = None
     prompts: dict[str, list[str]] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # loaded and `param` values
     sweeps: dict[str, list[Any]] = field(default_factory=dict)
+    given: dict[str, Any] = field(default_factory=dict)  # prompts and params given at run time
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of sweep values (one empty point when nothing is swept)."""
@@ -71,11 +73,20 @@ class Experiment:
                 for values in itertools.product(*(self.sweeps[n] for n in names))]
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Parse `path` and resolve its declarations; raises IvxSyntaxError or ExperimentError."""
+def load_experiment(path: str | Path, prompts: dict[str, Any] | None = None,
+                    params: dict[str, Any] | None = None) -> Experiment:
+    """Parse `path` and resolve its declarations; raises IvxSyntaxError or ExperimentError.
+    `prompts` and `params` give values to `prompt name` and `param name: type` declarations."""
     path = Path(path)
-    module = parse_file(path)
-    experiment = Experiment(module, path, path.read_text())
+    return experiment_from_text(path.read_text(), path, prompts, params)
+
+
+def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | None = None,
+                         params: dict[str, Any] | None = None) -> Experiment:
+    """Like `load_experiment` for text in memory (`path` names it in messages and anchors files)."""
+    path = Path(path)
+    module = parse(text, str(path))
+    experiment = Experiment(module, path, text, given={**(prompts or {}), **(params or {})})
     diagnostics: list[Diagnostic] = []
     for decl in module.body:
         try:
@@ -91,7 +102,16 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
     if isinstance(decl, ast.ModelDecl):
         exp.model_source = decl.source
     elif isinstance(decl, ast.PromptDecl):
-        exp.prompts[decl.name] = _prompt_rows(decl.value, exp.path.parent)
+        if decl.name in exp.given:
+            value = exp.given[decl.name]
+            exp.prompts[decl.name] = [value] if isinstance(value, str) else list(value)
+        elif decl.value is None:
+            raise _error(decl.span, f"prompt {decl.name} has no text",
+                         f"give it when running: --prompt {decl.name}=\"...\"")
+        else:
+            exp.prompts[decl.name] = _prompt_rows(decl.value, exp.path.parent)
+    elif isinstance(decl, ast.ParamDecl):
+        exp.tensors[decl.name] = _given_param(exp, decl)
     elif isinstance(decl, ast.TensorDecl):
         exp.tensors[decl.name] = _load_tensor(decl.value, exp.path.parent)
     elif isinstance(decl, ast.SweepDecl):
@@ -102,6 +122,21 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
             exp.sweeps[decl.name] = list(range(decl.values.start, decl.values.stop))
         else:
             exp.sweeps[decl.name] = [_constant(item) for item in decl.values.items]
+
+
+def _given_param(exp: Experiment, decl: ast.ParamDecl) -> Any:
+    from compiler.check import type_of
+    from compiler.printer import format_type
+
+    if decl.name not in exp.given:
+        raise _error(decl.span, f"param {decl.name} has no value",
+                     f"give it when running: --param {decl.name}=FILE.safetensors[:KEY] or a number")
+    value = exp.given[decl.name]
+    declared = decl.kind + (f"[{', '.join(map(str, decl.shape))}]" if decl.shape is not None else "")
+    found = format_type(type_of(value))
+    if found != declared:
+        raise _error(decl.span, f"param {decl.name} is declared {declared} but given {found}")
+    return value
 
 
 def _constant(e: ast.Expr) -> Any:
@@ -358,7 +393,7 @@ class _Lowering:
         if isinstance(e.func, ast.Name) and e.func.id not in self.env:
             if e.func.id == "token":
                 return self._token(e)
-            func = self._function(f"torch.{e.func.id}", e.func.span, short=e.func.id)
+            func = _BUILTINS.get(e.func.id) or self._function(f"torch.{e.func.id}", e.func.span, short=e.func.id)
         else:
             func = self.eval(e.func)
         args = [self.eval(a) for a in e.args]
