@@ -128,8 +128,9 @@ class LanguageModel(Model):
     """A HF causal language model with its tokenizer.
 
     `source` may be the embedded default `"smollm2-135m"` (or its hub id), a local HF directory,
-    a `.gguf` file, a loaded `PreTrainedModel` (pass `tokenizer=`), or a `PretrainedConfig`
-    (random weights, or `weights="fake"` for checking without any weight memory).
+    a `.gguf` file, a loaded `PreTrainedModel` (pass `tokenizer=`), or a config: a
+    `PretrainedConfig` or a `config.json` path (random weights, or `weights="fake"` for checking
+    without any weight memory; a tokenizer saved beside the file is used).
     """
 
     def __init__(self, source: Any, tokenizer: Any = None, *, weights: str = "random",
@@ -139,6 +140,9 @@ class LanguageModel(Model):
             module = source
         elif _is_config(source):
             module, fake_mode = _from_config(source, weights)
+        elif isinstance(source, (str, Path)) and str(source).endswith(".json"):
+            module, fake_mode = _from_config(_read_config(Path(source)), weights)
+            tokenizer = tokenizer or _tokenizer_beside(Path(source))
         elif isinstance(source, (str, Path)):
             directory = _resolve_directory(str(source))
             module = _load_directory(directory, dtype)
@@ -242,6 +246,21 @@ def _from_config(config: Any, weights: str) -> tuple[torch.nn.Module, FakeTensor
         with mode:
             return AutoModelForCausalLM.from_config(config), mode
     raise InterventionError.at(user_span(), f"weights must be 'random' or 'fake', got {weights!r}")
+
+
+def _read_config(path: Path) -> Any:
+    from transformers import AutoConfig
+    if not path.is_file():
+        raise InterventionError.at(user_span(), f"config file {path} does not exist")
+    return AutoConfig.from_pretrained(path)
+
+
+def _tokenizer_beside(path: Path) -> Any:
+    """The tokenizer saved next to a config file, if there is one."""
+    if not (path.parent / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path.parent)
 
 
 def _resolve_directory(source: str) -> Path:

@@ -133,3 +133,20 @@ def test_examples_show_what_they_claim(smollm):
     steer = load_experiment(EXAMPLES / "steering.ivx")
     ps = [lower(steer, smollm, p).result.saves["p_paris"].item() for p in steer.points()]
     assert ps == sorted(ps) and ps[-1] > 0.3
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_ivx_run_on_every_example(smollm, name, monkeypatch, tmp_path, capsys):
+    import json
+
+    import interp_dsl.experiment as experiment
+    from interp_dsl.cli import main
+    monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
+    assert main(["run", str(EXAMPLES / f"{name}.ivx"), "--out", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    saves = load_file(str(tmp_path / "saves.safetensors"))
+    assert set(saves) == set(manifest["saves"]) and manifest["model"] == "smollm2-135m"
+    for key, value in saves.items():
+        assert list(value.shape) == manifest["saves"][key]["shape"]
+        assert value.shape[: len(manifest["sweep"])] == tuple(len(v) for v in manifest["sweep"].values())
+    assert "wrote" in capsys.readouterr().out

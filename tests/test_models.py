@@ -113,3 +113,15 @@ def test_weights_are_readable_in_a_trace(llama):
         logits = (h @ llama.lm_head.weight.T).save()
         real = llama.lm_head.output.save()
     assert_close(logits.value, real.value)
+
+
+def test_config_json_path_with_tokenizer_beside(tiny_dir):
+    model = LanguageModel(str(tiny_dir / "config.json"))
+    assert model.tokenizer is not None
+    with model.trace("the eiffel tower"):
+        logits = model.lm_head.output.save()
+    assert logits.shape == (1, 3, 64)
+    fake = LanguageModel(str(tiny_dir / "config.json"), weights="fake")
+    with fake.scan("the eiffel tower"):
+        width = fake.model.layers[0].mlp.up_proj.output.shape[-1]
+    assert width == 64
