@@ -196,6 +196,13 @@ class _Checker:
 
     def _call(self, op: Op) -> bool:
         args, kwargs = self._values(op, self.fake)
+        if op.target in _ELEMENTWISE and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
+            problem = _broadcast_problem(args[0].shape, args[1].shape)
+            if problem:
+                a, b = (format_type(type_of(x)) for x in args)
+                self.error(op, f"shapes do not broadcast in `{_ELEMENTWISE[op.target]}`: {a} and {b} ({problem})",
+                           "index or reshape one side so trailing dimensions match or are 1")
+                return False
         if op.target in ("getitem", "setitem") and isinstance(args[0], torch.Tensor):
             index = ops.materialize(op.args[1], {**self.fake, **self.real_params})
             problem = index_problem(tuple(args[0].shape), index)
@@ -289,6 +296,18 @@ class _Checker:
         return True
 
 
+_ELEMENTWISE = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
+                "pow": "**", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def _broadcast_problem(a: torch.Size, b: torch.Size) -> str | None:
+    for i in range(1, min(len(a), len(b)) + 1):
+        x, y = a[-i], b[-i]
+        if x != y and x != 1 and y != 1:
+            return f"dim -{i}: {x} vs {y}"
+    return None
+
+
 def _model_tensor(model: torch.nn.Module, path: str) -> torch.Tensor:
     module_path, _, name = path.rpartition(".")
     module = model.get_submodule(module_path)
@@ -338,18 +357,25 @@ def check(program: Program, table: SiteTable, model: torch.nn.Module, params: di
     return TypedProgram(program, types, tuple(checker.when), tuple(table.order), checker.fake)
 
 
+@dataclass(frozen=True)
+class _OpList:
+    ops: tuple[Op, ...]
+
+
 class IncrementalTyper:
     """Fake values of a growing program (for `.shape` inside a trace): each op is typed once."""
 
     def __init__(self, table: SiteTable, model: torch.nn.Module, params: dict[str, Any],
                  rows: list[slice], root: str = "model"):
         self._checker = _Checker(Program(()), table, model, params, rows, root)
+        self._done = 0
 
-    def values(self, program: Program) -> dict[int, Any]:
-        """Fake values of `program`'s results; raises CheckError for problems in new ops."""
-        done = len(self._checker.program.ops)
-        self._checker.program = program
-        self._checker.run(start=done)
+    def values(self, ops: list[Op]) -> dict[int, Any]:
+        """Fake values of the results of `ops` (a prefix-growing list, validated by the caller's
+        Program later); raises CheckError for problems in ops not typed before."""
+        self._checker.program = _OpList(tuple(ops))  # type: ignore[assignment]
+        self._checker.run(start=self._done)
+        self._done = len(ops)
         if self._checker.diags:
             diags, self._checker.diags = self._checker.diags, []
             raise CheckError(diags)

@@ -153,7 +153,7 @@ def map_rows(value: Any, fn: Callable[[torch.Tensor], Any], batch: int) -> Any:
     if dataclasses.is_dataclass(value) and isinstance(value, Mapping):  # HF ModelOutput
         return type(value)(**{k: map_rows(v, fn, batch) for k, v in value.items()})
     if isinstance(value, dict):
-        return {k: map_rows(v, fn, batch) for k, v in value.items()}
+        return type(value)((k, map_rows(v, fn, batch)) for k, v in value.items())
     return value
 
 

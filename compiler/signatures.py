@@ -21,16 +21,17 @@ _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbol
 
 @contextlib.contextmanager
 def quiet_fake_mode() -> Iterator[None]:
-    """Fake mode logs long tracebacks when an op fails; users should see only our message."""
+    """Fake mode logs long tracebacks when an op fails; users should see only our message.
+    (`disabled`, unlike `setLevel`, does not flush logging's caches: this runs per op typed.)"""
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
+    before = [lg.disabled for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+        lg.disabled = True
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for lg, was in zip(loggers, before, strict=True):
+            lg.disabled = was
 
 
 @dataclass

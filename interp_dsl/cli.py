@@ -1,4 +1,4 @@
-"""The `ivx` command: run, format and explain `.ivx` experiments.
+"""The `ivx` command: run, check, format and explain `.ivx` experiments.
 
 Exit codes: 0 success, 1 the experiment is invalid (or failed while running), 2 usage or syntax.
 """
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("file")
     fmt.add_argument("--write", action="store_true", help="rewrite the file in place")
     fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not canonical")
+    check = sub.add_parser("check", help="check specs against the model's shapes, without weights",
+                           description="Check experiments against the model's shapes on fake "
+                                       "tensors, without loading any weights. Exit 1 on errors.")
+    check.add_argument("files", nargs="+", help=".ivx files")
+    check.add_argument("--model", help="model name, HF directory, config.json or .gguf, overriding each file's")
+    check.add_argument("--format", choices=("text", "json", "github"), default="text",
+                       help="text (default), json for tools, github for Actions annotations")
     explain = sub.add_parser("explain", help="print the typed IR", description="Print the typed IR.")
     explain.add_argument("file")
     explain.add_argument("--model", help="model name or path, overriding the file's `model` line")
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the command prints its own summary; keep stderr for errors
     try:
-        return {"run": _run, "fmt": _fmt, "explain": _explain}[args.command](args)
+        return {"run": _run, "fmt": _fmt, "explain": _explain, "check": _check}[args.command](args)
     except IvxSyntaxError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
@@ -114,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ivx: internal error: {type(e).__name__}: {e} (set IVX_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 3
+
+
+def _check(args: argparse.Namespace) -> int:
+    from interp_dsl.checking import check_files, render
+
+    paths = [Path(f) for f in args.files]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise _usage(f"no such file: {missing[0]}")
+    report = check_files(paths, args.model)
+    print(render(report, args.format))
+    return report.exit_code()
 
 
 def _fmt(args: argparse.Namespace) -> int:

@@ -82,10 +82,11 @@ def load_experiment(path: str | Path, prompts: dict[str, Any] | None = None,
 
 
 def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | None = None,
-                         params: dict[str, Any] | None = None) -> Experiment:
-    """Like `load_experiment` for text in memory (`path` names it in messages and anchors files)."""
+                         params: dict[str, Any] | None = None, module: ast.Module | None = None) -> Experiment:
+    """Like `load_experiment` for text in memory (`path` names it in messages and anchors files;
+    `module` is the text already parsed)."""
     path = Path(path)
-    module = parse(text, str(path))
+    module = module or parse(text, str(path))
     experiment = Experiment(module, path, text, given={**(prompts or {}), **(params or {})})
     diagnostics: list[Diagnostic] = []
     for decl in module.body:
@@ -164,9 +165,12 @@ def _kwarg(call: ast.Call, name: str, default: str | None = None) -> str | None:
 def _prompt_rows(value: ast.Expr, base: Path) -> list[str]:
     if isinstance(value, ast.Literal) and isinstance(value.value, str):
         return [value.value]
-    if isinstance(value, ast.ListLit) and all(
+    if isinstance(value, ast.ListLit) and value.items and all(
             isinstance(i, ast.Literal) and isinstance(i.value, str) for i in value.items):
         return [i.value for i in value.items]  # type: ignore[union-attr,misc]
+    if isinstance(value, ast.ListLit) and value.items and all(
+            isinstance(i, ast.Literal) and type(i.value) is int for i in value.items):
+        return [[i.value for i in value.items]]  # type: ignore[list-item,misc]  one row of token ids
     if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
             and value.func.id in ("lines", "jsonl", "csv"):
         kind = value.func.id
@@ -196,8 +200,8 @@ def _prompt_rows(value: ast.Expr, base: Path) -> list[str]:
         if not rows:
             raise _error(value.span, f"{path} holds no prompts")
         return rows
-    raise _error(value.span, "a prompt is a string, a list of strings, or lines(\"f.txt\"), "
-                             "jsonl(\"f.jsonl\", field=\"text\"), csv(\"f.csv\", column=\"text\")")
+    raise _error(value.span, "a prompt is a string, a list of strings, a list of token ids, or "
+                             "lines(\"f.txt\"), jsonl(\"f.jsonl\", field=\"text\"), csv(\"f.csv\", column=\"text\")")
 
 
 def _load_tensor(value: ast.Expr, base: Path) -> torch.Tensor:

@@ -195,10 +195,13 @@ class LanguageModel(Model):
         rows = tuple(slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes)))
         extra = {k: v for k, v in per[0].items() if k not in ("input_ids", "attention_mask")}
         kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, **extra}
-        if "position_ids" in inspect.signature(self._module.forward).parameters:
+        if self._takes_position_ids():
             # Left padding must not shift positions: each row equals its unpadded run.
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch((), kwargs, rows, ids.shape[0])
+
+    def _takes_position_ids(self) -> bool:
+        return "position_ids" in inspect.signature(self._module.forward).parameters
 
 
 def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -217,8 +217,7 @@ class Tracer:
             batch, table = self.model._site_table(self.invoke_inputs)
             self._typer = IncrementalTyper(table, self.model._module, self.params, list(batch.rows),
                                            self.model._root_name)
-        program = Program(tuple(self.ops), max(1, len(self.invoke_inputs)))
-        return self._typer.values(program)[proxy._id]
+        return self._typer.values(self.ops)[proxy._id]
 
     def _finish(self) -> None:
         if not self.invoke_inputs:

@@ -60,6 +60,7 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
     assert len(commands) >= 4
     for argv in commands:
         argv = [a.replace("runs/", f"{tmp_path}/") for a in argv[1:]]
+        argv = [p for a in argv for p in (sorted(map(str, Path().glob(a))) if "*" in a else [a])]
         assert main(argv) == 0, argv
     out = capsys.readouterr().out
     assert "p_paris: float32[30, 1]" in out and "leading dims index the sweep: layer[30]" in out

@@ -1,0 +1,294 @@
+"""Models known only by their config, for checking specs without weights (`ivx check`).
+
+A `SpecModel` has the model's module tree (a skeleton of empty modules with fake parameters) and
+its symbolic site signature, both cached on disk per config, so a second check needs no forward
+at all. Ad-hoc module calls build the real model lazily, on fake tensors. Token ids come from a
+disk cache, so the tokenizer is loaded only for text it has not seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from compiler.errors import InterventionError
+from compiler.ir import NO_SPAN, TensorType
+from compiler.signatures import SiteTable, quiet_fake_mode, record_sites
+from compiler.symbolic import PROBES, Signature, TypeTable, signature_from_tables
+from interp_dsl import embedded
+from interp_dsl.models import InvokeInput, LanguageModel, Model
+from interp_dsl.spans import user_span
+from runtime.interpreter import Batch
+
+CACHE_VERSION = 2
+_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+class CachedTokenizer:
+    """The parts of a HF tokenizer a check uses, answered from a disk cache when possible."""
+
+    padding_side = "left"
+
+    def __init__(self, key: str, load: Any):
+        self._load, self._real = load, None
+        self._path = embedded.cache_root() / "tokens" / f"{key}.json"
+        try:
+            data = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        self._ids: dict[str, list[int]] = data.get("ids", {})
+        self._raw: dict[str, list[int]] = data.get("raw", {})
+        self.pad_token_id: int = data.get("pad_token_id", -1)
+        self._dirty = False
+
+    def _tokenizer(self) -> Any:
+        if self._real is None:
+            self._real = self._load()
+            tok = self._real
+            self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            self._dirty = True
+        return self._real
+
+    def _lookup(self, table: dict[str, list[int]], text: str, special: bool) -> list[int]:
+        if text not in table:
+            table[text] = list(self._tokenizer()(text, add_special_tokens=special)["input_ids"])
+            self._dirty = True
+        return table[text]
+
+    def __call__(self, data: Any, return_tensors: str = "pt", padding: bool = True) -> dict[str, torch.Tensor]:
+        texts = [data] if isinstance(data, str) else list(data)
+        rows = [self._lookup(self._ids, t, True) for t in texts]
+        if self.pad_token_id < 0:
+            self._tokenizer()
+        length = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_token_id] * (length - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._lookup(self._ids if add_special_tokens else self._raw, text, add_special_tokens)
+
+    def decode(self, ids: Any) -> str:
+        return self._tokenizer().decode(ids)
+
+    def save(self) -> None:
+        if self._dirty:
+            _atomic_write_text(self._path, json.dumps(
+                {"ids": self._ids, "raw": self._raw, "pad_token_id": self.pad_token_id}))
+            self._dirty = False
+
+
+# ------------------------------------------------------------------------------------- skeleton
+_SKELETON_CLASSES: dict[str, type] = {}
+
+
+def _skeleton_class(name: str) -> type:
+    """An empty module class named like the real one (messages say `LlamaModel`)."""
+    if name not in _SKELETON_CLASSES:
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._spec._real_module(self._path)(*args, **kwargs)
+        _SKELETON_CLASSES[name] = type(name, (torch.nn.Module,), {"forward": forward})
+    return _SKELETON_CLASSES[name]
+
+
+def _tree(model: torch.nn.Module, types: TypeTable) -> list[list[Any]]:
+    """The module tree as data: [path, class name, {parameter or buffer: type index}]."""
+    out = []
+    for path, module in model.named_modules():
+        tensors = {**{n: p for n, p in module.named_parameters(recurse=False)},
+                   **{n: b for n, b in module.named_buffers(recurse=False) if b is not None}}
+        out.append([path, type(module).__name__, {
+            n: types.index(TensorType(str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+            for n, t in tensors.items()}])
+    return out
+
+
+class _LazyParameters(dict):  # type: ignore[type-arg]
+    """A skeleton module's parameters, made (as fake tensors) only when a spec reads one."""
+
+    def __init__(self, types: dict[str, TensorType], make: Any):
+        super().__init__(types)
+        self._make = make
+
+    def __getitem__(self, name: str) -> Any:
+        value = super().__getitem__(name)
+        if isinstance(value, TensorType):
+            value = self._make(value)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self) -> Any:
+        return [self[k] for k in self]
+
+    def items(self) -> Any:
+        return [(k, self[k]) for k in self]
+
+
+class SpecModel(LanguageModel):
+    """A causal LM known by its config only. Supports `scan` (checking); never runs."""
+
+    def __init__(self, config: Any, tokenizer: CachedTokenizer | None, key: str):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        object.__setattr__(self, "_config_obj", config)
+        object.__setattr__(self, "_mode", mode)
+        object.__setattr__(self, "_real", None)
+        object.__setattr__(self, "_tables", {})
+        cache = embedded.cache_root() / "signatures" / f"{key}.json"
+        data = self._load_cache(cache)
+        if data is None:
+            data = self._build_cache()
+            _atomic_write_text(cache, json.dumps(data))
+        types = TypeTable(data["types"])
+        object.__setattr__(self, "_signature",
+                           Signature.from_data(data["signature"], types) if data["signature"] else None)
+        object.__setattr__(self, "_position_ids", data["position_ids"])
+        skeleton = self._skeleton(data["tree"], types)
+        Model.__init__(self, skeleton, fake_mode=mode)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "config", config)
+
+    # cache
+    @staticmethod
+    def _load_cache(path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if data.get("version") == CACHE_VERSION else None
+
+    def _build_cache(self) -> dict[str, Any]:
+        real = self._real_model()
+        takes_positions = "position_ids" in __import__("inspect").signature(real.forward).parameters
+        tables = [self._probe(real, b, s, takes_positions) for b, s in PROBES]
+        signature = signature_from_tables(*tables)
+        types = TypeTable()
+        tree = _tree(real, types)
+        events = signature.to_data(types) if signature else None
+        return {"version": CACHE_VERSION, "types": types.to_data(), "tree": tree,
+                "position_ids": takes_positions, "signature": events}
+
+    def _probe(self, real: torch.nn.Module, batch: int, seq: int, positions: bool) -> SiteTable:
+        kwargs = _probe_inputs(batch, seq, positions)
+        return record_sites(real, (), kwargs, batch, self._mode)
+
+    def _skeleton(self, tree: list[list[Any]], types: TypeTable) -> torch.nn.Module:
+        modules: dict[str, torch.nn.Module] = {}
+        for path, class_name, params in tree:
+            module = _skeleton_class(class_name)()
+            object.__setattr__(module, "_spec", self)
+            object.__setattr__(module, "_path", path)
+            module._parameters = _LazyParameters({n: types[i] for n, i in params.items()}, self._fake)
+            if path:
+                parent, _, name = path.rpartition(".")
+                modules[parent]._modules[name] = module
+            modules[path] = module
+        return modules[""]
+
+    def _fake(self, t: TensorType) -> torch.nn.Parameter:
+        with self._mode:
+            return torch.nn.Parameter(torch.empty(t.shape, dtype=getattr(torch, t.dtype)), requires_grad=False)
+
+    # the real model, on fake tensors, only when a spec calls a module ad hoc
+    def _real_model(self) -> torch.nn.Module:
+        if self._real is None:
+            from transformers import AutoModelForCausalLM
+            with quiet_fake_mode(), self._mode:
+                real = AutoModelForCausalLM.from_config(self._config_obj)
+            object.__setattr__(self, "_real", real.eval())
+        return self._real
+
+    def _real_module(self, path: str) -> torch.nn.Module:
+        return self._real_model().get_submodule(path)
+
+    # tables
+    def _takes_position_ids(self) -> bool:
+        return bool(self._position_ids)
+
+    def _site_table(self, invokes: list[InvokeInput]) -> tuple[Batch, SiteTable]:
+        batch = self._batch(invokes)
+        ids = batch.kwargs["input_ids"]
+        size = (int(ids.shape[0]), int(ids.shape[1]))
+        if size not in self._tables:
+            if self._signature is None:  # a forward whose shapes are not symbolic: one pass per size
+                self._tables[size] = record_sites(self._real_model(), (), batch.kwargs, batch.size, self._mode)
+            else:
+                self._tables[size] = self._signature.table(self._mode, *size)
+        return batch, self._tables[size]
+
+
+def _probe_inputs(batch: int, seq: int, positions: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"input_ids": torch.zeros(batch, seq, dtype=torch.long),
+                              "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+                              "use_cache": False}
+    if positions:
+        kwargs["position_ids"] = torch.arange(seq).expand(batch, seq)
+    return kwargs
+
+
+# -------------------------------------------------------------------------------------- sources
+def spec_model(source: str, base: Path | None = None) -> SpecModel:
+    """A SpecModel for a model name, HF directory, config.json or .gguf file; no weights read."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(source).expanduser()
+    if base is not None and not path.is_absolute() and (base / path).exists():
+        path = base / path
+    if embedded.is_embedded(source):
+        config = AutoConfig.from_pretrained(_CONFIGS / "smollm2-135m.json")
+        tokenizer = CachedTokenizer("smollm2-135m", _embedded_tokenizer)
+    elif path.suffix == ".json" and path.is_file():
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = _directory_tokenizer(path.parent)
+    elif path.is_dir() and (path / "config.json").exists():
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = _directory_tokenizer(path)
+    elif path.suffix == ".gguf" and path.is_file():
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = CachedTokenizer(_file_key(path), lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    else:
+        raise InterventionError.at(user_span() if base is None else NO_SPAN,
+                                   f"no model config found for {source!r}",
+                                   "give the embedded name, a HF directory, a config.json or a .gguf file")
+    key = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:20]
+    return SpecModel(config, tokenizer, key)
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def _directory_tokenizer(directory: Path) -> CachedTokenizer | None:
+    marker = directory / "tokenizer_config.json"
+    if not marker.exists():
+        return None
+    from transformers import AutoTokenizer
+    return CachedTokenizer(_file_key(marker), lambda: AutoTokenizer.from_pretrained(directory))
+
+
+def _embedded_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+    gguf = embedded.embedded_gguf()
+    built = embedded.cache_root() / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (built / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(built)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
