@@ -346,15 +346,26 @@ def index_problem(shape: tuple[int, ...], index: Any) -> str | None:
 
 
 def check(program: Program, table: SiteTable, model: torch.nn.Module, params: dict[str, Any],
-          rows: list[slice], root: str = "model") -> TypedProgram:
-    """Schedule and type-check `program`; raise CheckError with every problem, in line order."""
+          rows: list[slice], root: str = "model", typed: "IncrementalTyper | None" = None,
+          ids: dict[int, int] | None = None) -> TypedProgram:
+    """Schedule and type-check `program`; raise CheckError with every problem, in line order.
+
+    `typed` is a typer that already typed the ops `program` was made from (by `ids`: its value
+    id -> the program's); then the ops are not typed again, only scheduled.
+    """
     checker = _Checker(program, table, model, params, rows, root)
     checker.schedule()
-    checker.run()
+    if typed is None or ids is None:
+        checker.run()
+        fakes = checker.fake
+    else:
+        prior, diagnostics = typed.finish()
+        checker.diags.extend(diagnostics)
+        fakes = {ids[k]: v for k, v in prior.items() if k in ids}
     if checker.diags:
         raise CheckError(checker.diags)
-    types = {k: type_of(v) for k, v in checker.fake.items()}
-    return TypedProgram(program, types, tuple(checker.when), tuple(table.order), checker.fake)
+    types = {k: type_of(v) for k, v in fakes.items()}
+    return TypedProgram(program, types, tuple(checker.when), tuple(table.order), fakes)
 
 
 @dataclass(frozen=True)
@@ -363,20 +374,35 @@ class _OpList:
 
 
 class IncrementalTyper:
-    """Fake values of a growing program (for `.shape` inside a trace): each op is typed once."""
+    """Fake values of a growing list of ops (for `.shape` inside a trace): each op is typed once,
+    and the final check reuses the result."""
 
     def __init__(self, table: SiteTable, model: torch.nn.Module, params: dict[str, Any],
                  rows: list[slice], root: str = "model"):
+        self.table = table
         self._checker = _Checker(Program(()), table, model, params, rows, root)
         self._done = 0
+        self._ops: list[Op] = []
 
-    def values(self, ops: list[Op]) -> dict[int, Any]:
-        """Fake values of the results of `ops` (a prefix-growing list, validated by the caller's
-        Program later); raises CheckError for problems in ops not typed before."""
+    def _type(self, ops: list[Op]) -> None:
+        self._ops = ops
         self._checker.program = _OpList(tuple(ops))  # type: ignore[assignment]
         self._checker.run(start=self._done)
         self._done = len(ops)
+
+    def values(self, ops: list[Op]) -> dict[int, Any]:
+        """Fake values of the results of `ops` (a list that only grows); raises CheckError while
+        any op typed so far has a problem."""
+        self._type(ops)
         if self._checker.diags:
-            diags, self._checker.diags = self._checker.diags, []
-            raise CheckError(diags)
+            raise CheckError(list(self._checker.diags))
         return self._checker.fake
+
+    def record(self, ops: list[Op]) -> None:
+        """The complete list of ops, typed by `finish`."""
+        self._ops = ops
+
+    def finish(self) -> tuple[dict[int, Any], list[Diagnostic]]:
+        """Every op's fake value and every problem found, without raising."""
+        self._type(self._ops)
+        return self._checker.fake, list(self._checker.diags)

@@ -74,7 +74,7 @@ class IvxSyntaxError(InterventionError):
 @functools.cache
 def _lark() -> Lark:
     grammar = (Path(__file__).parent / "ivx.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
 
 
 def _span(file: str, meta: Any) -> Span:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compiler.check import TypedProgram, check
+from compiler.check import IncrementalTyper, TypedProgram, check
 from compiler.errors import InterventionError
 from compiler.ir import Program
 from compiler.signatures import SiteTable, module_paths, record_sites
@@ -112,9 +112,12 @@ class Model:
         return batch, table
 
     def _execute(self, program: Program, invokes: list[InvokeInput], params: dict[str, Any],
-                 execute: bool) -> tuple[TypedProgram, RunResult]:
+                 execute: bool, typer: IncrementalTyper | None = None,
+                 ids: dict[int, int] | None = None) -> tuple[TypedProgram, RunResult]:
         batch, table = self._site_table(invokes)
-        typed = check(program, table, self._module, params, list(batch.rows), self._root_name)
+        if typer is not None and typer.table is not table:
+            typer = None  # typed against another batch
+        typed = check(program, table, self._module, params, list(batch.rows), self._root_name, typer, ids)
         if not execute:
             saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
             return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})

@@ -211,20 +211,27 @@ class Tracer:
     def _program(self) -> tuple[Program, dict[int, int]]:
         return drop_dead_reads(Program(tuple(self.ops), max(1, len(self.invoke_inputs))))
 
-    def fake(self, proxy: Proxy) -> Any:
-        """The fake value of a proxy (shape and dtype, no data), checking the ops so far."""
+    def typer(self) -> IncrementalTyper:
+        """Types the ops as they are recorded, for the current batch of invokes."""
         if self._typer is None:
             batch, table = self.model._site_table(self.invoke_inputs)
             self._typer = IncrementalTyper(table, self.model._module, self.params, list(batch.rows),
                                            self.model._root_name)
-        return self._typer.values(self.ops)[proxy._id]
+        return self._typer
+
+    def fake(self, proxy: Proxy) -> Any:
+        """The fake value of a proxy (shape and dtype, no data), checking the ops so far."""
+        return self.typer().values(self.ops)[proxy._id]
 
     def _finish(self) -> None:
         if not self.invoke_inputs:
             raise InterventionError.at(user_span(), "the trace has no input",
                                        "pass one to model.trace(...) or use tracer.invoke(...)")
         program, ids = self._program()
-        self.typed, result = self.model._execute(program, self.invoke_inputs, self.params, self.execute)
+        typer = self.typer()
+        typer.record(self.ops)
+        self.typed, result = self.model._execute(program, self.invoke_inputs, self.params,
+                                                 self.execute, typer, ids)
         for proxy in self._proxies:
             if not proxy._saved:
                 proxy._resolve(missing="this value was not saved; call .save() on it in the trace")
