@@ -22,7 +22,7 @@ from compiler.ir import (
     Type,
 )
 
-_DTYPE_SHORT = {
+DTYPE_SHORT = {
     "float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16", "int64": "i64",
     "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "bool",
 }
@@ -32,7 +32,7 @@ def format_type(t: Type | None) -> str:
     if t is None:
         return "?"
     if isinstance(t, TensorType):
-        return f"{_DTYPE_SHORT.get(t.dtype, t.dtype)}[{', '.join(map(str, t.shape))}]"
+        return f"{DTYPE_SHORT.get(t.dtype, t.dtype)}[{', '.join(map(str, t.shape))}]"
     if isinstance(t, TupleType):
         return "(" + ", ".join(format_type(i) for i in t.items) + ("," if len(t.items) == 1 else "") + ")"
     if isinstance(t, DictType):

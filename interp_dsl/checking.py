@@ -21,6 +21,7 @@ import torch
 
 from compiler.errors import Diagnostic, InterventionError
 from compiler.ir import Span
+from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import IvxSyntaxError
 from interp_dsl.experiment import Experiment, _Lowering, experiment_from_text
@@ -121,9 +122,7 @@ def _placeholders(module: ast.Module) -> tuple[dict[str, Any], dict[str, Any], s
     return prompts, params, symbolic
 
 
-_DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16,
-           "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8,
-           "u8": torch.uint8, "bool": torch.bool}
+_DTYPES = {short: getattr(torch, name) for name, short in DTYPE_SHORT.items()}  # "f32" -> torch.float32
 
 
 def _extreme_points(exp: Experiment) -> list[dict[str, Any]]:
