@@ -6,6 +6,7 @@ Spans do not take part in equality, so a printed-and-reparsed file equals the or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from compiler.ir import NO_SPAN, Span
 
@@ -208,3 +209,38 @@ class Module:
     body: tuple[Decl, ...]
     comments: tuple[Comment, ...] = field(default=(), compare=False)
     file: str = field(default="<ivx>", compare=False)
+
+
+# ------------------------------------------------------------------------------------------ JSON
+_NODES: dict[str, type] = {}
+
+
+def _register() -> None:
+    import dataclasses
+    for obj in list(globals().values()):
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+            _NODES[obj.__name__] = obj
+    _NODES["Span"] = Span
+
+
+def to_data(node: Any) -> Any:
+    """A syntax tree as JSON-compatible data (`{"$": "Call", ...}`), spans included."""
+    import dataclasses
+    if dataclasses.is_dataclass(node):
+        return {"$": type(node).__name__,
+                **{f.name: to_data(getattr(node, f.name)) for f in dataclasses.fields(node)}}
+    if isinstance(node, tuple):
+        return [to_data(x) for x in node]
+    return node
+
+
+def from_data(data: Any) -> Any:
+    """Inverse of `to_data`."""
+    if isinstance(data, dict):
+        if not _NODES:
+            _register()
+        cls = _NODES[data["$"]]
+        return cls(**{k: from_data(v) for k, v in data.items() if k != "$"})
+    if isinstance(data, list):
+        return tuple(from_data(x) for x in data)
+    return data

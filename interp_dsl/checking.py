@@ -24,8 +24,9 @@ from compiler.ir import Span
 from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import IvxSyntaxError
+from interp_dsl import embedded
 from interp_dsl.experiment import Experiment, _Lowering, experiment_from_text
-from interp_dsl.spec import SpecModel, spec_model
+from interp_dsl.spec import SpecModel, _atomic_write_text, spec_model
 
 _LENGTH_DEPENDENT = ("index out of range", "slice ")
 
@@ -66,8 +67,7 @@ def check_files(paths: list[Path], model: str | None = None) -> CheckReport:
 
 def check_file(path: Path, model: str | None, models: dict[str, SpecModel]) -> list[Diagnostic]:
     text = path.read_text()
-    from grammar.parser import parse
-    module = parse(text, str(path))
+    module = cached_parse(text, str(path))
     prompts, params, symbolic = _placeholders(module)
     exp = experiment_from_text(text, path, prompts=prompts, params=params, module=module)
     source = model or exp.model_source
@@ -94,6 +94,27 @@ def check_file(path: Path, model: str | None, models: dict[str, SpecModel]) -> l
         result.append(Diagnostic(_first_invoke_span(module, path), "the experiment saves nothing",
                                  "add `save name = expression` to keep a result", "warning"))
     return result
+
+
+def cached_parse(text: str, file: str) -> ast.Module:
+    """Parse, or reuse the tree of an identical file parsed before (specs rarely change between
+    CI runs, and parsing is half of a warm check)."""
+    import hashlib
+
+    from grammar.parser import parse
+    grammar = (Path(parse.__code__.co_filename).parent / "ivx.lark").read_text()
+    key = hashlib.sha256(f"{PARSE_CACHE_VERSION}\0{grammar}\0{file}\0{text}".encode()).hexdigest()[:24]
+    path = embedded.cache_root() / "parsed" / f"{key}.json"
+    try:
+        return ast.from_data(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    module = parse(text, file)  # a syntax error raises before anything is cached
+    _atomic_write_text(path, json.dumps(ast.to_data(module)))
+    return module
+
+
+PARSE_CACHE_VERSION = 1  # bump when the syntax tree's records change (grammar edits key themselves)
 
 
 def _check_point(exp: Experiment, spec: SpecModel, point: dict[str, Any]) -> tuple[list[Diagnostic], bool]:

@@ -449,7 +449,14 @@ def resolve_model(exp: Experiment, override: str | None = None) -> Model:
     if exp.model_source and not override and not Path(source).is_absolute() \
             and (exp.path.parent / source).exists():
         source = str(exp.path.parent / source)
-    return LanguageModel(source)
+    try:
+        return LanguageModel(source)
+    except InterventionError as e:  # located in our own loader: point at the `model` line
+        line = next((d.span for d in exp.module.body if isinstance(d, ast.ModelDecl)), None)
+        if override or line is None:
+            raise ExperimentError([dataclasses.replace(d, span=Span(f"--model {override or ''}".strip(), 0))
+                                   for d in e.diagnostics]) from None
+        raise ExperimentError([dataclasses.replace(d, span=line) for d in e.diagnostics]) from None
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,7 @@ def _is_config(obj: Any) -> bool:
 def _from_config(config: Any, weights: str) -> tuple[torch.nn.Module, FakeTensorMode | None]:
     from transformers import AutoModelForCausalLM
     if weights == "random":
+        _refuse_if_too_big(config)
         return AutoModelForCausalLM.from_config(config), None
     if weights == "fake":
         mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -267,6 +269,20 @@ def _tokenizer_beside(path: Path) -> Any:
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path.parent)
+
+
+def _refuse_if_too_big(config: Any) -> None:
+    """Random weights for a config larger than half this machine's memory would only crash it."""
+    from transformers import AutoModelForCausalLM
+    with FakeTensorMode():
+        fake = AutoModelForCausalLM.from_config(config)
+    size = sum(p.numel() * p.element_size() for p in fake.parameters())
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if size > memory // 2:
+        raise InterventionError.at(
+            user_span(), f"random weights for this config need {size / 2**30:.0f} GiB; this machine "
+            f"has {memory / 2**30:.0f} GiB", "check specs for it without weights: ivx check FILE, "
+            "or LanguageModel(config, weights=\"fake\") and model.scan(...)")
 
 
 def _resolve_directory(source: str) -> Path:

@@ -102,3 +102,15 @@ def test_formats(tiny_dir, monkeypatch):
 def test_usage(capsys):
     assert main(["check", "no/such/file.ivx"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_parse_cache_returns_the_same_tree_and_reports_syntax_errors(tmp_path):
+    from grammar.parser import IvxSyntaxError, parse
+    from interp_dsl.checking import cached_parse
+    text = (ROOT / "examples" / "steering.ivx").read_text()
+    first, second = cached_parse(text, "s.ivx"), cached_parse(text, "s.ivx")
+    assert first == second == parse(text, "s.ivx")
+    assert [d.span for d in second.body] == [d.span for d in parse(text, "s.ivx").body]
+    assert second.comments == parse(text, "s.ivx").comments
+    with pytest.raises(IvxSyntaxError):
+        cached_parse("x = [\n", "bad.ivx")

@@ -125,3 +125,10 @@ def test_config_json_path_with_tokenizer_beside(tiny_dir):
     with fake.scan("the eiffel tower"):
         width = fake.model.layers[0].mlp.up_proj.output.shape[-1]
     assert width == 64
+
+
+def test_random_weights_for_a_huge_config_are_refused():
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained("examples/configs/llama-3-70b.json")
+    with pytest.raises(InterventionError, match=r"(?s)need \d+ GiB.*ivx check"):
+        LanguageModel(config)
