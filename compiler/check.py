@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from compiler import ops
+from compiler import ops, shape_rules
 from compiler.errors import CheckError, Diagnostic
 from compiler.ir import (
     DictType,
@@ -25,6 +25,7 @@ from compiler.ir import (
     Type,
 )
 from compiler.printer import format_type
+from compiler.shape_rules import is_tensor_like, materialize
 from compiler.signatures import Event, SiteTable, call_count, quiet_fake_mode
 
 BEFORE_FORWARD = -1
@@ -42,8 +43,8 @@ class TypedProgram:
 
 
 def type_of(value: Any) -> Type:
-    """The IR type of a (fake or real) value."""
-    if isinstance(value, torch.Tensor):
+    """The IR type of a (fake, abstract or real) value."""
+    if isinstance(value, (torch.Tensor, shape_rules.Abstract)):
         return TensorType(str(value.dtype).removeprefix("torch."), tuple(int(d) for d in value.shape))
     if isinstance(value, bool):
         return ScalarType("bool")
@@ -196,14 +197,14 @@ class _Checker:
 
     def _call(self, op: Op) -> bool:
         args, kwargs = self._values(op, self.fake)
-        if op.target in _ELEMENTWISE and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
+        if op.target in _ELEMENTWISE and len(args) == 2 and all(is_tensor_like(a) for a in args):
             problem = _broadcast_problem(args[0].shape, args[1].shape)
             if problem:
                 a, b = (format_type(type_of(x)) for x in args)
                 self.error(op, f"shapes do not broadcast in `{_ELEMENTWISE[op.target]}`: {a} and {b} ({problem})",
                            "index or reshape one side so trailing dimensions match or are 1")
                 return False
-        if op.target in ("getitem", "setitem") and isinstance(args[0], torch.Tensor):
+        if op.target in ("getitem", "setitem") and is_tensor_like(args[0]):
             index = ops.materialize(op.args[1], {**self.fake, **self.real_params})
             problem = index_problem(tuple(args[0].shape), index)
             if problem:
@@ -215,12 +216,16 @@ class _Checker:
                 self.error(op, f"index {args[1]} is out of range for a tuple of {len(args[0])} "
                                f"({format_type(type_of(args[0]))})")
                 return False
-        self.fake[op.result] = ops.call(op.target, args, kwargs)  # type: ignore[index]
+        inferred = shape_rules.infer(op.target, args, kwargs)
+        if inferred is not None:
+            self.fake[op.result] = inferred  # type: ignore[index]
+            return True
+        self.fake[op.result] = ops.call(op.target, materialize(args), materialize(kwargs))  # type: ignore[index]
         return True
 
     def _module(self, op: Op) -> bool:
         args, kwargs = self._values(op, self.fake)
-        self.fake[op.result] = self.model.get_submodule(op.target)(*args, **kwargs)  # type: ignore
+        self.fake[op.result] = self.model.get_submodule(op.target)(*materialize(args), **materialize(kwargs))  # type: ignore
         return True
 
     def _save(self, op: Op) -> bool:
@@ -242,12 +247,13 @@ class _Checker:
         bounds_source = {**self.fake, **self.real_params}
         for step_arg in op.path:
             step = ops.materialize(step_arg, self.fake)
-            if isinstance(target, torch.Tensor):
+            if is_tensor_like(target):
                 problem = index_problem(tuple(target.shape), ops.materialize(step_arg, bounds_source))
                 if problem:
                     self.error(op, f"index out of range writing {where}: {problem}")
                     return False
-                target = target[step]
+                target = shape_rules.infer("getitem", [target, step], {}) or \
+                    materialize(target)[materialize(step)]
             elif isinstance(target, (tuple, list)) and isinstance(step, int):
                 if not -len(target) <= step < len(target):
                     self.error(op, f"{where} is a tuple of {len(target)} "
@@ -263,7 +269,7 @@ class _Checker:
         return self._compatible(op, where, target, value, partial=bool(op.path))
 
     def _compatible(self, op: Op, where: str, target: Any, value: Any, partial: bool) -> bool:
-        if not isinstance(target, torch.Tensor):
+        if not is_tensor_like(target):
             if type_of(target) != type_of(value):
                 self.error(op, f"write to {where} expects {format_type(type_of(target))}, "
                                f"found {format_type(type_of(value))}")
@@ -271,7 +277,7 @@ class _Checker:
             return True
         if isinstance(value, (bool, int, float)):
             return True
-        if not isinstance(value, torch.Tensor):
+        if not is_tensor_like(value):
             self.error(op, f"write to {where} expects a tensor {format_type(type_of(target))}, "
                            f"found {format_type(type_of(value))}")
             return False

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from compiler.check import IncrementalTyper, TypedProgram, check
 from compiler.errors import InterventionError
 from compiler.ir import Program
+from compiler.shape_rules import materialize
 from compiler.signatures import SiteTable, module_paths, record_sites
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
@@ -121,7 +122,9 @@ class Model:
         typed = check(program, table, self._module, params, list(batch.rows), self._root_name, typer, ids)
         if not execute:
             saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
-            return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
+            with table.mode:  # values by shape rule become fake tensors, as users of scan expect
+                values = {i: materialize(typed.fakes[i]) for i in saved if i in typed.fakes}
+            return typed, RunResult(values=values)
         return typed, run(self._module, typed, batch, params)
 
 

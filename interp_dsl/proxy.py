@@ -15,6 +15,7 @@ from compiler.errors import (
     ValueUnavailableError,
 )
 from compiler.ir import Arg, Site
+from compiler.shape_rules import is_tensor_like
 from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class Proxy:
     def _is_tensor(self) -> bool:
         """Whether the value is a tensor (not a tuple such as topk's (values, indices))."""
         try:
-            return isinstance(self._tracer.fake(self), torch.Tensor)
+            return is_tensor_like(self._tracer.fake(self))
         except Exception:  # no fake pass for this model: assume a tensor; the final check decides
             return True
 
