@@ -59,7 +59,7 @@ def one(name: str) -> None:
     cold = time.perf_counter() - t0
     assert report.exit_code() == 0, [d.render() for d in report.diagnostics]
     warm = []
-    for _ in range(7):
+    for _ in range(15):
         t0 = time.perf_counter()
         check_files([path])
         warm.append(time.perf_counter() - t0)
@@ -80,7 +80,7 @@ def main() -> None:
         print(f"{r['model']:<14} {r['imports_s']:>7.2f}s {r['cold_s']:>7.2f}s {r['warm_ms']:>7.1f}ms "
               f"{r['peak_rss_mb']:>7.0f}MB")
     print("imports = torch, transformers and the modeling code, once per process; cold = empty cache: "
-          "fake model build + two symbolic fake passes + the check; warm = cached signature (median of 7)")
+          "fake model build + two symbolic fake passes + the check; warm = cached signature (median of 15)")
 
 
 if __name__ == "__main__":

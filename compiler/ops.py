@@ -26,6 +26,7 @@ from compiler.ir import (
     SliceArg,
     TupleArg,
 )
+from compiler.shape_rules import is_tensor_like
 
 # Python operators, recorded under their `operator` names.
 _OPERATORS = {
@@ -144,7 +145,7 @@ def materialize(arg: Arg, values: Mapping[int, Any]) -> Any:
 # ---------------------------------------------------------------------------------- site values
 def map_rows(value: Any, fn: Callable[[torch.Tensor], Any], batch: int) -> Any:
     """Apply `fn` to every tensor in `value` whose first dimension is the batch."""
-    if isinstance(value, torch.Tensor):
+    if is_tensor_like(value):
         return fn(value) if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return tuple(map_rows(v, fn, batch) for v in value)

@@ -42,6 +42,12 @@ class Abstract:
             raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
 
+    def __getitem__(self, index: Any) -> "Abstract":
+        result = _getitem([self, index], {})
+        if result is None:
+            raise TypeError(f"index {index!r} needs a tensor, not an abstract value")
+        return result
+
     def materialize(self) -> torch.Tensor:
         """A tensor of this type (inside a FakeTensorMode: a fake one)."""
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiler.check import type_of
 from compiler.ir import DictType, ScalarType, TensorType, TupleType, Type, from_json, to_json
+from compiler.shape_rules import Abstract
 from compiler.signatures import Event, SiteTable
 
 PROBES = ((2, 11), (3, 17))  # (batch, seq) of the two fake passes; distinct, and not model sizes
@@ -78,8 +79,7 @@ class _LazyValues(Mapping):  # type: ignore[type-arg]
     def __getitem__(self, event: Event) -> Any:
         if event not in self._made:
             t = self._signature.types[self._index[event]]
-            with self._mode:
-                self._made[event] = instantiate(t, self._sizes)
+            self._made[event] = instantiate(t, self._sizes)
         return self._made[event]
 
     def __iter__(self) -> Any:
@@ -100,10 +100,11 @@ class Record(dict):  # type: ignore[type-arg]
 
 
 def instantiate(t: Type, sizes: dict[str, int]) -> Any:
-    """A fake value of type `t` (call inside a FakeTensorMode), symbols replaced by `sizes`."""
+    """A value of type `t` with its symbols replaced by `sizes`; tensors are `Abstract` (shape and
+    dtype only), made into fake tensors by the checker only for ops without a shape rule."""
     if isinstance(t, TensorType):
         shape = [d if isinstance(d, int) else _size(d, sizes) for d in t.shape]
-        return torch.empty(shape, dtype=getattr(torch, t.dtype))
+        return Abstract(torch.Size(shape), getattr(torch, t.dtype))
     if isinstance(t, TupleType):
         return tuple(instantiate(i, sizes) for i in t.items)
     if isinstance(t, DictType):

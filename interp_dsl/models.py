@@ -14,7 +14,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from compiler.check import IncrementalTyper, TypedProgram, check
 from compiler.errors import InterventionError
 from compiler.ir import Program
-from compiler.shape_rules import materialize
 from compiler.signatures import SiteTable, module_paths, record_sites
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
@@ -30,10 +29,11 @@ class Model:
     """Wraps a `torch.nn.Module` for tracing. Attribute access walks its module tree:
     `model.layer1.output` inside `with model.trace(x):` is the output of `layer1`."""
 
-    def __init__(self, module: torch.nn.Module, *, fake_mode: FakeTensorMode | None = None):
+    def __init__(self, module: torch.nn.Module, *, fake_mode: FakeTensorMode | None = None,
+                 paths: dict[int, str] | None = None):
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_root_name", "model")
-        object.__setattr__(self, "_paths", module_paths(module))
+        object.__setattr__(self, "_paths", module_paths(module) if paths is None else paths)
         object.__setattr__(self, "_envoy", Envoy(self, module, "", "model"))
         object.__setattr__(self, "_tracer", None)
         object.__setattr__(self, "_tables", OrderedDict())
@@ -120,11 +120,9 @@ class Model:
         if typer is not None and typer.table is not table:
             typer = None  # typed against another batch
         typed = check(program, table, self._module, params, list(batch.rows), self._root_name, typer, ids)
-        if not execute:
+        if not execute:  # abstract values become fake tensors when a proxy is read (Proxy.value)
             saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
-            with table.mode:  # values by shape rule become fake tensors, as users of scan expect
-                values = {i: materialize(typed.fakes[i]) for i in saved if i in typed.fakes}
-            return typed, RunResult(values=values)
+            return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
         return typed, run(self._module, typed, batch, params)
 
 

@@ -15,7 +15,7 @@ from compiler.errors import (
     ValueUnavailableError,
 )
 from compiler.ir import Arg, Site
-from compiler.shape_rules import is_tensor_like
+from compiler.shape_rules import Abstract, is_tensor_like, materialize
 from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
@@ -82,6 +82,9 @@ class Proxy:
             raise ValueUnavailableError.at(
                 user_span(), self._missing or "this value was not saved",
                 "" if self._missing else "call .save() on it inside the trace")
+        if isinstance(self._value, Abstract):  # a scan's result: a fake tensor, made when first read
+            with self._tracer.typer().table.mode:
+                object.__setattr__(self, "_value", materialize(self._value))
         return self._value
 
     def save(self, name: str | None = None) -> "Proxy":

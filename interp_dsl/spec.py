@@ -119,6 +119,31 @@ def _tree(model: torch.nn.Module, types: TypeTable) -> list[list[Any]]:
     return out
 
 
+class _LazyModules(dict):  # type: ignore[type-arg]
+    """A skeleton module's children, made when first addressed: a check touches a few of a 70B
+    model's thousand modules."""
+
+    def __init__(self, names: list[str], make: Any):
+        super().__init__((n, None) for n in names)
+        self._make = make
+
+    def __getitem__(self, name: str) -> Any:
+        value = super().__getitem__(name)
+        if value is None:
+            value = self._make(name)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self) -> Any:
+        return [self[k] for k in self]
+
+    def items(self) -> Any:
+        return [(k, self[k]) for k in self]
+
+
 class _LazyParameters(dict):  # type: ignore[type-arg]
     """A skeleton module's parameters, made (as fake tensors) only when a spec reads one."""
 
@@ -162,7 +187,7 @@ class SpecModel(LanguageModel):
                            Signature.from_data(data["signature"], types) if data["signature"] else None)
         object.__setattr__(self, "_position_ids", data["position_ids"])
         skeleton = self._skeleton(data["tree"], types)
-        Model.__init__(self, skeleton, fake_mode=mode)
+        Model.__init__(self, skeleton, fake_mode=mode, paths={})  # skeleton paths are the tree's
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "config", config)
 
@@ -191,17 +216,23 @@ class SpecModel(LanguageModel):
         return record_sites(real, (), kwargs, batch, self._mode)
 
     def _skeleton(self, tree: list[list[Any]], types: TypeTable) -> torch.nn.Module:
-        modules: dict[str, torch.nn.Module] = {}
-        for path, class_name, params in tree:
+        entries = {path: (class_name, params) for path, class_name, params in tree}
+        children: dict[str, list[str]] = {path: [] for path in entries}
+        for path in entries:
+            if path:
+                children[path.rpartition(".")[0]].append(path.rpartition(".")[2])
+
+        def make(path: str) -> torch.nn.Module:
+            class_name, params = entries[path]
             module = _skeleton_class(class_name)()
             object.__setattr__(module, "_spec", self)
             object.__setattr__(module, "_path", path)
             module._parameters = _LazyParameters({n: types[i] for n, i in params.items()}, self._fake)
-            if path:
-                parent, _, name = path.rpartition(".")
-                modules[parent]._modules[name] = module
-            modules[path] = module
-        return modules[""]
+            prefix = f"{path}." if path else ""
+            module._modules = _LazyModules(children[path], lambda name: make(prefix + name))
+            return module
+
+        return make("")
 
     def _fake(self, t: TensorType) -> torch.nn.Parameter:
         with self._mode:
