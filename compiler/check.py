@@ -83,6 +83,11 @@ class _Checker:
         self.params, self.rows, self.root = params, rows, root
         self.fake: dict[int, Any] = {}
         self.real_params: dict[int, Any] = {}
+        # Integer tensors from the user, by their range: computed here, outside fake mode, since
+        # fake tensors never look at values (out-of-range tensor indices would pass unnoticed).
+        self.known = {name: KnownRange(int(v.min()), int(v.max())) for name, v in params.items()
+                      if isinstance(v, torch.Tensor) and v.numel() and not v.is_floating_point()
+                      and v.dtype != torch.bool}
         self.diags: list[Diagnostic] = []
         self.when: list[int] = []
         self.failed: set[int] = set()
@@ -186,7 +191,7 @@ class _Checker:
             self.error(op, f"parameter {op.target!r} is declared {format_type(op.type)} "
                            f"but bound to {format_type(found)}")
             return False
-        self.real_params[op.result] = value  # type: ignore[index]
+        self.real_params[op.result] = self.known.get(op.target, value)  # type: ignore[index]
         self.fake[op.result] = (  # type: ignore[index]
             self.table.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value)
         return True
@@ -216,12 +221,32 @@ class _Checker:
                 self.error(op, f"index {args[1]} is out of range for a tuple of {len(args[0])} "
                                f"({format_type(type_of(args[0]))})")
                 return False
+        if op.target in ("torch.index_select", "Tensor.index_select") and is_tensor_like(args[0]):
+            problem = self._index_select_problem(op, args, kwargs)
+            if problem:
+                self.error(op, f"index out of range in index_select: {problem}",
+                           "indices run from 0 to size-1 along the selected dim")
+                return False
         inferred = shape_rules.infer(op.target, args, kwargs)
         if inferred is not None:
             self.fake[op.result] = inferred  # type: ignore[index]
             return True
         self.fake[op.result] = ops.call(op.target, materialize(args), materialize(kwargs))  # type: ignore[index]
         return True
+
+    def _index_select_problem(self, op: Op, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        """Fake tensors do not look at index values; a parameter's values are known, so check them."""
+        known = [ops.materialize(a, {**self.fake, **self.real_params}) for a in op.args]
+        dim = known[1] if len(known) > 1 else kwargs.get("dim")
+        index = known[2] if len(known) > 2 else None
+        if index is None:
+            index = dict((k, ops.materialize(v, self.real_params | self.fake)) for k, v in op.kwargs).get("index")
+        if type(dim) is not int or not isinstance(index, KnownRange) or not -args[0].ndim <= dim < args[0].ndim:
+            return None
+        size = args[0].shape[dim]
+        if 0 <= index.low and index.high < size:
+            return None
+        return f"indices {index.low}..{index.high} on dim {dim} of size {size}"
 
     def _module(self, op: Op) -> bool:
         args, kwargs = self._values(op, self.fake)
@@ -320,6 +345,14 @@ def _model_tensor(model: torch.nn.Module, path: str) -> torch.Tensor:
     return getattr(module, name)
 
 
+@dataclass(frozen=True)
+class KnownRange:
+    """An integer tensor from the user, known by the range of its values."""
+
+    low: int
+    high: int
+
+
 def index_problem(shape: tuple[int, ...], index: Any) -> str | None:
     """Why `index` is out of range for `shape` (fake tensors miss these), or None."""
     items = list(index) if isinstance(index, tuple) else [index]
@@ -342,11 +375,8 @@ def index_problem(shape: tuple[int, ...], index: Any) -> str | None:
                 if isinstance(bound, int) and not -size <= bound <= size:
                     text = ":".join("" if b is None else str(b) for b in (item.start, item.stop))
                     return f"slice {text} runs past dim {dim} of size {size}"
-        elif isinstance(item, torch.Tensor) and not isinstance(
-                item, torch._subclasses.fake_tensor.FakeTensor):
-            if item.dtype != torch.bool and item.numel() and not (
-                    -size <= int(item.min()) and int(item.max()) < size):
-                return f"tensor index with values {int(item.min())}..{int(item.max())} on dim {dim} of size {size}"
+        elif isinstance(item, KnownRange) and not (-size <= item.low and item.high < size):
+            return f"tensor index with values {item.low}..{item.high} on dim {dim} of size {size}"
         dim += 1
     return None
 
