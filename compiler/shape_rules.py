@@ -203,7 +203,8 @@ RULES: dict[str, Callable[[list[Any], dict[str, Any]], Abstract | None]] = {
                                    "torch.nn.functional.log_softmax")},
     **{name: _reduction for name in ("Tensor.sum", "Tensor.mean", "torch.sum", "torch.mean",
                                      "Tensor.amax", "Tensor.amin")},
-    "Tensor.norm": lambda args, kwargs: _reduction(args, kwargs) if len(args) == 1 else None,  # arg 2 is p
+    "Tensor.norm": lambda args, kwargs: (  # its second positional is p; several dims mean a matrix norm
+        _reduction(args, kwargs) if len(args) == 1 and type(kwargs.get("dim", 0)) is int else None),
     "Tensor.transpose": _transpose,
     "torch.transpose": _transpose,
     "Tensor.to": _to,
