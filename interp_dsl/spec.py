@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,18 +120,19 @@ def _tree(model: torch.nn.Module, types: TypeTable) -> list[list[Any]]:
     return out
 
 
-class _LazyModules(dict):  # type: ignore[type-arg]
-    """A skeleton module's children, made when first addressed: a check touches a few of a 70B
-    model's thousand modules."""
+class _Lazy(dict):  # type: ignore[type-arg]
+    """A skeleton module's children or parameters, each made when first addressed: a check
+    touches a few of a 70B model's thousand modules and parameters. Keys are all present (so
+    `name in d` and listing work); values are made by `make(name, recipe)` on first access."""
 
-    def __init__(self, names: list[str], make: Any):
-        super().__init__((n, None) for n in names)
+    def __init__(self, recipes: dict[str, Any], make: Any):
+        super().__init__((name, _Pending(recipe)) for name, recipe in recipes.items())
         self._make = make
 
     def __getitem__(self, name: str) -> Any:
         value = super().__getitem__(name)
-        if value is None:
-            value = self._make(name)
+        if isinstance(value, _Pending):
+            value = self._make(name, value.recipe)
             super().__setitem__(name, value)
         return value
 
@@ -144,28 +146,9 @@ class _LazyModules(dict):  # type: ignore[type-arg]
         return [(k, self[k]) for k in self]
 
 
-class _LazyParameters(dict):  # type: ignore[type-arg]
-    """A skeleton module's parameters, made (as fake tensors) only when a spec reads one."""
-
-    def __init__(self, types: dict[str, TensorType], make: Any):
-        super().__init__(types)
-        self._make = make
-
-    def __getitem__(self, name: str) -> Any:
-        value = super().__getitem__(name)
-        if isinstance(value, TensorType):
-            value = self._make(value)
-            super().__setitem__(name, value)
-        return value
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self else default
-
-    def values(self) -> Any:
-        return [self[k] for k in self]
-
-    def items(self) -> Any:
-        return [(k, self[k]) for k in self]
+@dataclass(frozen=True)
+class _Pending:
+    recipe: Any
 
 
 class SpecModel(LanguageModel):
@@ -227,9 +210,9 @@ class SpecModel(LanguageModel):
             module = _skeleton_class(class_name)()
             object.__setattr__(module, "_spec", self)
             object.__setattr__(module, "_path", path)
-            module._parameters = _LazyParameters({n: types[i] for n, i in params.items()}, self._fake)
+            module._parameters = _Lazy({n: types[i] for n, i in params.items()}, lambda n, t: self._fake(t))
             prefix = f"{path}." if path else ""
-            module._modules = _LazyModules(children[path], lambda name: make(prefix + name))
+            module._modules = _Lazy(dict.fromkeys(children[path]), lambda name, _: make(prefix + name))
             return module
 
         return make("")
