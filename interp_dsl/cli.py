@@ -20,7 +20,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ivx", description="Run, format and explain .ivx experiments.")
+    p = argparse.ArgumentParser(prog="ivx", description="Run, check, format and explain .ivx experiments.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run an experiment and write its saves",
                          description="Run an experiment; write saves.safetensors and manifest.json.")
