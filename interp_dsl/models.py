@@ -302,4 +302,11 @@ def _resolve_directory(source: str) -> Path:
 
 def _load_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    from transformers.utils import logging as hf_logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a cached load takes a second; its bar is only noise
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
