@@ -327,8 +327,7 @@ class _Checker:
         return True
 
 
-_ELEMENTWISE = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-                "pow": "**", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_ELEMENTWISE = {name: symbol for name, symbol in ops.OPERATOR_SYMBOLS.items() if name != "matmul"}
 
 
 def _broadcast_problem(a: torch.Size, b: torch.Size) -> str | None:

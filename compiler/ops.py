@@ -38,6 +38,12 @@ _OPERATORS = {
     )
 }
 
+# The Python operators' spellings, for messages and for printing IR back as source.
+OPERATOR_SYMBOLS = {
+    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
+    "matmul": "@", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
+}
+
 # Tensor factories: not overridable (no tensor argument), but pure and needed (noise, masks).
 _FACTORIES = (
     "randn", "rand", "randint", "zeros", "ones", "full", "arange", "linspace", "eye", "tensor",

@@ -18,12 +18,11 @@ from compiler.ir import (
     SliceArg,
     TupleArg,
 )
+from compiler.ops import OPERATOR_SYMBOLS
 from compiler.printer import format_type
 from grammar import ast
 
-_BINARY = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-           "pow": "**", "matmul": "@", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
-           "ge": ">="}
+_BINARY = OPERATOR_SYMBOLS
 _UNARY = {"neg": "-", "pos": "+", "invert": "~"}
 _NAMESPACES = {"torch.nn.functional": "F", "torch.linalg": "linalg", "torch.special": "special",
                "torch.fft": "fft", "torch": "torch", "einops": "einops"}

@@ -22,6 +22,7 @@ import torch
 from compiler import ops
 from compiler.errors import Diagnostic, InterventionError, did_you_mean
 from compiler.ir import Span
+from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import parse
 from interp_dsl.envoy import Envoy
@@ -41,8 +42,7 @@ _NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
                "linalg": "torch.linalg", "special": "torch.special", "fft": "torch.fft"}
 _BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in the proxy API
 _SITE_KINDS = ("output", "input", "inputs")
-_DTYPES = {name: getattr(torch, name) for name in (
-    "float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")}
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_SHORT}  # "float32" -> torch.float32
 
 
 class ExperimentError(InterventionError):

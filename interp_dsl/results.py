@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Write `path` through `write(temporary_path)` and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -27,8 +28,8 @@ def _atomic_write(path: Path, write: Any) -> None:
 def write_results(out: Path, saves: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
     """`out/saves.safetensors` and `out/manifest.json`; a reader never sees half a file."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in saves.items()}
-    _atomic_write(out / "saves.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+    atomic_write(out / "saves.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
 
 
 def versions() -> dict[str, str]:

@@ -9,9 +9,8 @@ disk cache, so the tokenizer is loaded only for text it has not seen.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from compiler.signatures import SiteTable, quiet_fake_mode, record_sites
 from compiler.symbolic import PROBES, Signature, TypeTable, signature_from_tables
 from interp_dsl import embedded
 from interp_dsl.models import InvokeInput, LanguageModel, Model
+from interp_dsl.results import atomic_write
 from interp_dsl.spans import user_span
 from runtime.interpreter import Batch
 
@@ -33,11 +33,7 @@ _CONFIGS = Path(__file__).parent / "configs"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -185,7 +181,7 @@ class SpecModel(LanguageModel):
 
     def _build_cache(self) -> dict[str, Any]:
         real = self._real_model()
-        takes_positions = "position_ids" in __import__("inspect").signature(real.forward).parameters
+        takes_positions = "position_ids" in inspect.signature(real.forward).parameters
         tables = [self._probe(real, b, s, takes_positions) for b, s in PROBES]
         signature = signature_from_tables(*tables)
         types = TypeTable()
