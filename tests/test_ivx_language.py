@@ -328,3 +328,26 @@ def test_cli_usage_errors(tmp_path, capsys):
     path = write(tmp_path, 'prompt a = "the"\n')
     assert main(["run", str(path)]) == 1
     assert "names no model" in capsys.readouterr().err
+
+
+def test_cli_explain_ivx_output_runs_with_runtime_prompt_and_param(tmp_path, tiny_dir, capsys):
+    from safetensors.torch import save_file
+    save_file({"v": torch.ones(32)}, str(tmp_path / "v.safetensors"))
+    path = write(tmp_path, 'prompt a = "the eiffel tower"\ntensor v = load("v.safetensors")\ninvoke a {\n'
+                           '    model.model.layers[0].output[:, -1, :] += v\n'
+                           '    save h = model.model.norm.output[:, -1, :]\n}\n')
+    assert main(["explain", str(path), "--model", str(tiny_dir), "--ivx"]) == 0
+    text = "".join(line for line in capsys.readouterr().out.splitlines(True) if not line.startswith("#"))
+    assert "prompt invoke0\n" in text and "param p0: f32[32]\n" in text
+    decompiled = write(tmp_path, text, "decompiled.ivx")
+    args = ["--model", str(tiny_dir), "--prompt", "invoke0=the eiffel tower", "--param", f"p0={tmp_path / 'v.safetensors'}"]
+    assert main(["run", str(path), "--model", str(tiny_dir), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert main(["run", str(decompiled), *args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    from safetensors.torch import load_file
+    torch.testing.assert_close(load_file(str(tmp_path / "a" / "saves.safetensors"))["h"],
+                               load_file(str(tmp_path / "b" / "saves.safetensors"))["h"])
+    assert main(["run", str(decompiled), "--model", str(tiny_dir), "--param", "p0"]) == 2
+    assert "--param expects NAME=VALUE" in capsys.readouterr().err
+    assert main(["run", str(decompiled), "--model", str(tiny_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"{decompiled}:1:1: error: prompt invoke0 has no text" in err and "param p0 has no value" in err
