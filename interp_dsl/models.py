@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,14 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiler.check import IncrementalTyper, TypedProgram, check
-from compiler.errors import InterventionError
+from compiler.errors import InterventionError, did_you_mean
 from compiler.ir import Program
 from compiler.signatures import SiteTable, module_paths, record_sites
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.tracing import Tracer
+from runtime.compiled import MODES, CompiledRunner, CompileStats
 from runtime.interpreter import Batch, RunResult, run
 
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
@@ -40,18 +42,31 @@ class Model:
         object.__setattr__(self, "_fake_mode", fake_mode)
 
     # -------------------------------------------------------------------------- user surface
-    def trace(self, *args: Any, **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, compile: str = "auto", **kwargs: Any) -> Tracer:
         """`with model.trace(input):` record interventions, then check and run them on exit.
-        Without an input, add inputs with `tracer.invoke(...)`; they run as one batch."""
+        Without an input, add inputs with `tracer.invoke(...)`; they run as one batch.
+
+        `compile`: "off" (the reference interpreter, hooks), "graph" (the program spliced into
+        the captured forward graph), "inductor" (that graph compiled), "cudagraphs" (inductor
+        with CUDA graphs), or "auto": compiled only where it pays (an experiment repeated on a
+        GPU); a one-off trace on a CPU runs the reference interpreter."""
         if self._fake_mode is not None:
             raise InterventionError.at(
                 user_span(), "this model has no weights (built from a config for checking)",
                 "use model.scan(...) to check shapes, or load real weights to run")
-        return Tracer(self, (args, kwargs) if args or kwargs else None)
+        if compile not in MODES:
+            raise InterventionError.at(
+                user_span(), f"compile must be one of {', '.join(map(repr, MODES))}, got {compile!r}",
+                did_you_mean(str(compile), MODES))
+        return Tracer(self, (args, kwargs) if args or kwargs else None, compile=compile)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""
         return Tracer(self, (args, kwargs) if args or kwargs else None, execute=False)
+
+    def compile_stats(self) -> CompileStats:
+        """Counters of compiled execution on this model (artefacts, compilations, calls, fallbacks)."""
+        return self._runner().stats
 
     @property
     def module(self) -> torch.nn.Module:
@@ -113,9 +128,14 @@ class Model:
                 self._tables.popitem(last=False)
         return batch, table
 
+    def _runner(self) -> CompiledRunner:
+        if "_compiled" not in self.__dict__:
+            object.__setattr__(self, "_compiled", CompiledRunner(self._module))
+        return self.__dict__["_compiled"]
+
     def _execute(self, program: Program, invokes: list[InvokeInput], params: dict[str, Any],
                  execute: bool, typer: IncrementalTyper | None = None,
-                 ids: dict[int, int] | None = None) -> tuple[TypedProgram, RunResult]:
+                 ids: dict[int, int] | None = None, compile: str = "off") -> tuple[TypedProgram, RunResult]:
         batch, table = self._site_table(invokes)
         if typer is not None and typer.table is not table:
             typer = None  # typed against another batch
@@ -123,10 +143,26 @@ class Model:
         if not execute:  # abstract values become fake tensors when a proxy is read (Proxy.value)
             saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
             return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
+        runner = self._runner()
+        mode = runner.wants(compile, typed, batch)
+        if mode != "off":
+            result = runner.run(mode, typed, table, batch, params)
+            if result is not None:
+                return typed, result
+            if runner.new_reason is not None:
+                span = user_span()
+                warnings.warn_explicit(
+                    f"compile={mode!r} is not possible for this trace ({runner.new_reason}); "
+                    "the reference interpreter ran instead", CompileFallbackWarning,
+                    span.file, span.line)
         return typed, run(self._module, typed, batch, params)
 
 
 NNsight = Model
+
+
+class CompileFallbackWarning(UserWarning):
+    """Compiled execution was asked for and is not possible; the reference interpreter ran."""
 
 
 class LanguageModel(Model):

@@ -53,9 +53,10 @@ class Tracer:
     """
 
     def __init__(self, model: "Model", inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
-                 execute: bool = True):
+                 execute: bool = True, compile: str = "off"):
         self.model = model
         self.execute = execute
+        self.compile = compile
         self.ops: list[Op] = []
         self._next_id = 0
         self.params: dict[str, Any] = {}  # keeps the tensors alive, so their ids stay unique
@@ -231,7 +232,7 @@ class Tracer:
         typer = self.typer()
         typer.record(self.ops)
         self.typed, result = self.model._execute(program, self.invoke_inputs, self.params,
-                                                 self.execute, typer, ids)
+                                                 self.execute, typer, ids, self.compile)
         for proxy in self._proxies:
             if not proxy._saved:
                 proxy._resolve(missing="this value was not saved; call .save() on it in the trace")

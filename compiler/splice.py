@@ -1,0 +1,307 @@
+"""The splice pass: a typed program and a captured forward graph in, one patched graph out.
+
+The captured graph (from dynamo, with `ivx::site` markers at the program's sites) is copied, never
+mutated. In the copy each marker becomes a plain `clone` of its input; each op of the program
+becomes graph nodes right after its event's markers, in program order; a `write` re-routes the
+model's later uses of the site to the new value; reads that are saved become extra outputs after
+the model's own; params and weights become extra inputs after the graph's own. What runs is then
+exactly what the reference interpreter runs at its hooks, with the same functions from
+`compiler.ops`, but as graph nodes that a compiler can fuse.
+"""
+
+from __future__ import annotations
+
+import types as pytypes
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from compiler import ops
+from compiler.check import BEFORE_FORWARD, TypedProgram
+from compiler.ir import Op, Program, TensorType, TupleType, Type
+from compiler.markers import SITE_OP, site_key
+from compiler.signatures import Event, SiteTable
+
+ExtraInput = tuple[str, str]  # ("param", name) or ("weight", dotted target)
+
+
+class SpliceError(Exception):
+    """The program cannot be spliced into this graph; the message names the reason."""
+
+
+@dataclass
+class Spliced:
+    """A patched graph and how to call it: `module(*graph_inputs, *extra)` returns the model's
+    `n_outputs` outputs followed by the saved leaves."""
+
+    module: fx.GraphModule
+    n_outputs: int
+    extra: list[ExtraInput]
+    saves: list[tuple[str, int, pytree.TreeSpec, list[Any]]]  # name, value id, spec, leaves
+    inserted: dict[int, list[fx.Node]] = field(default_factory=dict)  # event -> our nodes
+    anchors: dict[int, fx.Node] = field(default_factory=dict)  # event -> node after its markers
+
+    def unflatten_saves(self, leaves: list[Any]) -> list[tuple[str, int, Any]]:
+        """The saved values from the graph's extra outputs."""
+        out, it = [], iter(leaves)
+        for name, vid, spec, template in self.saves:
+            values = [next(it) if isinstance(t, _Slot) else t for t in template]
+            out.append((name, vid, pytree.tree_unflatten(values, spec)))
+        return out
+
+
+class _Slot:
+    """Stands for a saved leaf that comes out of the graph."""
+
+
+def extra_inputs(program: Program) -> list[ExtraInput]:
+    """The values bound at run time, in the order the patched graph takes them."""
+    out: list[ExtraInput] = []
+    for op in program.ops:
+        entry = ("param", op.target) if op.opcode == "param" else ("weight", op.target)
+        if op.opcode in ("param", "weight") and entry not in out:
+            out.append(entry)
+    return out
+
+
+def site_keys(typed: TypedProgram) -> frozenset[str]:
+    """The marker keys the program needs."""
+    return frozenset(site_key(typed.events[at][0], typed.events[at][1])
+                     for at in set(typed.schedule) if at != BEFORE_FORWARD)
+
+
+def splice(gm: fx.GraphModule, typed: TypedProgram, table: SiteTable, rows: tuple[slice, ...],
+           batch: int, modules: torch.nn.Module, example_extra: list[Any]) -> Spliced:
+    """Patch a copy of `gm`. `rows` are the invokes' rows of a batch of `batch` (all of it
+    when there is one invoke); `example_extra` are fake or real values for the extra inputs."""
+    return _Splicer(gm, typed, table, rows, batch, modules).run(example_extra)
+
+
+class _Splicer:
+    def __init__(self, gm: fx.GraphModule, typed: TypedProgram, table: SiteTable,
+                 rows: tuple[slice, ...], batch: int, modules: torch.nn.Module):
+        self.source, self.typed, self.table = gm, typed, table
+        self.rows, self.batch, self.modules = rows, batch, modules
+        self.graph = fx.Graph()
+        self.ours: set[fx.Node] = set()
+        self.values: dict[int, Any] = {}
+        self.live: dict[int, Any] = {}  # event -> the site's current value (pytree of nodes)
+        self.submodules: dict[str, torch.nn.Module] = {}
+        self.cursor: fx.Node | None = None
+
+    def run(self, example_extra: list[Any]) -> Spliced:
+        outputs = self.graph.graph_copy(self.source.graph, {})
+        single = not isinstance(outputs, (tuple, list))
+        output = self.graph.output(outputs)  # made now, so re-routed uses reach it too
+        old = [n for n in self.source.graph.nodes if n.op == "placeholder"]
+        new = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for o, n in zip(old, new, strict=True):
+            n._dynamo_source = getattr(o, "_dynamo_source", None)  # aot_autograd asks for it
+        extra = extra_inputs(self.typed.program)
+        placeholders = self._add_inputs(new[-1] if new else None, extra, example_extra)
+        markers = self._markers()
+        by_event: dict[int, list[Op]] = defaultdict(list)
+        for op, at in zip(self.typed.program.ops, self.typed.schedule, strict=True):
+            by_event[at].append(op)
+        spliced = Spliced(fx.GraphModule({}, fx.Graph()), 0, extra, [])
+        for at in sorted(by_event):
+            if at == BEFORE_FORWARD:
+                self.cursor = placeholders[-1] if placeholders else next(iter(self.graph.nodes))
+            else:
+                if at not in markers:
+                    raise SpliceError(f"the captured graph has no marker for {self._event(at)}")
+                self.live[at] = markers[at]
+                self.cursor = self._last_marker(markers[at])
+                spliced.anchors[at] = self.cursor
+            start = len(self.ours)
+            for op in by_event[at]:
+                self._op(op, at, placeholders, extra, spliced)
+            spliced.inserted[at] = [n for n in self.graph.nodes if n in self.ours][start:] \
+                if start < len(self.ours) else []
+        save_leaves = []
+        for i, (name, vid, spec, template) in enumerate(spliced.saves):
+            slots = []
+            for leaf in template:
+                if isinstance(leaf, fx.Node):
+                    save_leaves.append(leaf)
+                    slots.append(_Slot())
+                else:
+                    slots.append(leaf)
+            spliced.saves[i] = (name, vid, spec, slots)
+        model_outputs = (output.args[0],) if single else tuple(output.args[0])
+        spliced.n_outputs = len(model_outputs)
+        output.args = ((*model_outputs, *save_leaves),)
+        self.graph.lint()
+        spliced.module = fx.GraphModule(self._root(), self.graph)
+        return spliced
+
+    # ---------------------------------------------------------------------------- structure
+    def _add_inputs(self, last: fx.Node | None, extra: list[ExtraInput],
+                    examples: list[Any]) -> list[fx.Node]:
+        nodes: list[fx.Node] = []
+        for (kind, name), example in zip(extra, examples, strict=True):
+            ctx = self.graph.inserting_after(nodes[-1] if nodes else last) if (nodes or last) \
+                else self.graph.inserting_before(None)
+            with ctx:
+                node = self.graph.placeholder(f"ivx_{kind}_{name}".replace(".", "_"))
+            node._dynamo_source = None
+            node.meta["example_value"] = example
+            nodes.append(node)
+        return nodes
+
+    def _markers(self) -> dict[int, Any]:
+        """Event index -> the site's value rebuilt from marker nodes (each marker replaced by a
+        clone of its input) and the fake value's constant leaves."""
+        calls: dict[tuple[str, int], int] = defaultdict(int)
+        found: dict[tuple[str, int, int], fx.Node] = {}
+        for node in list(self.graph.nodes):
+            if node.op == "call_function" and node.target is SITE_OP:
+                x, key, leaf = node.args
+                n = calls[(key, leaf)]
+                calls[(key, leaf)] += 1
+                with self.graph.inserting_before(node):
+                    copy = self.graph.call_function(torch.clone, (x,))
+                copy.meta = dict(node.meta)
+                node.replace_all_uses_with(copy)
+                self.graph.erase_node(node)
+                found[(key, n, leaf)] = copy
+        positions = {event: i for i, event in enumerate(self.typed.events)}
+        values: dict[int, Any] = {}
+        for event, index in positions.items():
+            path, phase, call = event
+            if event not in self.table.values:
+                continue
+            leaves, spec = pytree.tree_flatten(self.table.values[event])
+            key = site_key(path, phase)
+            if not any((key, call, i) in found for i in range(len(leaves))):
+                continue
+            rebuilt = [found.get((key, call, i), leaf) if isinstance(leaf, torch.Tensor) else leaf
+                       for i, leaf in enumerate(leaves)]
+            if any(isinstance(leaf, torch.Tensor) for leaf in rebuilt):
+                raise SpliceError(f"a tensor of {path} ({phase}) is not marked in the captured graph")
+            values[index] = pytree.tree_unflatten(rebuilt, spec)
+        return values
+
+    def _last_marker(self, value: Any) -> fx.Node:
+        nodes = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, fx.Node)]
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return max(nodes, key=order.__getitem__)
+
+    def _root(self) -> dict[str, Any]:
+        root: dict[str, Any] = {}
+        for node in self.graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                if node.target in self.submodules:
+                    root[node.target] = self.submodules[node.target]
+                else:
+                    root[node.target] = _fetch(self.source, node.target)
+        return root
+
+    def _event(self, at: int) -> str:
+        path, phase, call = self.typed.events[at]
+        return f"{path or 'the model'} ({phase}, call {call})"
+
+    # ---------------------------------------------------------------------------------- ops
+    def _node(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+        assert self.cursor is not None
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node(kind, target, args, kwargs)
+        self.cursor = node
+        self.ours.add(node)
+        return node
+
+    def _arg(self, arg: Any) -> Any:
+        return ops.materialize(arg, self.values)
+
+    def _op(self, op: Op, at: int, placeholders: list[fx.Node], extra: list[ExtraInput],
+            spliced: Spliced) -> None:
+        args = [self._arg(a) for a in op.args]
+        kwargs = {k: self._arg(v) for k, v in op.kwargs}
+        code = op.opcode
+        if code == "param" or code == "weight":
+            self.values[op.result] = placeholders[extra.index((code, op.target))]  # type: ignore
+        elif code == "read":
+            value = ops.site_value(self.live[at], op.site.kind)  # type: ignore[union-attr]
+            self.values[op.result] = self._rows(value, op.site.invoke)  # type: ignore
+        elif code == "write":
+            path = [self._arg(a) for a in op.path]
+            self._write(at, op, path, args[0])
+        elif code == "call":
+            self.values[op.result] = self._call(op.target, args, kwargs)  # type: ignore[index]
+        elif code == "module":
+            name = f"ivx_module_{len(self.submodules)}"
+            self.submodules[name] = self.modules.get_submodule(op.target)
+            self.values[op.result] = self._node("call_module", name, tuple(args), kwargs)  # type: ignore
+        elif code == "save":
+            ref = op.args[0].id  # type: ignore[union-attr]
+            if not _is_tensor_tree(self.typed.types.get(ref)):
+                raise SpliceError(f"{op.span}: saves a value that is not a tensor; "
+                                  "compiled execution saves tensors only")
+            leaves, spec = pytree.tree_flatten(self.values[ref])
+            spliced.saves.append((op.target, ref, spec, leaves))
+        # `stop` needs nothing here: the compiled forward runs to the end, and the caller
+        # reports it as stopped, as the reference interpreter does.
+
+    def _call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> fx.Node:
+        fn = ops.functions()[name]
+        readable = isinstance(fn, (pytypes.FunctionType, pytypes.BuiltinFunctionType,
+                                   pytypes.MethodDescriptorType, pytypes.WrapperDescriptorType))
+        if readable and not ops.is_inplace_method(name):
+            return self._node("call_function", fn, tuple(args), kwargs)
+        return self._node("call_function", ops.call, (name, list(args), kwargs), {})
+
+    def _rows(self, value: Any, invoke: int) -> Any:
+        rows = self.rows[invoke]
+        if rows == slice(0, self.batch):
+            return value
+        return pytree.tree_map_only(
+            fx.Node, lambda n: self._node("call_function", ops.slice_rows, (n, rows, self.batch), {}), value)
+
+    def _write(self, at: int, op: Op, path: list[Any], value: Any) -> None:
+        rows = self.rows[op.site.invoke]  # type: ignore[union-attr]
+        live = self.live[at]
+        if op.site.kind == "input":  # type: ignore[union-attr]
+            key = ops.first_input_key(live)
+            path = [0, key, *path] if isinstance(key, int) else [1, key, *path]
+        container, steps = live, list(path)
+        trail: list[tuple[Any, Any]] = []
+        while steps and not isinstance(container, fx.Node):
+            trail.append((container, steps[0]))
+            container = container[steps.pop(0)]
+        if not isinstance(container, fx.Node):
+            raise SpliceError(f"{op.span}: writes a whole {type(container).__name__}; "
+                              "compiled execution writes tensors")
+        new = self._node("call_function", ops.write_tensor, (container, tuple(steps), value, rows,
+                                                             self.batch), {})
+        container.replace_all_uses_with(new, delete_user_cb=lambda user: user not in self.ours)
+        for parent, key in reversed(trail):
+            new = _replaced(parent, key, new)
+        self.live[at] = new
+
+
+def _replaced(container: Any, key: Any, value: Any) -> Any:
+    if isinstance(container, tuple):
+        items = list(container)
+        items[key] = value
+        return type(container)(*items) if hasattr(container, "_fields") else tuple(items)
+    if isinstance(container, list):
+        return [value if i == key else v for i, v in enumerate(container)]
+    new = dict(container)
+    new[key] = value
+    return type(container)(**new) if not type(container) is dict else new
+
+
+def _is_tensor_tree(t: Type | None) -> bool:
+    if isinstance(t, TensorType):
+        return True
+    return isinstance(t, TupleType) and all(_is_tensor_tree(i) for i in t.items)
+
+
+def _fetch(module: Any, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

@@ -1,0 +1,229 @@
+"""Compiled execution: the model's forward captured once per experiment and shape bucket, the
+program spliced in, compiled, and reused for every later call with other parameter values.
+
+Capture is `torch.compile(model, backend=<ours>, fullgraph=True)`: our backend receives dynamo's
+graph (with site markers), splices the program in (`compiler.splice`), and compiles the result
+with inductor or runs it as it is. Parameters, weights and saved values pass through a side
+channel on the artefact, so values never appear in the graph and never recompile it.
+
+Guards: each artefact has its own backend, and dynamo keys its cache entries by backend, so two
+programs can never share a graph; marker hooks stay installed (dynamo guards on hook
+dictionaries). After every call the artefact checks that its graph really ran; if dynamo ran
+the model some other way (a recompile limit, a guard we did not foresee), the result is thrown
+away and the reference interpreter runs instead, with a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compiler.check import TypedProgram
+from compiler.markers import Markers
+from compiler.signatures import SiteTable
+from compiler.splice import Spliced, extra_inputs, site_keys, splice
+from runtime.interpreter import Batch, RunResult
+
+MODES = ("auto", "off", "graph", "inductor", "cudagraphs")
+_RECOMPILE_LIMIT = 256  # artefacts of one model share the forward's code object in dynamo's cache
+
+
+class _NotRun(Exception):
+    """The spliced graph did not run during a compiled call."""
+
+
+@dataclass
+class _Call:
+    """What one call passes to the compiled graph, and what it gets back."""
+
+    typed: TypedProgram
+    table: SiteTable
+    batch: Batch
+    extra: list[Any]
+    saves: list[Any] | None = None
+    spliced: Spliced | None = None
+
+
+@dataclass
+class CompileStats:
+    """Counters for one model: artefacts built, backend compilations (captures), compiled calls,
+    and calls that fell back to the reference interpreter."""
+
+    artefacts: int = 0
+    compilations: int = 0
+    calls: int = 0
+    fallbacks: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class Artefact:
+    """One experiment (IR structural hash) compiled for one model, mode and batch layout."""
+
+    def __init__(self, module: torch.nn.Module, markers: Markers, mode: str, keys: frozenset[str],
+                 dynamic: bool, stats: CompileStats):
+        self.module, self.markers, self.mode, self.keys = module, markers, mode, keys
+        self.stats = stats
+        self.spliced: Spliced | None = None
+        self._call: _Call | None = None
+        self.compiled = torch.compile(module, backend=self._backend, fullgraph=True,
+                                      dynamic=None if dynamic else False)
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        call = self._call
+        assert call is not None
+        self.stats.compilations += 1
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        examples = [fake_mode.from_tensor(v) if fake_mode is not None else v for v in call.extra]
+        spliced = splice(gm, call.typed, call.table, call.batch.rows, call.batch.size, self.module,
+                         examples)
+        self.spliced = spliced
+        if self.mode == "graph":
+            run = spliced.module
+        else:
+            from torch._inductor.compile_fx import compile_fx
+            patches = {"triton.cudagraphs": True} if self.mode == "cudagraphs" else {}
+            run = compile_fx(spliced.module, [*example_inputs, *call.extra], config_patches=patches)
+        n = spliced.n_outputs
+
+        def compiled(*args: Any) -> Any:
+            now = self._call
+            out = run(*args, *now.extra)  # type: ignore[union-attr]
+            now.saves, now.spliced = list(out[n:]), spliced  # type: ignore[union-attr]
+            return out[:n]
+
+        return compiled
+
+    def run(self, typed: TypedProgram, table: SiteTable, batch: Batch, params: dict[str, Any]) -> RunResult:
+        extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
+        call = self._call = _Call(typed, table, batch, extra)
+        self.markers.install(self.keys)
+        _mark_dynamic(batch)
+        try:
+            with self.markers.activated(self.keys), torch.no_grad(), \
+                    torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                               accumulated_recompile_limit=_RECOMPILE_LIMIT * 4):
+                output = self.compiled(*batch.args, **batch.kwargs)
+        finally:
+            self._call = None
+        if call.saves is None or call.spliced is None:
+            raise _NotRun("dynamo ran the model without the spliced graph")
+        self.stats.calls += 1
+        return _result(typed, call.spliced, call.saves, output, extra)
+
+
+class CompiledRunner:
+    """The compiled artefacts of one model, by (IR hash, mode, batch layout, shape bucket)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.markers = Markers(module)
+        self.artefacts: dict[Any, Artefact] = {}
+        self.failed: dict[Any, str] = {}
+        self.stats = CompileStats()
+        self.seen: dict[Any, int] = {}
+        self.new_reason: str | None = None
+
+    def wants(self, mode: str, typed: TypedProgram, batch: Batch) -> str:
+        """The mode to use for this call: `auto` compiles only work that repeats on a GPU."""
+        if mode != "auto":
+            return mode
+        key = self._key("auto", typed, batch)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        on_gpu = any(p.is_cuda for p in self.module.parameters())
+        return "inductor" if on_gpu and self.seen[key] >= AUTO_REPEATS else "off"
+
+    def run(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
+            params: dict[str, Any]) -> RunResult | None:
+        """Run compiled; None when it cannot be (see `new_reason`)."""
+        self.new_reason = None
+        if mode == "cudagraphs" and not any(p.is_cuda for p in self.module.parameters()):
+            return self._fallback(("cudagraphs",), "CUDA graphs need the model on a CUDA device")
+        key = self._key(mode, typed, batch)
+        if key in self.failed:
+            self.stats.fallbacks += 1
+            return None
+        artefact = self.artefacts.get(key)
+        if artefact is None:
+            dynamic = len(batch.rows) == 1
+            artefact = Artefact(self.module, self.markers, mode, site_keys(typed), dynamic, self.stats)
+            self.artefacts[key] = artefact
+            self.stats.artefacts += 1
+        try:
+            return artefact.run(typed, table, batch, params)
+        except Exception as e:  # capture, splice or compile failed: the reference still works
+            del self.artefacts[key]
+            return self._fallback(key, _cause(e))
+
+    def _fallback(self, key: Any, reason: str) -> None:
+        """Remember why; `new_reason` is set the first time, for the caller to tell the user."""
+        self.stats.fallbacks += 1
+        if key not in self.failed:
+            self.failed[key] = reason
+            self.stats.reasons.append(reason)
+            self.new_reason = reason
+        return None
+
+    def _key(self, mode: str, typed: TypedProgram, batch: Batch) -> Any:
+        layout = None if len(batch.rows) == 1 else (batch.rows, batch.size)
+        return (typed.program.structural_hash(), mode, layout, _bucket(batch))
+
+
+AUTO_REPEATS = 3  # on a GPU, `auto` compiles an experiment the third time it runs with one shape bucket
+
+
+def _bucket(batch: Batch) -> Any:
+    """What a compiled graph is specialised on: argument names, dtypes, ranks, non-tensor values
+    and which dims are 1 (dynamo specialises those). Other sizes are symbolic."""
+    def sig(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("T", str(v.dtype), tuple(d == 1 for d in v.shape), v.device.type)
+        return repr(v)
+    return (tuple(sig(a) for a in batch.args), tuple((k, sig(v)) for k, v in batch.kwargs.items()))
+
+
+def _mark_dynamic(batch: Batch) -> None:
+    """Batch and sequence sizes are symbolic (where the model allows): one graph for all."""
+    if len(batch.rows) != 1:
+        return
+    for v in (*batch.args, *batch.kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            torch._dynamo.maybe_mark_dynamic(v, 0)
+            if v.dim() == 2 and not v.is_floating_point():  # token ids, masks, positions
+                torch._dynamo.maybe_mark_dynamic(v, 1)
+
+
+def _extra_value(module: torch.nn.Module, kind: str, name: str, params: dict[str, Any]) -> Any:
+    if kind == "weight":
+        path, _, attr = name.rpartition(".")
+        return getattr(module.get_submodule(path), attr)
+    value = params[name]
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(value, dtype=torch.float64)  # a number is a 0-d input, not a constant
+
+
+def _result(typed: TypedProgram, spliced: Spliced, leaves: list[Any], output: Any,
+            extra: list[Any]) -> RunResult:
+    stops = [at for op, at in zip(typed.program.ops, typed.schedule, strict=True) if op.opcode == "stop"]
+    stop_at = min(stops) if stops else None
+    at_of = {op.target: at for op, at in zip(typed.program.ops, typed.schedule, strict=True)
+             if op.opcode == "save"}
+    result = RunResult(output=None if stops else output, stopped=bool(stops))
+    for name, vid, value in spliced.unflatten_saves(leaves):
+        if stop_at is not None and at_of[name] > stop_at:
+            continue  # the reference interpreter stops before computing it
+        value = torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: t.clone() if any(t is e for e in extra) else t, value)
+        result.saves[name] = value
+        result.values[vid] = value
+    return result
+
+
+def _cause(e: BaseException) -> str:
+    inner = getattr(e, "inner_exception", None)
+    if inner is not None:
+        e = inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
