@@ -24,7 +24,7 @@ from compiler import ops
 from compiler.check import BEFORE_FORWARD, TypedProgram
 from compiler.ir import Op, Program, TensorType, TupleType, Type
 from compiler.markers import SITE_OP, site_key
-from compiler.signatures import Event, SiteTable
+from compiler.signatures import SiteTable
 
 ExtraInput = tuple[str, str]  # ("param", name) or ("weight", dotted target)
 
@@ -292,7 +292,7 @@ def _replaced(container: Any, key: Any, value: Any) -> Any:
         return [value if i == key else v for i, v in enumerate(container)]
     new = dict(container)
     new[key] = value
-    return type(container)(**new) if not type(container) is dict else new
+    return type(container)(**new) if type(container) is not dict else new
 
 
 def _is_tensor_tree(t: Type | None) -> bool:

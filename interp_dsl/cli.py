@@ -15,6 +15,7 @@ from typing import Any
 from compiler.errors import InterventionError
 from grammar.parser import IvxSyntaxError, parse_file
 from grammar.printer import format_module
+from runtime.modes import MODES
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: runs/<file stem>)")
     run.add_argument("--model", help="model name or path, overriding the file's `model` line")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--compile", choices=MODES, default="auto",
+                     help="execution: off (reference interpreter), graph (spliced fx graph), inductor, "
+                          "cudagraphs (GPU), auto (compiled where it pays; default)")
     for command in (run,):
         _add_bindings(command)
     fmt = sub.add_parser("fmt", help="print the canonical form", description="Print the canonical form.")
@@ -45,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("file")
     explain.add_argument("--model", help="model name or path, overriding the file's `model` line")
     explain.add_argument("--ivx", action="store_true", help="print the IR as .ivx text instead")
+    explain.add_argument("--graph", action="store_true",
+                         help="run once compiled and print the patched graph around each site")
     _add_bindings(explain)
     return p
 
@@ -154,11 +160,15 @@ def _explain(args: argparse.Namespace) -> int:
     exp = load_experiment(args.file, *_bindings(args))
     model = resolve_model(exp, args.model)
     point = exp.points()[0]
-    tracer = lower(exp, model, point, execute=False)
+    tracer = lower(exp, model, point, execute=args.graph, compile="graph")
     if exp.sweeps:
         axes = ", ".join(f"{k} ({len(v)} values)" for k, v in exp.sweeps.items())
         print(f"# sweep over {axes}; shown at {point}")
-    if args.ivx:
+    if args.graph:
+        if tracer.result.graph is None:
+            raise _usage("compiled execution is not possible for this experiment (see the warning above)")
+        print(tracer.explain_graph())
+    elif args.ivx:
         from grammar.decompile import to_ivx
         print(format_module(to_ivx(tracer.typed.program)), end="")
     else:
@@ -173,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.file, *_bindings(args))
     model = resolve_model(exp, args.model)
-    output = run(exp, model)
+    output = run(exp, model, args.compile)
     out = Path(args.out or Path("runs") / exp.path.stem)
     manifest = {
         "experiment": str(exp.path), "text": exp.text, "model": args.model or exp.model_source,

@@ -432,10 +432,11 @@ class _Lowering:
         return ids[0]
 
 
-def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True) -> Tracer:
+def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,
+          compile: str = "auto") -> Tracer:
     """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
     `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
-    tracer = model.trace() if execute else model.scan()
+    tracer = model.trace(compile=compile) if execute else model.scan()
     with tracer:
         _Lowering(exp, model, tracer, point).run()
     return tracer
@@ -468,13 +469,14 @@ class RunOutput:
     ir_hashes: list[str]
 
 
-def run(exp: Experiment, model: Model) -> RunOutput:
-    """Run every sweep point (the reference interpreter) and collect the saves."""
+def run(exp: Experiment, model: Model, compile: str = "auto") -> RunOutput:
+    """Run every sweep point and collect the saves. Sweep values are parameters, so every point
+    of a sweep runs the same compiled graph (see `Model.trace` for the `compile` modes)."""
     points = exp.points()
     per_point: list[dict[str, Any]] = []
     hashes: list[str] = []
     for point in points:
-        tracer = lower(exp, model, point)
+        tracer = lower(exp, model, point, compile=compile)
         per_point.append({n: v for n, v in tracer.result.saves.items()})
         hashes.append(tracer.typed.program.structural_hash())
     names = list(per_point[0])

@@ -20,8 +20,9 @@ from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.tracing import Tracer
-from runtime.compiled import MODES, CompiledRunner, CompileStats
+from runtime.compiled import CompiledRunner, CompileStats
 from runtime.interpreter import Batch, RunResult, run
+from runtime.modes import MODES
 
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
 _TABLE_CACHE_SIZE = 8

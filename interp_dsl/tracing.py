@@ -212,6 +212,16 @@ class Tracer:
     def _program(self) -> tuple[Program, dict[int, int]]:
         return drop_dead_reads(Program(tuple(self.ops), max(1, len(self.invoke_inputs))))
 
+    def explain_graph(self) -> str:
+        """After a compiled trace: the patched graph's code around each site."""
+        graph = getattr(getattr(self, "result", None), "graph", None)
+        if graph is None:
+            raise InterventionError.at(
+                user_span(), "this trace did not run compiled, so it has no patched graph",
+                "trace with compile=\"graph\" (or \"inductor\"), then call explain_graph()")
+        from compiler.graph_text import explain_graph
+        return explain_graph(graph, self.typed, self.model._root_name)
+
     def typer(self) -> IncrementalTyper:
         """Types the ops as they are recorded, for the current batch of invokes."""
         if self._typer is None:

@@ -26,7 +26,6 @@ from compiler.signatures import SiteTable
 from compiler.splice import Spliced, extra_inputs, site_keys, splice
 from runtime.interpreter import Batch, RunResult
 
-MODES = ("auto", "off", "graph", "inductor", "cudagraphs")
 _RECOMPILE_LIMIT = 256  # artefacts of one model share the forward's code object in dynamo's cache
 
 
@@ -210,7 +209,7 @@ def _result(typed: TypedProgram, spliced: Spliced, leaves: list[Any], output: An
     stop_at = min(stops) if stops else None
     at_of = {op.target: at for op, at in zip(typed.program.ops, typed.schedule, strict=True)
              if op.opcode == "save"}
-    result = RunResult(output=None if stops else output, stopped=bool(stops))
+    result = RunResult(output=None if stops else output, stopped=bool(stops), graph=spliced)
     for name, vid, value in spliced.unflatten_saves(leaves):
         if stop_at is not None and at_of[name] > stop_at:
             continue  # the reference interpreter stops before computing it

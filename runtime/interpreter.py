@@ -35,6 +35,7 @@ class RunResult:
     values: dict[int, Any] = field(default_factory=dict)  # value id -> value, for saved ids
     output: Any = None  # the model's return value (None when stopped)
     stopped: bool = False
+    graph: Any = None  # the patched graph (compiler.splice.Spliced) when the run was compiled
 
 
 class _Stop(Exception):

@@ -1,0 +1,3 @@
+"""Execution modes, in a module light enough for the command line to import."""
+
+MODES = ("auto", "off", "graph", "inductor", "cudagraphs")
