@@ -50,6 +50,8 @@ def explain_graph(spliced: Spliced, typed: TypedProgram, root: str = "model") ->
              f"{len(spliced.extra)} extra inputs, {sum(1 for s in spliced.saves)} saved values"]
     for at in sorted(spliced.inserted):
         added = spliced.inserted[at]
+        if not added and at not in spliced.anchors:
+            continue
         if at < 0:
             title = "before the forward"
         else:

@@ -134,10 +134,36 @@ class _Splicer:
             spliced.saves[i] = (name, vid, spec, slots)
         model_outputs = (output.args[0],) if single else tuple(output.args[0])
         spliced.n_outputs = len(model_outputs)
+        stops = [at for op, at in zip(self.typed.program.ops, self.typed.schedule, strict=True)
+                 if op.opcode == "stop"]
+        if stops:
+            model_outputs, cut = self._empty_outputs(min(stops), spliced, model_outputs)
         output.args = ((*model_outputs, *save_leaves),)
+        if stops:
+            self._drop_dead_after(cut)
         self.graph.lint()
         spliced.module = fx.GraphModule(self._root(), self.graph)
         return spliced
+
+    def _empty_outputs(self, at: int, spliced: Spliced, outputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], fx.Node]:
+        """Early stop: the model's outputs become empty tensors (a stopped forward returns
+        nothing), made right after the stop's event."""
+        last = (spliced.inserted.get(at) or [spliced.anchors.get(at) or self.cursor])[-1]
+        empties = []
+        for value in outputs:
+            if isinstance(value, fx.Node):
+                with self.graph.inserting_after(last):
+                    value = self.graph.call_function(torch.empty, (0,))
+                self.ours.add(value)
+            empties.append(value)
+        return tuple(empties), last
+
+    def _drop_dead_after(self, cut: fx.Node) -> None:
+        """Drop the nodes after `cut` that feed nothing: the layers after an early stop."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for node in reversed(list(self.graph.nodes)):
+            if order[node] > order[cut] and node.op not in ("output", "placeholder") and not node.users:
+                self.graph.erase_node(node)
 
     # ---------------------------------------------------------------------------- structure
     def _add_inputs(self, last: fx.Node | None, extra: list[ExtraInput],

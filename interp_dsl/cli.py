@@ -29,9 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: runs/<file stem>)")
     run.add_argument("--model", help="model name or path, overriding the file's `model` line")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    run.add_argument("--compile", choices=MODES, default="auto",
+    run.add_argument("--compile", choices=MODES,
                      help="execution: off (reference interpreter), graph (spliced fx graph), inductor, "
-                          "cudagraphs (GPU), auto (compiled where it pays; default)")
+                          "cudagraphs (GPU), auto (compiled where it pays; the default, or $IVX_COMPILE)")
     for command in (run,):
         _add_bindings(command)
     fmt = sub.add_parser("fmt", help="print the canonical form", description="Print the canonical form.")

@@ -433,7 +433,7 @@ class _Lowering:
 
 
 def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,
-          compile: str = "auto") -> Tracer:
+          compile: str | None = None) -> Tracer:
     """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
     `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
     tracer = model.trace(compile=compile) if execute else model.scan()
@@ -469,7 +469,7 @@ class RunOutput:
     ir_hashes: list[str]
 
 
-def run(exp: Experiment, model: Model, compile: str = "auto") -> RunOutput:
+def run(exp: Experiment, model: Model, compile: str | None = None) -> RunOutput:
     """Run every sweep point and collect the saves. Sweep values are parameters, so every point
     of a sweep runs the same compiled graph (see `Model.trace` for the `compile` modes)."""
     points = exp.points()

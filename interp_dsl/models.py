@@ -43,14 +43,16 @@ class Model:
         object.__setattr__(self, "_fake_mode", fake_mode)
 
     # -------------------------------------------------------------------------- user surface
-    def trace(self, *args: Any, compile: str = "auto", **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, compile: str | None = None, **kwargs: Any) -> Tracer:
         """`with model.trace(input):` record interventions, then check and run them on exit.
         Without an input, add inputs with `tracer.invoke(...)`; they run as one batch.
 
         `compile`: "off" (the reference interpreter, hooks), "graph" (the program spliced into
         the captured forward graph), "inductor" (that graph compiled), "cudagraphs" (inductor
         with CUDA graphs), or "auto": compiled only where it pays (an experiment repeated on a
-        GPU); a one-off trace on a CPU runs the reference interpreter."""
+        GPU); a one-off trace on a CPU runs the reference interpreter. The default is "auto", or
+        the environment variable IVX_COMPILE."""
+        compile = compile or os.environ.get("IVX_COMPILE") or "auto"
         if self._fake_mode is not None:
             raise InterventionError.at(
                 user_span(), "this model has no weights (built from a config for checking)",
@@ -68,6 +70,10 @@ class Model:
     def compile_stats(self) -> CompileStats:
         """Counters of compiled execution on this model (artefacts, compilations, calls, fallbacks)."""
         return self._runner().stats
+
+    def release_compiled(self) -> None:
+        """Forget this model's compiled graphs and remove the marker hooks they keep installed."""
+        self._runner().release()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -150,12 +156,15 @@ class Model:
             result = runner.run(mode, typed, table, batch, params)
             if result is not None:
                 return typed, result
-            if runner.new_reason is not None:
+            reason = runner.new_reason
+            result = run(self._module, typed, batch, params)  # a located error, if the program fails
+            if reason is not None:
                 span = user_span()
                 warnings.warn_explicit(
-                    f"compile={mode!r} is not possible for this trace ({runner.new_reason}); "
+                    f"compile={mode!r} is not possible for this trace ({reason}); "
                     "the reference interpreter ran instead", CompileFallbackWarning,
                     span.file, span.line)
+            return typed, result
         return typed, run(self._module, typed, batch, params)
 
 

@@ -66,7 +66,11 @@ class Artefact:
         self.stats = stats
         self.spliced: Spliced | None = None
         self._call: _Call | None = None
-        self.compiled = torch.compile(module, backend=self._backend, fullgraph=True,
+
+        def forward(*args: Any, **kwargs: Any) -> Any:  # a function, so the root's hooks are traced too
+            return module(*args, **kwargs)
+
+        self.compiled = torch.compile(forward, backend=self._backend, fullgraph=True,
                                       dynamic=None if dynamic else False)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -124,6 +128,12 @@ class CompiledRunner:
         self.seen: dict[Any, int] = {}
         self.new_reason: str | None = None
 
+    def release(self) -> None:
+        """Drop every artefact and take the marker hooks off the model."""
+        self.artefacts.clear()
+        self.failed.clear()
+        self.markers.remove()
+
     def wants(self, mode: str, typed: TypedProgram, batch: Batch) -> str:
         """The mode to use for this call: `auto` compiles only work that repeats on a GPU."""
         if mode != "auto":
@@ -165,7 +175,7 @@ class CompiledRunner:
         return None
 
     def _key(self, mode: str, typed: TypedProgram, batch: Batch) -> Any:
-        layout = None if len(batch.rows) == 1 else (batch.rows, batch.size)
+        layout = None if len(batch.rows) == 1 else (tuple((r.start, r.stop) for r in batch.rows), batch.size)
         return (typed.program.structural_hash(), mode, layout, _bucket(batch))
 
 

@@ -33,10 +33,10 @@ def vector(seed: int) -> torch.Tensor:
     return torch.randn(WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def traced(model, program, prompt):
-    layers = model.model.layers
+def traced(model, program, prompt, compile="off"):
+    layers = model.model.layers if hasattr(model.module, "model") else model.transformer.h
     saves = []
-    with model.trace(prompt):
+    with model.trace(prompt, compile=compile):
         for edit in program:
             kind, layer = edit[0], edit[1]
             if kind == "zero":
