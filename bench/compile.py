@@ -1,0 +1,145 @@
+"""Benchmark compiled execution on SmolLM2: one run, ratios between execution paths.
+
+Workload: batch 8 x 32 tokens, fp32, 2 threads; the experiment adds a steering vector times a
+coefficient at layer 15's last position and saves the last position's logits (the coefficient
+and vector change every call: they are graph inputs). Per-forward times are medians.
+
+    python bench/compile.py                  # CPU; the first-call columns start fresh processes
+    python bench/compile.py --device cuda    # bf16 at batch 1, 8 and 64, with and without CUDA graphs
+
+Targets: compiled-intervened / compiled-plain <= 1.05; on a GPU, compiled + CUDA graphs >= 3x
+the reference interpreter at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from interp_dsl import LanguageModel  # noqa: E402
+
+LAYER, REPEATS = 15, 7
+
+
+def batch(model: LanguageModel, size: int, length: int) -> torch.Tensor:
+    return torch.randint(100, model.config.vocab_size, (size, length), generator=torch.Generator().manual_seed(0))
+
+
+def steer(model: LanguageModel, ids: torch.Tensor, alpha: float, vector: torch.Tensor, compile: str) -> torch.Tensor:
+    with model.trace(ids, compile=compile):
+        model.model.layers[LAYER].output[:, -1] += alpha * vector
+        logits = model.lm_head.output[:, -1].save()
+    return logits.value
+
+
+def timed(fn, sync) -> float:
+    fn()
+    times = []
+    for _ in range(REPEATS):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_forward(model: LanguageModel, size: int, length: int, device: str, cudagraphs: bool) -> dict[str, float]:
+    ids = batch(model, size, length).to(device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    vector = torch.randn(model.config.hidden_size, dtype=model.module.dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    plain_compiled = torch.compile(model.module, fullgraph=True,
+                                   mode="reduce-overhead" if cudagraphs else None)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        out["eager"] = timed(lambda: model.module(**kwargs), sync)
+        out["compiled plain"] = timed(lambda: plain_compiled(**kwargs), sync)
+    out["reference"] = timed(lambda: steer(model, ids, 0.5, vector, "off"), sync)
+    modes = ("graph", "inductor", "cudagraphs") if device == "cuda" else ("graph", "inductor")
+    for mode in modes:
+        if mode == "cudagraphs" and not cudagraphs:
+            continue
+        alphas = iter([0.25 * i for i in range(100)])
+        out[f"compiled {mode}"] = timed(lambda mode=mode: steer(model, ids, next(alphas), vector, mode), sync)
+    a = steer(model, ids, 1.0, vector, "off")
+    b = steer(model, ids, 1.0, vector, "inductor")
+    out["max |inductor - reference|"] = float((a.float() - b.float()).abs().max())
+    return out
+
+
+def first_call(cache: str) -> None:
+    """In a fresh process: time to the first compiled result (capture, splice, inductor)."""
+    model = LanguageModel("smollm2-135m")
+    ids = batch(model, 8, 32)
+    vector = torch.randn(model.config.hidden_size)
+    start = time.perf_counter()
+    steer(model, ids, 1.0, vector, "inductor")
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    steer(model, ids, 2.0, vector, "inductor")
+    print(json.dumps({"first": first, "second": time.perf_counter() - start,
+                      "compilations": model.compile_stats().compilations}))
+
+
+def first_calls() -> tuple[dict, dict]:
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "2"}
+        runs = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, __file__, "--first-call", cache], env=env,
+                                  capture_output=True, text=True, check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return runs[0], runs[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--first-call", metavar="CACHE", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.first_call:
+        first_call(args.first_call)
+        return
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = LanguageModel("smollm2-135m", dtype=dtype)
+    model.module.to(args.device)
+    sizes = (1, 8, 64) if args.device == "cuda" else (8,)
+    print(f"# SmolLM2-135M, {args.device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}; steering at layer {LAYER} + last logits; median of {REPEATS}")
+    for size in sizes:
+        for cudagraphs in ((False, True) if args.device == "cuda" else (False,)):
+            t = per_forward(model, size, 32, args.device, cudagraphs)
+            print(f"\n## batch {size} x 32{' (CUDA graphs)' if cudagraphs else ''}")
+            for name, value in t.items():
+                if name.startswith("max"):
+                    print(f"{name:28s} {value:.1e}")
+                else:
+                    print(f"{name:28s} {value * 1000:8.1f} ms")
+            best = min(v for k, v in t.items() if k.startswith("compiled ") and k != "compiled plain")
+            print(f"{'compiled-intervened / compiled-plain':40s} {t['compiled inductor'] / t['compiled plain']:.3f}")
+            print(f"{'reference / compiled-intervened (best)':40s} {t['reference'] / best:.2f}x")
+            print(f"{'compiled-intervened / eager plain':40s} {t['compiled inductor'] / t['eager']:.3f}")
+    if args.device == "cpu":
+        cold, warm = first_calls()
+        print("\n## first compiled call, fresh process (capture + splice + inductor)")
+        print(f"cold (empty inductor cache)  {cold['first']:6.1f} s   (next call {cold['second'] * 1000:.0f} ms, "
+              f"{cold['compilations']} compilation)")
+        print(f"warm (second process)        {warm['first']:6.1f} s")
+
+
+if __name__ == "__main__":
+    main()
