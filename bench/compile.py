@@ -14,6 +14,7 @@ the reference interpreter at batch 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from interp_dsl import LanguageModel  # noqa: E402
 
-LAYER, REPEATS = 15, 7
+LAYER, REPEATS = 15, 9
 
 
 def batch(model: LanguageModel, size: int, length: int) -> torch.Tensor:
@@ -44,16 +46,19 @@ def steer(model: LanguageModel, ids: torch.Tensor, alpha: float, vector: torch.T
     return logits.value
 
 
-def timed(fn, sync) -> float:
-    fn()
-    times = []
-    for _ in range(REPEATS):
-        sync()
-        start = time.perf_counter()
+def timed(fns: dict[str, Any], sync: Any) -> dict[str, float]:
+    """Median seconds per call; the variants take turns, so drift on a shared machine hits all alike."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(REPEATS):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def per_forward(model: LanguageModel, size: int, length: int, device: str, cudagraphs: bool) -> dict[str, float]:
@@ -63,17 +68,17 @@ def per_forward(model: LanguageModel, size: int, length: int, device: str, cudag
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     plain_compiled = torch.compile(model.module, fullgraph=True,
                                    mode="reduce-overhead" if cudagraphs else None)
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        out["eager"] = timed(lambda: model.module(**kwargs), sync)
-        out["compiled plain"] = timed(lambda: plain_compiled(**kwargs), sync)
-    out["reference"] = timed(lambda: steer(model, ids, 0.5, vector, "off"), sync)
-    modes = ("graph", "inductor", "cudagraphs") if device == "cuda" else ("graph", "inductor")
-    for mode in modes:
-        if mode == "cudagraphs" and not cudagraphs:
-            continue
-        alphas = iter([0.25 * i for i in range(100)])
-        out[f"compiled {mode}"] = timed(lambda mode=mode: steer(model, ids, next(alphas), vector, mode), sync)
+    alphas = itertools.count(0.0, 0.25)  # a new coefficient every call: no recompilation
+    fns: dict[str, Any] = {
+        "eager": torch.no_grad()(lambda: model.module(**kwargs)),
+        "compiled plain": torch.no_grad()(lambda: plain_compiled(**kwargs)),
+        "reference": lambda: steer(model, ids, next(alphas), vector, "off"),
+        "compiled graph": lambda: steer(model, ids, next(alphas), vector, "graph"),
+        "compiled inductor": lambda: steer(model, ids, next(alphas), vector, "inductor"),
+    }
+    if cudagraphs:
+        fns["compiled cudagraphs"] = lambda: steer(model, ids, next(alphas), vector, "cudagraphs")
+    out = timed(fns, sync)
     a = steer(model, ids, 1.0, vector, "off")
     b = steer(model, ids, 1.0, vector, "inductor")
     out["max |inductor - reference|"] = float((a.float() - b.float()).abs().max())

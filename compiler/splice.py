@@ -1,7 +1,8 @@
 """The splice pass: a typed program and a captured forward graph in, one patched graph out.
 
 The captured graph (from dynamo, with `ivx::site` markers at the program's sites) is copied, never
-mutated. In the copy each marker becomes a plain `clone` of its input; each op of the program
+mutated. In the copy each marker becomes its input (or a `clone` of it, where the site is
+written or the model changes the value in place later); each op of the program
 becomes graph nodes right after its event's markers, in program order; a `write` re-routes the
 model's later uses of the site to the new value; reads that are saved become extra outputs after
 the model's own; params and weights become extra inputs after the graph's own. What runs is then
@@ -11,6 +12,7 @@ exactly what the reference interpreter runs at its hooks, with the same function
 
 from __future__ import annotations
 
+import operator
 import types as pytypes
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -180,8 +182,11 @@ class _Splicer:
         return nodes
 
     def _markers(self) -> dict[int, Any]:
-        """Event index -> the site's value rebuilt from marker nodes (each marker replaced by a
-        clone of its input) and the fake value's constant leaves."""
+        """Event index -> the site's value rebuilt from marker nodes (each marker replaced by its
+        input, or a clone of it) and the fake value's constant leaves."""
+        written = {(site_key(*self.typed.events[at][:2]), self.typed.events[at][2])
+                   for op, at in zip(self.typed.program.ops, self.typed.schedule, strict=True)
+                   if op.opcode == "write"}
         calls: dict[tuple[str, int], int] = defaultdict(int)
         found: dict[tuple[str, int, int], fx.Node] = {}
         for node in list(self.graph.nodes):
@@ -189,9 +194,12 @@ class _Splicer:
                 x, key, leaf = node.args
                 n = calls[(key, leaf)]
                 calls[(key, leaf)] += 1
-                with self.graph.inserting_before(node):
-                    copy = self.graph.call_function(torch.clone, (x,))
-                copy.meta = dict(node.meta)
+                if (key, n) in written or _mutated(x):  # a copy of its own: only the site's users move
+                    with self.graph.inserting_before(node):
+                        copy = self.graph.call_function(torch.clone, (x,))
+                    copy.meta = dict(node.meta)
+                else:  # nothing changes x in place later: its value is the site's value
+                    copy = x
                 node.replace_all_uses_with(copy)
                 self.graph.erase_node(node)
                 found[(key, n, leaf)] = copy
@@ -307,6 +315,30 @@ class _Splicer:
         for parent, key in reversed(trail):
             new = _replaced(parent, key, new)
         self.live[at] = new
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul}
+_VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
+          "unflatten", "narrow", "select", "as_strided", "t", "contiguous", "view_as", "unbind", "split",
+          "chunk"}
+
+
+def _mutated(x: fx.Node, depth: int = 0) -> bool:
+    """Whether a node may change `x` (or a view of it) in place: then a site's value must be a copy."""
+    for user in x.users:
+        target = user.target
+        name = getattr(target, "__name__", str(target))
+        if target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+            return True
+        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            return True
+        if user.kwargs.get("out") is x:
+            return True
+        view = target is operator.getitem or name in _VIEWS
+        if view and (depth > 8 or _mutated(user, depth + 1)):
+            return True
+    return False
 
 
 def _replaced(container: Any, key: Any, value: Any) -> Any:
