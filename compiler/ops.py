@@ -199,7 +199,7 @@ def write_site(live: Any, kind: str, path: list[Any], value: Any, rows: slice, b
 
 def _write(container: Any, path: list[Any], value: Any, rows: slice, batch: int) -> Any:
     if isinstance(container, torch.Tensor):
-        return write_tensor(container, path, value, rows, batch)
+        return _write_tensor(container, path, value, rows, batch)
     if not path:
         if rows == slice(0, batch):
             return value
@@ -223,9 +223,7 @@ def _write(container: Any, path: list[Any], value: Any, rows: slice, batch: int)
     raise TypeError(f"cannot index into {type(container).__name__} to write")
 
 
-def write_tensor(t: torch.Tensor, path: list[Any], value: Any, rows: slice, batch: int) -> torch.Tensor:
-    """A copy of `t` with `value` written at `path` within `rows` (or `value` itself when it
-    replaces all of `t`)."""
+def _write_tensor(t: torch.Tensor, path: list[Any], value: Any, rows: slice, batch: int) -> torch.Tensor:
     whole_batch = rows == slice(0, batch) or t.dim() == 0 or t.shape[0] != batch
     if not path and whole_batch:
         if isinstance(value, torch.Tensor):

@@ -94,6 +94,7 @@ class _Splicer:
         self.live: dict[int, Any] = {}  # event -> the site's current value (pytree of nodes)
         self.submodules: dict[str, torch.nn.Module] = {}
         self.cursor: fx.Node | None = None
+        self.fakes: dict[fx.Node, Any] = {}  # a site leaf's fake value (this call's shapes)
 
     def run(self, example_extra: list[Any]) -> Spliced:
         outputs = self.graph.graph_copy(self.source.graph, {})
@@ -215,6 +216,9 @@ class _Splicer:
                 continue
             rebuilt = [found.get((key, call, i), leaf) if isinstance(leaf, torch.Tensor) else leaf
                        for i, leaf in enumerate(leaves)]
+            for node, leaf in zip(rebuilt, leaves, strict=True):
+                if isinstance(node, fx.Node):
+                    self.fakes[node] = leaf
             if any(isinstance(leaf, torch.Tensor) for leaf in rebuilt):
                 raise SpliceError(f"a tensor of {path} ({phase}) is not marked in the captured graph")
             values[index] = pytree.tree_unflatten(rebuilt, spec)
@@ -281,19 +285,34 @@ class _Splicer:
         # reports it as stopped, as the reference interpreter does.
 
     def _call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> fx.Node:
+        """Graph nodes for one whitelisted op, spelled with plain torch and operator targets
+        (inductor's caches refuse graphs that call our own functions)."""
         fn = ops.functions()[name]
-        readable = isinstance(fn, (pytypes.FunctionType, pytypes.BuiltinFunctionType,
-                                   pytypes.MethodDescriptorType, pytypes.WrapperDescriptorType))
-        if readable and not ops.is_inplace_method(name):
+        if name == "setitem":  # functional: a copy, written
+            out = self._node("call_function", torch.clone, (args[0],), {})
+            self._node("call_function", operator.setitem, (out, args[1], args[2]), {})
+            return out
+        if ops.is_inplace_method(name) and args and isinstance(args[0], fx.Node):
+            copy = self._node("call_function", torch.clone, (args[0],), {})
+            return self._node("call_method", name.removeprefix("Tensor."), (copy, *args[1:]), kwargs)
+        if isinstance(fn, operator.attrgetter):  # Tensor.T and other properties
+            return self._node("call_function", getattr, (args[0], name.removeprefix("Tensor.")), {})
+        if isinstance(fn, (pytypes.FunctionType, pytypes.BuiltinFunctionType,
+                           pytypes.MethodDescriptorType, pytypes.WrapperDescriptorType)):
             return self._node("call_function", fn, tuple(args), kwargs)
         return self._node("call_function", ops.call, (name, list(args), kwargs), {})
+
+    def _batch_rows(self, node: fx.Node) -> bool:
+        fake = self.fakes.get(node)
+        return fake is not None and fake.dim() > 0 and fake.shape[0] == self.batch
 
     def _rows(self, value: Any, invoke: int) -> Any:
         rows = self.rows[invoke]
         if rows == slice(0, self.batch):
             return value
         return pytree.tree_map_only(
-            fx.Node, lambda n: self._node("call_function", ops.slice_rows, (n, rows, self.batch), {}), value)
+            fx.Node, lambda n: self._node("call_function", operator.getitem, (n, rows), {})
+            if self._batch_rows(n) else n, value)
 
     def _write(self, at: int, op: Op, path: list[Any], value: Any) -> None:
         rows = self.rows[op.site.invoke]  # type: ignore[union-attr]
@@ -309,12 +328,26 @@ class _Splicer:
         if not isinstance(container, fx.Node):
             raise SpliceError(f"{op.span}: writes a whole {type(container).__name__}; "
                               "compiled execution writes tensors")
-        new = self._node("call_function", ops.write_tensor, (container, tuple(steps), value, rows,
-                                                             self.batch), {})
+        new = self._write_leaf(container, steps, value, rows)
+        self.fakes[new] = self.fakes.get(container)
         container.replace_all_uses_with(new, delete_user_cb=lambda user: user not in self.ours)
         for parent, key in reversed(trail):
             new = _replaced(parent, key, new)
         self.live[at] = new
+
+    def _write_leaf(self, t: fx.Node, steps: list[Any], value: Any, rows: slice) -> fx.Node:
+        """`ops.write_tensor` as graph nodes: a copy of `t` with `value` written in place."""
+        whole = rows == slice(0, self.batch) or not self._batch_rows(t)
+        if not steps and whole:
+            if isinstance(value, fx.Node):
+                return value
+            return self._node("call_function", torch.full_like, (t, value), {})
+        out = self._node("call_function", torch.clone, (t,), {})
+        view = out if whole else self._node("call_function", operator.getitem, (out, rows), {})
+        for index in steps[:-1]:
+            view = self._node("call_function", operator.getitem, (view, index), {})
+        self._node("call_function", operator.setitem, (view, steps[-1] if steps else Ellipsis, value), {})
+        return out
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,

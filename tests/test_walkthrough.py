@@ -115,6 +115,7 @@ def test_apply_style_custom_sum_matches(tiny, net, x):
     assert_close(total.value, net.layer1(x).sum())
 
 
+@pytest.mark.reference_only
 @pytest.mark.parametrize("spelling", ["tracer", "module"])
 def test_early_stop(tiny, net, x, spelling):
     from torch._subclasses.fake_tensor import FakeTensor
