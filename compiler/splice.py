@@ -77,16 +77,18 @@ def site_keys(typed: TypedProgram) -> frozenset[str]:
 
 
 def splice(gm: fx.GraphModule, typed: TypedProgram, table: SiteTable, rows: tuple[slice, ...],
-           batch: int, modules: torch.nn.Module, example_extra: list[Any]) -> Spliced:
+           batch: int, modules: torch.nn.Module, example_extra: list[Any], fake_mode: Any = None) -> Spliced:
     """Patch a copy of `gm`. `rows` are the invokes' rows of a batch of `batch` (all of it
-    when there is one invoke); `example_extra` are fake or real values for the extra inputs."""
-    return _Splicer(gm, typed, table, rows, batch, modules).run(example_extra)
+    when there is one invoke); `example_extra` are fake values for the extra inputs, in
+    `fake_mode` (dynamo's), which also types the new nodes."""
+    return _Splicer(gm, typed, table, rows, batch, modules, fake_mode).run(example_extra)
 
 
 class _Splicer:
     def __init__(self, gm: fx.GraphModule, typed: TypedProgram, table: SiteTable,
-                 rows: tuple[slice, ...], batch: int, modules: torch.nn.Module):
+                 rows: tuple[slice, ...], batch: int, modules: torch.nn.Module, fake_mode: Any):
         self.source, self.typed, self.table = gm, typed, table
+        self.fake_mode = fake_mode
         self.rows, self.batch, self.modules = rows, batch, modules
         self.graph = fx.Graph()
         self.ours: set[fx.Node] = set()
@@ -250,7 +252,29 @@ class _Splicer:
             node = self.graph.create_node(kind, target, args, kwargs)
         self.cursor = node
         self.ours.add(node)
+        self._example_value(node)
         return node
+
+    def _example_value(self, node: fx.Node) -> None:
+        """Dynamo's `example_value` metadata for a new node, computed on fake values: inductor's
+        and AOTAutograd's caches need it. Without a fake mode (or for a module call) the node
+        simply has none, and those caches are bypassed."""
+        if self.fake_mode is None or node.op not in ("call_function", "call_method"):
+            return
+        missing = []
+        def fake(n: fx.Node) -> Any:
+            if "example_value" not in n.meta:
+                missing.append(n)
+            return n.meta.get("example_value")
+        args = fx.node.map_arg(node.args, fake)
+        kwargs = fx.node.map_arg(node.kwargs, fake)
+        if missing:
+            return
+        with self.fake_mode:
+            if node.op == "call_method":
+                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                node.meta["example_value"] = node.target(*args, **kwargs)
 
     def _arg(self, arg: Any) -> Any:
         return ops.materialize(arg, self.values)

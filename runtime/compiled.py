@@ -77,10 +77,10 @@ class Artefact:
         call = self._call
         assert call is not None
         self.stats.compilations += 1
-        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        fake_mode = _graph_fake_mode(gm) or torch._guards.detect_fake_mode(example_inputs)
         examples = [fake_mode.from_tensor(v) if fake_mode is not None else v for v in call.extra]
         spliced = splice(gm, call.typed, call.table, call.batch.rows, call.batch.size, self.module,
-                         examples)
+                         examples, fake_mode)
         self.spliced = spliced
         if self.mode == "graph":
             run = spliced.module
@@ -190,6 +190,15 @@ def _bucket(batch: Batch) -> Any:
             return ("T", str(v.dtype), tuple(d == 1 for d in v.shape), v.device.type)
         return repr(v)
     return (tuple(sig(a) for a in batch.args), tuple((k, sig(v)) for k, v in batch.kwargs.items()))
+
+
+def _graph_fake_mode(gm: torch.fx.GraphModule) -> Any:
+    """The fake mode of the graph's own metadata (the one its nodes' example values live in)."""
+    for node in gm.graph.nodes:
+        mode = getattr(node.meta.get("example_value"), "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
 
 
 def _mark_dynamic(batch: Batch) -> None:
