@@ -97,6 +97,8 @@ class _Splicer:
         self.submodules: dict[str, torch.nn.Module] = {}
         self.cursor: fx.Node | None = None
         self.fakes: dict[fx.Node, Any] = {}  # a site leaf's fake value (this call's shapes)
+        self.event = BEFORE_FORWARD  # the event whose ops are being spliced
+        self.event_of: dict[fx.Node, int] = {}  # our node -> its event, for explaining
 
     def run(self, example_extra: list[Any]) -> Spliced:
         outputs = self.graph.graph_copy(self.source.graph, {})
@@ -122,11 +124,9 @@ class _Splicer:
                 self.live[at] = markers[at]
                 self.cursor = self._last_marker(markers[at])
                 spliced.anchors[at] = self.cursor
-            start = len(self.ours)
+            self.event = at
             for op in by_event[at]:
                 self._op(op, at, placeholders, extra, spliced)
-            spliced.inserted[at] = [n for n in self.graph.nodes if n in self.ours][start:] \
-                if start < len(self.ours) else []
         save_leaves = []
         for i, (name, vid, spec, template) in enumerate(spliced.saves):
             slots = []
@@ -147,6 +147,9 @@ class _Splicer:
         if stops:
             self._drop_dead_after(cut)
         self.graph.lint()
+        spliced.inserted = {at: [n for n in self.graph.nodes if self.event_of.get(n) == at] for at in by_event}
+        alive = set(self.graph.nodes)
+        spliced.anchors = {at: n for at, n in spliced.anchors.items() if n in alive}
         spliced.module = fx.GraphModule(self._root(), self.graph)
         return spliced
 
@@ -252,6 +255,7 @@ class _Splicer:
             node = self.graph.create_node(kind, target, args, kwargs)
         self.cursor = node
         self.ours.add(node)
+        self.event_of[node] = self.event
         self._example_value(node)
         return node
 
