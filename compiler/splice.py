@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from compiler import ops
 from compiler.check import BEFORE_FORWARD, TypedProgram
-from compiler.ir import Op, Program, TensorType, TupleType, Type
+from compiler.ir import Op, Program
 from compiler.markers import SITE_OP, site_key
 from compiler.signatures import SiteTable
 
@@ -304,18 +304,20 @@ class _Splicer:
             self.values[op.result] = self._node("call_module", name, tuple(args), kwargs)  # type: ignore
         elif code == "save":
             ref = op.args[0].id  # type: ignore[union-attr]
-            if not _is_tensor_tree(self.typed.types.get(ref)):
-                raise SpliceError(f"{op.span}: saves a value that is not a tensor; "
-                                  "compiled execution saves tensors only")
             leaves, spec = pytree.tree_flatten(self.values[ref])
+            if not all(_tensor_node(leaf) for leaf in leaves if isinstance(leaf, fx.Node)):
+                raise SpliceError(f"{op.span}: saves a value computed from shapes, not a tensor; "
+                                  "compiled execution saves tensors and constants")
             spliced.saves.append((op.target, ref, spec, leaves))
         # `stop` needs nothing here: the compiled forward runs to the end, and the caller
         # reports it as stopped, as the reference interpreter does.
 
-    def _call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> fx.Node:
+    def _call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Graph nodes for one whitelisted op, spelled with plain torch and operator targets
         (inductor's caches refuse graphs that call our own functions)."""
         fn = ops.functions()[name]
+        if fn in (getattr, operator.getitem) and not isinstance(args[0], fx.Node):
+            return fn(*args)  # into a site's structure (a tuple, a ModelOutput): known now
         if name == "setitem":  # functional: a copy, written
             out = self._node("call_function", torch.clone, (args[0],), {})
             self._node("call_function", operator.setitem, (out, args[1], args[2]), {})
@@ -414,10 +416,10 @@ def _replaced(container: Any, key: Any, value: Any) -> Any:
     return type(container)(**new) if type(container) is not dict else new
 
 
-def _is_tensor_tree(t: Type | None) -> bool:
-    if isinstance(t, TensorType):
-        return True
-    return isinstance(t, TupleType) and all(_is_tensor_tree(i) for i in t.items)
+def _tensor_node(node: fx.Node) -> bool:
+    """Whether a node computes a tensor (module calls carry no example value: they do)."""
+    example = node.meta.get("example_value")
+    return example is None and node.op == "call_module" or isinstance(example, torch.Tensor)
 
 
 def _fetch(module: Any, target: str) -> Any:

@@ -63,6 +63,39 @@ def intervene(lm, prompts, alpha, vector, compile):
     return [hidden.value, logits.value]
 
 
+def test_inputs_module_calls_and_the_model_output_compile_exactly(model):
+    """Input writes, `.inputs`, an ad-hoc module call (the logit lens) and `model.output`."""
+    final_norm = model.model.norm if hasattr(model.module, "model") else model.transformer.ln_f
+
+    def run(compile):
+        with model.trace([A, "rome is in"], compile=compile):
+            layers(model)[1].input[:, -1] = 0
+            inputs = layers(model)[2].inputs.save()
+            lens = model.lm_head(final_norm(layers(model)[0].output)).save()
+            logits = model.output.logits.save()
+        return [inputs.value[0][0], lens.value, logits.value]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        got = run("graph")
+    assert_equal(got, run("off"))
+
+
+def test_auto_does_not_compile_a_one_off_trace_on_a_cpu(model):
+    before = model.compile_stats().artefacts
+    for _ in range(4):
+        with model.trace(A):
+            layers(model)[0].output.save()
+    assert model.compile_stats().artefacts == before
+
+
+def test_cudagraphs_without_a_gpu_falls_back_and_says_why(model):
+    with pytest.warns(CompileFallbackWarning, match="CUDA graphs need the model on a CUDA device"):
+        with model.trace(A, compile="cudagraphs"):
+            hidden = layers(model)[0].output.save()
+    assert hidden.value.shape[0] == 1
+
+
 def test_inductor_agrees_with_the_reference(model):
     vector = torch.randn(32)
     got = intervene(model, [A, "rome is in"], 1.5, vector, "inductor")
