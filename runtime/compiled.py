@@ -26,6 +26,7 @@ from compiler.signatures import SiteTable
 from compiler.splice import Spliced, extra_inputs, site_keys, splice
 from runtime.interpreter import Batch, RunResult
 
+AUTO_REPEATS = 3  # on a GPU, `auto` compiles an experiment the third time it runs with one shape bucket
 _RECOMPILE_LIMIT = 256  # artefacts of one model share the forward's code object in dynamo's cache
 
 
@@ -64,7 +65,6 @@ class Artefact:
                  dynamic: bool, stats: CompileStats):
         self.module, self.markers, self.mode, self.keys = module, markers, mode, keys
         self.stats = stats
-        self.spliced: Spliced | None = None
         self._call: _Call | None = None
 
         def forward(*args: Any, **kwargs: Any) -> Any:  # a function, so the root's hooks are traced too
@@ -81,7 +81,6 @@ class Artefact:
         examples = [fake_mode.from_tensor(v) if fake_mode is not None else v for v in call.extra]
         spliced = splice(gm, call.typed, call.table, call.batch.rows, call.batch.size, self.module,
                          examples, fake_mode)
-        self.spliced = spliced
         if self.mode == "graph":
             run = spliced.module
         else:
@@ -138,10 +137,11 @@ class CompiledRunner:
         """The mode to use for this call: `auto` compiles only work that repeats on a GPU."""
         if mode != "auto":
             return mode
+        if not any(p.is_cuda for p in self.module.parameters()):
+            return "off"
         key = self._key("auto", typed, batch)
         self.seen[key] = self.seen.get(key, 0) + 1
-        on_gpu = any(p.is_cuda for p in self.module.parameters())
-        return "inductor" if on_gpu and self.seen[key] >= AUTO_REPEATS else "off"
+        return "inductor" if self.seen[key] >= AUTO_REPEATS else "off"
 
     def run(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
             params: dict[str, Any]) -> RunResult | None:
@@ -177,9 +177,6 @@ class CompiledRunner:
     def _key(self, mode: str, typed: TypedProgram, batch: Batch) -> Any:
         layout = None if len(batch.rows) == 1 else (tuple((r.start, r.stop) for r in batch.rows), batch.size)
         return (typed.program.structural_hash(), mode, layout, _bucket(batch))
-
-
-AUTO_REPEATS = 3  # on a GPU, `auto` compiles an experiment the third time it runs with one shape bucket
 
 
 def _bucket(batch: Batch) -> Any:

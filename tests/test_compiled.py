@@ -214,6 +214,22 @@ def test_capture_failure_falls_back_once_naming_the_cause():
     assert net.compile_stats().fallbacks == 2
 
 
+def test_a_compiled_call_that_skips_our_graph_is_caught():
+    """If the model ran without our graph (here: dynamo disabled), the markers would run as plain
+    hooks and the edit would be lost; that is noticed (by fullgraph, or by the artefact's own
+    check that its graph ran) and the reference runs."""
+    lm = make("llama")
+    with torch._dynamo.config.patch(disable=True):
+        with pytest.warns(CompileFallbackWarning, match="reference interpreter ran instead"):
+            with lm.trace(A, compile="graph"):
+                lm.model.layers[0].output[:] = 0
+                logits = lm.lm_head.output.save()
+    with lm.trace(A, compile="off"):
+        lm.model.layers[0].output[:] = 0
+        want = lm.lm_head.output.save()
+    assert torch.equal(logits.value, want.value)
+
+
 def test_unknown_mode_is_located():
     lm = make("gpt2")
     with pytest.raises(Exception, match="did you mean 'inductor'") as err:
