@@ -97,12 +97,13 @@ def test_cudagraphs_without_a_gpu_falls_back_and_says_why(model):
 
 
 def test_inductor_agrees_with_the_reference(model):
+    fallbacks = model.compile_stats().fallbacks
     vector = torch.randn(32)
     got = intervene(model, [A, "rome is in"], 1.5, vector, "inductor")
     want = intervene(model, [A, "rome is in"], 1.5, vector, "off")
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, rtol=1e-4, atol=1e-5)
-    assert model.compile_stats().fallbacks == 0
+    assert model.compile_stats().fallbacks == fallbacks
 
 
 def test_values_batch_sizes_and_lengths_share_one_compilation():
