@@ -10,11 +10,15 @@ Guards: each artefact has its own backend, and dynamo keys its cache entries by 
 programs can never share a graph; marker hooks stay installed (dynamo guards on hook
 dictionaries). After every call the artefact checks that its graph really ran; if dynamo ran
 the model some other way (a recompile limit, a guard we did not foresee), the result is thrown
-away and the reference interpreter runs instead, with a warning.
+away and the reference interpreter runs instead, with a warning. Each artefact compiles its own
+copy of a small forward function, so dynamo's per-code-object state (cache entries, recompile
+limits, frames it gave up on) is per artefact.
 """
 
 from __future__ import annotations
 
+import itertools
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +31,7 @@ from compiler.splice import Spliced, extra_inputs, site_keys, splice
 from runtime.interpreter import Batch, RunResult
 
 AUTO_REPEATS = 3  # on a GPU, `auto` compiles an experiment the third time it runs with one shape bucket
-_RECOMPILE_LIMIT = 256  # artefacts of one model share the forward's code object in dynamo's cache
+_ARTEFACT_IDS = itertools.count()
 
 
 class _NotRun(Exception):
@@ -66,11 +70,7 @@ class Artefact:
         self.module, self.markers, self.mode, self.keys = module, markers, mode, keys
         self.stats = stats
         self._call: _Call | None = None
-
-        def forward(*args: Any, **kwargs: Any) -> Any:  # a function, so the root's hooks are traced too
-            return module(*args, **kwargs)
-
-        self.compiled = torch.compile(forward, backend=self._backend, fullgraph=True,
+        self.compiled = torch.compile(_own_forward(module), backend=self._backend, fullgraph=True,
                                       dynamic=None if dynamic else False)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -103,9 +103,7 @@ class Artefact:
         self.markers.install(self.keys)
         _mark_dynamic(batch)
         try:
-            with self.markers.activated(self.keys), torch.no_grad(), \
-                    torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
-                                               accumulated_recompile_limit=_RECOMPILE_LIMIT * 4):
+            with self.markers.activated(self.keys), torch.no_grad():
                 output = self.compiled(*batch.args, **batch.kwargs)
         finally:
             self._call = None
@@ -187,6 +185,17 @@ def _bucket(batch: Batch) -> Any:
             return ("T", str(v.dtype), tuple(d == 1 for d in v.shape), v.device.type)
         return repr(v)
     return (tuple(sig(a) for a in batch.args), tuple((k, sig(v)) for k, v in batch.kwargs.items()))
+
+
+def _own_forward(module: torch.nn.Module) -> Any:
+    """A function calling the model (so the root module's hooks are traced too) with a code
+    object of its own: dynamo keeps its cache, recompile count and skip marks per code object,
+    so one artefact's failure or its shape buckets never touch another's."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    code = forward.__code__.replace(co_name=f"ivx_forward_{next(_ARTEFACT_IDS)}")
+    return types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
 
 
 def _graph_fake_mode(gm: torch.fx.GraphModule) -> Any:
