@@ -47,7 +47,7 @@ def explain_graph(spliced: Spliced, typed: TypedProgram, root: str = "model") ->
     for op, at in zip(typed.program.ops, typed.schedule, strict=True):
         spans.setdefault(at, []).append(str(op.span))
     lines = [f"# patched graph: {len(nodes)} nodes, {len(ours)} of them from the experiment; "
-             f"{len(spliced.extra)} extra inputs, {sum(1 for s in spliced.saves)} saved values"]
+             f"{len(spliced.extra)} extra inputs, {len(spliced.saves)} saved values"]
     for at in sorted(spliced.inserted):
         added = spliced.inserted[at]
         if not added and at not in spliced.anchors:

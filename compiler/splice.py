@@ -178,9 +178,10 @@ class _Splicer:
                     examples: list[Any]) -> list[fx.Node]:
         nodes: list[fx.Node] = []
         for (kind, name), example in zip(extra, examples, strict=True):
-            ctx = self.graph.inserting_after(nodes[-1] if nodes else last) if (nodes or last) \
-                else self.graph.inserting_before(None)
-            with ctx:
+            anchor = nodes[-1] if nodes else last
+            where = self.graph.inserting_after(anchor) if anchor is not None \
+                else self.graph.inserting_before(next(iter(self.graph.nodes)))
+            with where:
                 node = self.graph.placeholder(f"ivx_{kind}_{name}".replace(".", "_"))
             node._dynamo_source = None
             node.meta["example_value"] = example

@@ -135,6 +135,14 @@ def test_invokes_compile_and_agree():
     assert lm.compile_stats().fallbacks == 0
 
 
+def zeroed_logits(lm, compile):
+    """The logits with layer 0's output zeroed."""
+    with lm.trace(A, compile=compile):
+        lm.model.layers[0].output[:] = 0
+        logits = lm.lm_head.output.save()
+    return logits.value
+
+
 def test_hooks_around_compile_cannot_hide_the_intervention():
     """The trap of hooks registered around torch.compile: a compiled plain forward first, then
     ours with an edit, on the same instance and on a second one: ours is the edited result."""
@@ -143,14 +151,9 @@ def test_hooks_around_compile_cannot_hide_the_intervention():
     with torch.no_grad():
         plain = torch.compile(first.module, backend="eager")(**ids).logits
     for lm in (first, second):
-        with lm.trace(A, compile="graph"):
-            lm.model.layers[0].output[:] = 0
-            logits = lm.lm_head.output.save()
-        with lm.trace(A, compile="off"):
-            lm.model.layers[0].output[:] = 0
-            want = lm.lm_head.output.save()
-        assert torch.equal(logits.value, want.value)
-        assert not torch.allclose(logits.value, plain)
+        logits = zeroed_logits(lm, "graph")
+        assert torch.equal(logits, zeroed_logits(lm, "off"))
+        assert not torch.allclose(logits, plain)
 
 
 def test_no_python_hook_runs_in_a_compiled_forward():
@@ -222,13 +225,8 @@ def test_a_compiled_call_that_skips_our_graph_is_caught():
     lm = make("llama")
     with torch._dynamo.config.patch(disable=True):
         with pytest.warns(CompileFallbackWarning, match="reference interpreter ran instead"):
-            with lm.trace(A, compile="graph"):
-                lm.model.layers[0].output[:] = 0
-                logits = lm.lm_head.output.save()
-    with lm.trace(A, compile="off"):
-        lm.model.layers[0].output[:] = 0
-        want = lm.lm_head.output.save()
-    assert torch.equal(logits.value, want.value)
+            logits = zeroed_logits(lm, "graph")
+    assert torch.equal(logits, zeroed_logits(lm, "off"))
 
 
 def test_unknown_mode_is_located():
