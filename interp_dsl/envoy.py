@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compiler.errors import InterventionError, UnknownModuleError, did_you_mean
+from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
 
@@ -58,6 +59,8 @@ class Envoy:
             hint or (f"its submodules are: {subs}" if subs else "it has no submodules"))
 
     def __getitem__(self, index: int) -> "Envoy":
+        if isinstance(index, fan.Fanned):  # a vectorised sweep axis: one module per point
+            return fan.apply(self.__getitem__, index)
         names = list(self._module._modules)
         if not names or not isinstance(index, int):
             raise UnknownModuleError.at(

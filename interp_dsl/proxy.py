@@ -16,6 +16,7 @@ from compiler.errors import (
 )
 from compiler.ir import Arg, Site
 from compiler.shape_rules import Abstract, is_tensor_like, materialize
+from interp_dsl import fan
 from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
@@ -183,6 +184,9 @@ class Proxy:
     def __setitem__(self, index: Any, value: Any) -> None:
         if not self._live:
             self.value[_unwrap(index)] = _unwrap(value)
+            return
+        if fan.contains(index):
+            fan.apply(self.__setitem__, index, value)
             return
         if self._origin is not None:
             site, path = self._origin

@@ -22,6 +22,8 @@ from compiler.ir import (
     TupleArg,
 )
 from compiler.passes import drop_dead_reads
+from compiler.shape_rules import is_tensor_like
+from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
 
@@ -69,6 +71,12 @@ class Tracer:
         self._proxies: list[Proxy] = []
         self._typer: IncrementalTyper | None = None
         self.span_source = user_span  # where ops say they come from; the .ivx lowering replaces it
+        # Vectorised sweep axes (see interp_dsl/fan.py): set by a sweep before recording.
+        self.fan_axes: dict[str, list[Any]] = {}
+        self.fan_rows = 0  # prompts per batch, before expansion
+        self.fan_point: dict[str, int] = {}  # the point a fanned operation is being applied at
+        self.expanded: set[int] = set()  # invokes whose rows repeat once per point
+        self._fan_params: dict[str, Proxy] = {}
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -155,7 +163,10 @@ class Tracer:
             "use tensors, numbers, strings, slices, tuples and lists")
 
     def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-             origin_of: tuple[Proxy, Any] | None = None) -> Proxy:
+             origin_of: tuple[Proxy, Any] | None = None) -> Any:
+        if fan.contains((args, kwargs)):
+            return fan.apply(lambda *a, **k: self.call(name, a, k, (a[0], a[1]) if origin_of else None),
+                             *args, **kwargs)
         encoded = tuple(self.encode(a) for a in args)
         enc_kwargs = tuple((k, self.encode(v)) for k, v in kwargs.items())
         id = self._emit("call", True, target=name, args=encoded, kwargs=enc_kwargs)
@@ -179,7 +190,46 @@ class Tracer:
         return proxy
 
     def write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
-        self._emit("write", site=site, path=path, args=(self.encode(value),))
+        if fan.contains(value):
+            fan.apply(lambda v: self.write(site, path, v), value)
+        elif self.fan_point:
+            self._masked_write(site, path, value)
+        else:
+            self._emit("write", site=site, path=path, args=(self.encode(value),))
+
+    def _masked_write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
+        """A write at one point of the vectorised axes: only that point's rows change."""
+        if site.invoke not in self.expanded:
+            self.expanded.add(site.invoke)
+            self.invoke_inputs[site.invoke] = fan.repeat_rows(self.invoke_inputs[site.invoke],
+                                                              fan.n_points(self.fan_axes))
+            self._typer = None
+        current = self.reread((site, path))
+        target = self.fake(current)
+        if not is_tensor_like(target):
+            raise InterventionError.at(user_span(), "a write that depends on a vectorised sweep axis "
+                                       f"needs a tensor target, not a {type(target).__name__}")
+        points = fan.n_points(self.fan_axes)
+        found = self.fake(value) if isinstance(value, Proxy) else value
+        rank = len(target.shape)
+        if is_tensor_like(found) and len(found.shape) == rank and points > 1 \
+                and found.shape[0] == self.fan_rows and target.shape[0] == self.fan_rows * points:
+            value = self.call("Tensor.repeat", (value, (points,) + (1,) * (rank - 1)), {})
+        mask = None
+        for name, index in self.fan_point.items():
+            if name not in self._fan_params:
+                rows = fan.row_values(self.fan_axes, self.fan_rows)[name]
+                self._fan_params[name] = self.named_param(fan.FAN_PARAM.format(name), rows)
+            hit = self.call("torch.eq", (self._fan_params[name], index), {})
+            mask = hit if mask is None else self.call("torch.logical_and", (mask, hit), {})
+        mask = self.call("getitem", (mask, (slice(None),) + (None,) * (rank - 1)), {})
+        new = self.call("torch.where", (mask, value, current), {})
+        self._emit("write", site=site, path=path, args=(self.encode(new),))
+
+    def named_param(self, name: str, value: Any) -> Proxy:
+        """A parameter bound by name at run time (a sweep axis); `value` gives its type."""
+        self.params[name] = value
+        return self._proxy(self._emit("param", True, target=name, type=type_of(value)))  # type: ignore[arg-type]
 
     def module_call(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:
         encoded = tuple(self.encode(a) for a in args)

@@ -1,0 +1,190 @@
+"""Vectorised sweep axes: values that differ per point of an integer sweep axis.
+
+An integer sweep axis (a layer index, a position) is not run point by point. Its points become rows
+of the batch instead, so a sweep over every layer runs as one forward and one compiled graph.
+A `Fanned` value maps each point of the axes it depends on to an ordinary value (an `Envoy`, a
+`Proxy`, a number); operations on it apply point by point. A write made at a point rewrites only
+that point's rows of its invoke: `site = torch.where(rows_of_point, new, site)`. The invoke is
+*expanded* at its first such write: its prompts repeat once per point, point-major. Invokes that
+only read (the clean run of a patching sweep) keep one row per prompt, so they run once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from interp_dsl.tracing import Tracer
+
+FAN_PARAM = "__fan_{}"  # the per-row index of an axis's value, a parameter of the program
+SAVE_SEP = "@"  # a fanned save `h` is saved once per point, as `h@layer=3`
+
+
+class Fanned:
+    """A value per point of some vectorised axes: `items[(i, j, ...)]` is the value at the i-th
+    value of `axes[0]`, the j-th of `axes[1]`, ... (indices into the sweep's value lists)."""
+
+    __slots__ = ("_tracer", "_axes", "_items")
+
+    def __init__(self, tracer: "Tracer", axes: tuple[str, ...], items: dict[tuple[int, ...], Any]):
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_axes", axes)
+        object.__setattr__(self, "_items", items)
+
+    # attribute access and indexing act on every point
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return apply(getattr, self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        apply(setattr, self, name, value)
+
+    def __getitem__(self, index: Any) -> Any:
+        return apply(operator.getitem, self, index)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        apply(operator.setitem, self, index, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return apply(lambda f, *a, **k: f(*a, **k), self, *args, **kwargs)
+
+    @classmethod
+    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return apply(func, *args, **(kwargs or {}))
+
+    def save(self, name: str | None = None) -> "Fanned":
+        """Save the value at every point: `name@axis=value` per point, joined back into rows by the sweep."""
+        name = name or f"save{len(self._tracer._saved)}"
+        for key, item in self._items.items():
+            labels = ",".join(f"{a}={self._tracer.fan_axes[a][i]}" for a, i in zip(self._axes, key, strict=True))
+            item.save(f"{name}{SAVE_SEP}{labels}")
+        return self
+
+    def __index__(self) -> int:
+        from compiler.errors import InterventionError
+        from interp_dsl.spans import user_span
+        raise InterventionError.at(user_span(), f"the sweep axis {', '.join(self._axes)} has no single value here",
+                                   "use it to index modules or tensors, or in arithmetic")
+
+    def __bool__(self) -> bool:
+        return bool(self.__index__())
+
+    def __repr__(self) -> str:
+        return f"Fanned({', '.join(self._axes)}: {len(self._items)} points)"
+
+
+def _binary(op: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Fanned, Any], Any]:
+    def method(self: Fanned, other: Any) -> Any:
+        return apply(op, other, self) if reflected else apply(op, self, other)
+    return method
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_", "xor"):
+    _dunder = _name.rstrip("_")
+    setattr(Fanned, f"__{_dunder}__", _binary(getattr(operator, _name)))
+    setattr(Fanned, f"__r{_dunder}__", _binary(getattr(operator, _name), reflected=True))
+    setattr(Fanned, f"__i{_dunder}__", _binary(getattr(operator, f"i{_name.rstrip('_')}")))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(Fanned, f"__{_name}__", _binary(getattr(operator, _name)))
+def _unary(op: Callable[[Any], Any]) -> Callable[[Fanned], Any]:
+    return lambda self: apply(op, self)
+
+
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(Fanned, f"__{_name}__", _unary(getattr(operator, _name)))
+
+
+def axis(tracer: "Tracer", name: str) -> Fanned:
+    """The axis itself: its value at each of its points."""
+    return Fanned(tracer, (name,), {(i,): v for i, v in enumerate(tracer.fan_axes[name])})
+
+
+def contains(obj: Any) -> bool:
+    """Whether a fanned value occurs in `obj` (looking into tuples, lists, dicts and slices)."""
+    return bool(_collect(obj, []))
+
+
+def apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` at every point of the axes its fanned arguments depend on; the results
+    make a `Fanned` (or None when `fn` returns nothing). Writes made inside know their point."""
+    fanned = _collect((args, kwargs), [])
+    if not fanned:
+        return fn(*args, **kwargs)
+    tracer = fanned[0]._tracer
+    used = {a for f in fanned for a in f._axes}
+    axes = tuple(a for a in tracer.fan_axes if a in used)
+    items: dict[tuple[int, ...], Any] = {}
+    outer = tracer.fan_point
+    for key in itertools.product(*(range(len(tracer.fan_axes[a])) for a in axes)):
+        point = dict(zip(axes, key, strict=True))
+        tracer.fan_point = {**outer, **point}
+        try:
+            items[key] = fn(*_pick(args, point), **_pick(kwargs, point))
+        finally:
+            tracer.fan_point = outer
+    if all(v is None for v in items.values()):
+        return None
+    return Fanned(tracer, axes, items)
+
+
+def _collect(obj: Any, out: list[Fanned]) -> list[Fanned]:
+    if isinstance(obj, Fanned):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _collect(item, out)
+    elif isinstance(obj, dict):
+        _collect(list(obj.values()), out)
+    elif isinstance(obj, slice):
+        _collect((obj.start, obj.stop, obj.step), out)
+    return out
+
+
+def _pick(obj: Any, point: dict[str, int]) -> Any:
+    if isinstance(obj, Fanned):
+        return obj._items[tuple(point[a] for a in obj._axes)]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_pick(x, point) for x in obj)
+    if isinstance(obj, list):
+        return [_pick(x, point) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _pick(v, point) for k, v in obj.items()}
+    if isinstance(obj, slice):
+        return slice(_pick(obj.start, point), _pick(obj.stop, point), _pick(obj.step, point))
+    return obj
+
+
+def row_values(axes: dict[str, list[Any]], rows: int) -> dict[str, torch.Tensor]:
+    """Per axis, the index of its value on each row of an expanded invoke of `rows` prompts
+    (point-major: row r is prompt r % rows at point r // rows, points in `itertools.product` order)."""
+    points = list(itertools.product(*(range(len(v)) for v in axes.values())))
+    return {name: torch.tensor([p[k] for p in points for _ in range(rows)], dtype=torch.int64)
+            for k, name in enumerate(axes)}
+
+
+def n_points(axes: dict[str, list[Any]]) -> int:
+    out = 1
+    for values in axes.values():
+        out *= len(values)
+    return out
+
+
+def repeat_rows(inputs: Any, times: int) -> Any:
+    """An invoke's inputs with every row repeated `times` times, the whole batch after itself."""
+    if isinstance(inputs, str):
+        return [inputs] * times
+    if isinstance(inputs, torch.Tensor):
+        return inputs.repeat(times, *([1] * (inputs.dim() - 1))) if inputs.dim() else inputs
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, int)):
+        return inputs * times if isinstance(inputs[0], str) else [inputs] * times
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(repeat_rows(x, times) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: repeat_rows(v, times) for k, v in inputs.items()}
+    return inputs
