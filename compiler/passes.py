@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from compiler.ir import Arg, ListArg, Op, Program, Ref, SliceArg, TupleArg
+from compiler.ir import Arg, Const, EllipsisArg, ListArg, Op, Program, Ref, SliceArg, TupleArg
 
 
 def drop_dead_reads(program: Program) -> tuple[Program, dict[int, int]]:
@@ -46,3 +46,34 @@ def _arg(arg: Arg, ids: dict[int, int]) -> Arg:
     if isinstance(arg, ListArg):
         return ListArg(tuple(_arg(a, ids) for a in arg.items))
     return arg
+
+
+def stop_after_last_site(program: Program) -> Program:
+    """End the forward right after the last site the program touches: nothing later is computed.
+    A program that already stops is returned unchanged."""
+    if any(op.opcode == "stop" for op in program.ops):
+        return program
+    return Program((*program.ops, Op("stop")), program.n_invokes, program.version)
+
+
+def reads_last_position_only(program: Program, head: str) -> bool:
+    """Whether the program uses module `head`'s output only as `[:, -1]` (`[:, -1, ...]`) and never
+    the model's own output: then the head can run on the last position alone."""
+    reads = {op.result for op in program.ops if op.opcode == "read" and op.site.module == head}  # type: ignore[union-attr]
+    for op in program.ops:
+        if op.site is not None and (op.site.module == "" or (op.site.module == head and
+                                                              (op.opcode == "write" or op.site.kind != "output"))):
+            return False
+        used = reads.intersection(op.refs())
+        if used and not (op.opcode == "call" and op.target == "getitem" and op.refs() == [op.args[0].id]  # type: ignore[union-attr]
+                         and _last_position(op.args[1])):
+            return False
+    return bool(reads)
+
+
+def _last_position(index: Arg) -> bool:
+    if not isinstance(index, TupleArg) or len(index.items) < 2:
+        return False
+    full = SliceArg(Const(None), Const(None), Const(None))
+    return index.items[0] == full and index.items[1] == Const(-1) and all(
+        isinstance(i, EllipsisArg) or i == full for i in index.items[2:])

@@ -19,7 +19,11 @@ from interp_dsl.models import LanguageModel as LanguageModel
 from interp_dsl.models import Model as Model
 from interp_dsl.models import NNsight as NNsight
 from interp_dsl.proxy import Proxy as Proxy
+from interp_dsl.sweeps import Sweep as Sweep
 from interp_dsl.tracing import Tracer as Tracer
+from runtime.datasets import PromptFile as PromptFile
+from runtime.shards import Results as Results
+from runtime.shards import load_results as load_results
 
 
 def save(value: Proxy) -> Proxy:

@@ -179,7 +179,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from interp_dsl.experiment import load_experiment, resolve_model, run
-    from interp_dsl.results import versions, write_results
+    from runtime.results import versions, write_results
 
     exp = load_experiment(args.file, *_bindings(args))
     model = resolve_model(exp, args.model)

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.sweep import SAVE_SEP
+
 if TYPE_CHECKING:
     from interp_dsl.tracing import Tracer
 
 FAN_PARAM = "__fan_{}"  # the per-row index of an axis's value, a parameter of the program
-SAVE_SEP = "@"  # a fanned save `h` is saved once per point, as `h@layer=3`
 
 
 class Fanned:

@@ -19,6 +19,7 @@ from compiler.signatures import SiteTable, module_paths, record_sites
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
 from interp_dsl.spans import user_span
+from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.compiled import CompiledRunner, CompileStats
 from runtime.interpreter import Batch, RunResult, run
@@ -41,6 +42,7 @@ class Model:
         object.__setattr__(self, "_tracer", None)
         object.__setattr__(self, "_tables", OrderedDict())
         object.__setattr__(self, "_fake_mode", fake_mode)
+        object.__setattr__(self, "_source_name", type(module).__name__)
 
     # -------------------------------------------------------------------------- user surface
     def trace(self, *args: Any, compile: str | None = None, **kwargs: Any) -> Tracer:
@@ -62,6 +64,21 @@ class Model:
                 user_span(), f"compile must be one of {', '.join(map(repr, MODES))}, got {compile!r}",
                 did_you_mean(str(compile), MODES))
         return Tracer(self, (args, kwargs) if args or kwargs else None, compile=compile)
+
+    def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
+              compile: str | None = None, shard_size: int = 1024, progress: bool | None = None) -> Sweep:
+        """`with model.sweep(prompts, batch_size=32, out="runs/x") as sweep:` run the body (a trace
+        body; `sweep.param(name, values)` declares swept values) over every prompt and grid point.
+
+        `prompts`: a list of strings, a `PromptFile` (or a Path to .txt/.jsonl/.csv, streamed), or a
+        dict name -> those, zipped row by row and used with `sweep.invoke(name)`. With `out`,
+        results go to safetensors shards and a manifest there (a rerun resumes); afterwards
+        `sweep.results` holds them. `compile` as in `trace`; `progress`: a bar (default: on a TTY)."""
+        if self._fake_mode is not None:
+            raise InterventionError.at(user_span(), "this model has no weights (built from a config for checking)",
+                                       "load real weights to run a sweep")
+        return Sweep(self, prompts, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
+                     progress=progress)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""
@@ -205,6 +222,8 @@ class LanguageModel(Model):
                                        f"{type(source).__name__}", "give a name, a path, a model or a config")
         module.eval()
         super().__init__(module, fake_mode=fake_mode)
+        if isinstance(source, (str, Path)):
+            object.__setattr__(self, "_source_name", str(source))
         if tokenizer is not None:
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:

@@ -24,9 +24,9 @@ from compiler.signatures import SiteTable, quiet_fake_mode, record_sites
 from compiler.symbolic import PROBES, Signature, TypeTable, signature_from_tables
 from interp_dsl import embedded
 from interp_dsl.models import InvokeInput, LanguageModel, Model
-from interp_dsl.results import atomic_write
 from interp_dsl.spans import user_span
 from runtime.interpreter import Batch
+from runtime.results import atomic_write
 
 CACHE_VERSION = 2
 _CONFIGS = Path(__file__).parent / "configs"

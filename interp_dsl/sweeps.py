@@ -1,0 +1,244 @@
+"""`model.sweep(...)`: one experiment over a stream of prompts and a grid of parameters.
+
+The body of `with model.sweep(prompts) as sweep:` is a trace body, recorded once against the first
+batch and checked on fake tensors before anything runs. On exit the runtime runs it batch by batch
+(see runtime/sweep.py) and writes shards (runtime/shards.py), or keeps them in memory without `out`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from compiler.errors import InterventionError, did_you_mean
+from compiler.ir import to_json
+from compiler.passes import reads_last_position_only, stop_after_last_site
+from interp_dsl import fan
+from interp_dsl.spans import user_span
+from interp_dsl.tracing import Invoker, Tracer
+from runtime.datasets import PromptFile, Source, count_rows, zip_rows
+from runtime.modes import MODES
+from runtime.results import versions
+from runtime.shards import MemorySink, Results, ShardSink, load_results
+from runtime.sweep import SAVE_SEP, SweepPlan, run_sweep
+
+if TYPE_CHECKING:
+    from interp_dsl.models import Model
+
+IMPLICIT = "prompts"  # the prompt name of `model.sweep(list_of_prompts)`
+
+
+class Sweep:
+    """Created by `model.sweep(...)`. Inside the block: `sweep.param`, `sweep.zip`, `sweep.invoke`,
+    and the usual trace body. After it: `sweep.results` (a `Results`)."""
+
+    def __init__(self, model: "Model", prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
+                 compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
+                 describe: dict[str, Any] | None = None):
+        if batch_size < 1 or shard_size < 1:
+            raise InterventionError.at(user_span(), "batch_size and shard_size are positive")
+        self.model = model
+        self.sources = _sources(prompts)
+        self.batch_size = batch_size
+        self.out = Path(out) if out is not None else None
+        self.compile = compile or os.environ.get("IVX_COMPILE") or "auto"
+        if self.compile not in MODES:
+            raise InterventionError.at(user_span(), f"compile must be one of {', '.join(MODES)}, "
+                                       f"got {self.compile!r}", did_you_mean(str(self.compile), MODES))
+        self.shard_size = max(shard_size, batch_size)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.describe = describe or {}
+        self.groups: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]] = []  # parameter axes
+        self.results: Results | None = None
+        self.ran = 0  # prompts run by this call (a resumed sweep skips those already written)
+
+    # ------------------------------------------------------------------------------ recording
+    def __enter__(self) -> "Sweep":
+        self.total = count_rows(self.sources)
+        self.batch = max(1, min(self.batch_size, self.total))
+        first = list(itertools.islice(zip_rows(self.sources), self.batch))
+        self._first = first + [first[-1]] * (self.batch - len(first)) if first else []
+        if not first:
+            raise InterventionError.at(user_span(), "the sweep has no prompts")
+        implicit = list(self.sources) == [IMPLICIT]
+        self.invokes: list[str] = [IMPLICIT] if implicit else []
+        inputs = (([r[IMPLICIT] for r in self._first],), {}) if implicit else None
+        self.tracer = Tracer(self.model, inputs, execute=False)
+        self.tracer.fan_rows = self.batch
+        self.tracer.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.tracer.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self._run()
+        return False
+
+    def invoke(self, name: str) -> Invoker:
+        """The body of one named prompt source (`model.sweep({"clean": ..., "corrupt": ...})`)."""
+        if name not in self.sources:
+            raise InterventionError.at(user_span(), f"unknown prompt {name!r}",
+                                       did_you_mean(name, self.sources) or f"prompts: {', '.join(self.sources)}")
+        self.invokes.append(name)
+        return self.tracer.invoke([r[name] for r in self._first])
+
+    def param(self, name: str, values: Iterable[Any]) -> Any:
+        """A swept value. Integers (layer indices, positions) are vectorised: their points ride in
+        the batch as extra rows, in one graph. Numbers and tensors are parameters: the batch runs
+        once per value, in the same graph. Axes combine as a grid."""
+        values = self._values(name, values)
+        if all(type(v) is int for v in values):
+            if self.tracer.expanded:
+                raise InterventionError.at(user_span(), f"declare the integer axis {name!r} before the "
+                                           "first write that uses an integer axis")
+            self.tracer.fan_axes[name] = values
+            return fan.axis(self.tracer, name)
+        values = [float(v) if isinstance(v, int | float) else v for v in values]
+        self.groups.append(((name,), [(v,) for v in values]))
+        return self.tracer.named_param(name, values[0])
+
+    def zip(self, **axes: Iterable[Any]) -> tuple[Any, ...]:
+        """Parameters that move together: `a, b = sweep.zip(a=[...], b=[...])` runs (a[i], b[i])."""
+        lists = {name: [float(v) if isinstance(v, int | float) else v for v in self._values(name, values)]
+                 for name, values in axes.items()}
+        if len({len(v) for v in lists.values()}) > 1:
+            raise InterventionError.at(user_span(), "zipped axes need the same number of values: " +
+                                       ", ".join(f"{k} has {len(v)}" for k, v in lists.items()))
+        self.groups.append((tuple(lists), list(zip(*lists.values(), strict=True))))
+        return tuple(self.tracer.named_param(name, values[0]) for name, values in lists.items())
+
+    def _values(self, name: str, values: Iterable[Any]) -> list[Any]:
+        taken = {n for names, _ in self.groups for n in names} | set(self.tracer.fan_axes)
+        if not name.isidentifier() or name in taken or name.startswith("__"):
+            raise InterventionError.at(user_span(), f"{name!r} cannot name a sweep axis",
+                                       "use a new identifier" + (" (it is already an axis)" if name in taken else ""))
+        values = list(values)
+        if not values:
+            raise InterventionError.at(user_span(), f"sweep axis {name!r} has no values")
+        return values
+
+    # -------------------------------------------------------------------------------- running
+    def _run(self) -> None:
+        program = stop_after_last_site(self.tracer.program())
+        kwargs = {"logits_to_keep": 1} if _head_reads_last_only(self.model, program) else {}
+        axis_names = {n for names, _ in self.groups for n in names}
+        points = [dict(itertools.chain.from_iterable(zip(names, combo, strict=True) for (names, _), combo
+                                                     in zip(self.groups, combos, strict=True)))
+                  for combos in itertools.product(*(values for _, values in self.groups))]
+        plan = SweepPlan(
+            program, {k: v for k, v in self.tracer.params.items() if k not in axis_names}, points,
+            dict(self.tracer.fan_axes), [(n, i in self.tracer.expanded) for i, n in enumerate(self.invokes)],
+            self.batch, self.shard_size, kwargs,
+            {op.target.partition(SAVE_SEP)[0]: op.span for op in program.ops if op.opcode == "save"})
+        header = self._header(plan)
+        sink = ShardSink(self.out, header) if self.out is not None else MemorySink(header)
+        if not sink.complete:
+            self._execute(plan, sink)
+        self.results = load_results(self.out) if self.out is not None else sink.results()  # type: ignore[attr-defined]
+
+    def _execute(self, plan: SweepPlan, sink: ShardSink) -> None:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        names = sorted(set(self.invokes))
+
+        def length(row: dict[str, str]) -> int:
+            if tokenizer is None:
+                return 0
+            return max(len(tokenizer(row[n], add_special_tokens=True)["input_ids"]) for n in names)
+
+        def execute(invokes: list[Any], params: dict[str, Any]) -> dict[str, Any]:
+            return self.model._execute(plan.program, invokes, params, True, compile=self.compile)[1].saves
+
+        start = sink.done
+        with _progress(self.total, start, self.progress) as bar:
+            def advance(n: int) -> None:
+                self.ran += n
+                bar.update(n)
+            run_sweep(plan, zip_rows(self.sources), execute, sink, length, advance)
+
+    def _header(self, plan: SweepPlan) -> dict[str, Any]:
+        dims = [("+".join(names), len(values)) for names, values in self.groups]
+        dims += [(name, len(values)) for name, values in plan.fan_axes.items()]
+        return {
+            **self.describe,
+            "ir_hash": plan.program.structural_hash(), "model": self.model._source_name,
+            "weights": weights_fingerprint(self.model.module),
+            "prompts": {n: s.describe() if isinstance(s, PromptFile) else {"literal": s} for n, s in self.sources.items()},
+            "n_prompts": self.total,
+            "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
+            "fan_axes": plan.fan_axes, "dims": dims, "batch_size": plan.batch_size,
+            "shard_prompts": plan.shard_prompts,
+            "passes": ["stop_after_last_site"] + (["logits_to_keep=1"] if plan.model_kwargs else []),
+            "versions": versions(), "ir": to_json(plan.program, spans=False),
+        }
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def _sources(prompts: Any) -> dict[str, Source]:
+    if isinstance(prompts, dict):
+        return {name: _source(value) for name, value in prompts.items()}
+    return {IMPLICIT: _source(prompts)}
+
+
+def _source(value: Any) -> Source:
+    if isinstance(value, PromptFile):
+        return value
+    if isinstance(value, Path):
+        return PromptFile.of(value)
+    if isinstance(value, str):
+        return [value]
+    rows = list(value)
+    if not rows or not all(isinstance(r, str) for r in rows):
+        raise InterventionError.at(user_span(), "sweep prompts are a list of strings, a PromptFile, "
+                                   "a Path to a .txt/.jsonl/.csv file, or a dict of those")
+    return rows
+
+
+def _head_reads_last_only(model: "Model", program: Any) -> bool:
+    import inspect
+    head = getattr(model.module, "get_output_embeddings", lambda: None)()
+    if head is None or "logits_to_keep" not in inspect.signature(model.module.forward).parameters:
+        return False
+    path = next((p for p, m in model.module.named_modules() if m is head), None)
+    return path is not None and reads_last_position_only(program, path)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap hash of the weights: names, shapes, dtypes and the first values of every tensor."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if tensor.device.type != "meta":
+            h.update(repr(tensor.detach().reshape(-1)[:16].double().tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+class _progress:
+    """A tqdm bar (prompts/s, ETA) on stderr, or nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="prompt", dynamic_ncols=True, file=sys.stderr)
+
+    def __enter__(self) -> "_progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+

@@ -1,0 +1,145 @@
+"""Running one recorded experiment over a stream of prompts and a grid of parameter points.
+
+Prompts are read a window (one shard) at a time. Within a window they are sorted by token length
+so that batches hold prompts of similar length (little padding), and rows are put back in prompt
+order before the shard is written. Every batch has exactly `batch_size` prompts (the last one of a
+window repeats its last prompt, and those rows are dropped), so the program recorded once fits
+every batch. Each batch runs once per parameter point; vectorised axes ride inside the batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compiler.errors import InterventionError
+from compiler.ir import Program, Span
+from runtime.shards import INDEX, ShardSink
+
+SAVE_SEP = "@"  # a save made per vectorised point is named `name@axis=value,...`
+
+InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
+Execute = Callable[[list[InvokeInput], dict[str, Any]], dict[str, Any]]
+
+
+class SweepError(InterventionError):
+    """A save cannot be laid out as rows (no batch dimension, or a shape that varies by batch)."""
+
+
+@dataclass
+class SweepPlan:
+    """What to run for each batch: the program, how its invokes take rows, and the grid."""
+
+    program: Program
+    params: dict[str, Any]  # values that stay fixed (tensors, vectorised-axis row indices)
+    points: list[dict[str, Any]]  # parameter-axis values, one dict per point
+    fan_axes: dict[str, list[Any]]  # vectorised axes: their points ride inside a batch
+    invokes: list[tuple[str, bool]]  # per invoke: its prompt name, and whether it is expanded
+    batch_size: int
+    shard_prompts: int
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra forward arguments
+    spans: dict[str, Span] = field(default_factory=dict)  # save name -> where it was written
+
+    @property
+    def fan_points(self) -> int:
+        out = 1
+        for values in self.fan_axes.values():
+            out *= len(values)
+        return out
+
+
+def run_sweep(plan: SweepPlan, rows: Iterator[dict[str, str]], execute: Execute, sink: ShardSink,
+              length: Callable[[dict[str, str]], int], advance: Callable[[int], None] = lambda n: None) -> None:
+    """Run every prompt row after those `sink` already holds; write a shard per window."""
+    start = sink.done
+    rows = itertools.islice(rows, start, None)
+    sink.start()
+    first = start
+    shapes: dict[str, tuple[int, ...]] = {}
+    while window := list(itertools.islice(rows, plan.shard_prompts)):
+        tensors = _run_window(plan, window, first, execute, length, advance, shapes)
+        sink.write(tensors, first, first + len(window))
+        first += len(window)
+    sink.finish()
+
+
+def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execute: Execute,
+                length: Callable[[dict[str, str]], int], advance: Callable[[int], None],
+                shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    order = sorted(range(len(window)), key=lambda i: length(window[i]))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    prompts: list[int] = []
+    for at in range(0, len(order), plan.batch_size):
+        chunk = order[at: at + plan.batch_size]
+        padded = chunk + [chunk[-1]] * (plan.batch_size - len(chunk))
+        invokes: list[InvokeInput] = []
+        for i, (name, expanded) in enumerate(plan.invokes):
+            texts = [window[j][name] for j in padded]
+            invokes.append(((texts * plan.fan_points if expanded else texts,),
+                            dict(plan.model_kwargs) if i == 0 else {}))
+        per_point = [_as_rows(plan, execute(invokes, {**plan.params, **point}), len(chunk), shapes)
+                     for point in plan.points]
+        for name in per_point[0]:
+            # [points, fan points, prompts, ...] -> [prompts, points, fan points, ...]
+            pieces.setdefault(name, []).append(torch.stack([p[name] for p in per_point]).movedim(2, 0))
+        prompts.extend(first + j for j in chunk)
+        advance(len(chunk))
+    order_back = torch.tensor(prompts).argsort()
+    n, p, k = len(window), len(plan.points), plan.fan_points
+    out = {name: torch.cat(parts)[order_back].reshape(n * p * k, *parts[0].shape[3:])
+           for name, parts in pieces.items()}
+    out["__prompt__"] = torch.arange(first, first + n).repeat_interleave(p * k)
+    out["__point__"] = torch.arange(p).repeat_interleave(k).repeat(n)
+    out["__fan__"] = torch.arange(k).repeat(n * p)
+    assert set(INDEX) <= set(out)
+    return out
+
+
+def _as_rows(plan: SweepPlan, saves: dict[str, Any], real: int,
+             shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """One run's saves as [fan points, prompts, ...] per save name (padding rows dropped)."""
+    axes = list(plan.fan_axes)
+    labels_of = {a: {str(v): i for i, v in enumerate(vs)} for a, vs in plan.fan_axes.items()}
+    grouped: dict[str, list[tuple[dict[str, int], Any]]] = {}
+    for key, value in saves.items():
+        base, _, labels = key.partition(SAVE_SEP)
+        point = {}
+        for label in filter(None, labels.split(",")):
+            axis, _, text = label.partition("=")
+            point[axis] = labels_of[axis][text]
+        grouped.setdefault(base, []).append((point, value))
+    b, k = plan.batch_size, plan.fan_points
+    out = {}
+    for base, items in grouped.items():
+        rows = []
+        for f, key in enumerate(itertools.product(*(range(len(plan.fan_axes[a])) for a in axes))):
+            full = dict(zip(axes, key, strict=True))
+            value = next(v for p, v in items if all(full[a] == i for a, i in p.items()))
+            rows.append(_rows_at(plan, base, value, f, b, k, real))
+        out[base] = torch.stack(rows)
+        shape = tuple(out[base].shape[2:])
+        if shapes.setdefault(base, shape) != shape:
+            raise SweepError.at(
+                plan.spans.get(base, Span("<sweep>", 0)),
+                f"save {base} has shape [{', '.join(map(str, shapes[base]))}] per row in one batch and "
+                f"[{', '.join(map(str, shape))}] in another",
+                "a sweep's saves must not depend on prompt length: save a position, e.g. [:, -1]")
+    return out
+
+
+def _rows_at(plan: SweepPlan, name: str, value: Any, f: int, b: int, k: int, real: int) -> torch.Tensor:
+    rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
+    if rows == b * k and k > 1:
+        return value[f * b: f * b + real]
+    if rows == b:
+        return value[:real]
+    found = f"a {type(value).__name__}" if not isinstance(value, torch.Tensor) else \
+        f"shape [{', '.join(map(str, value.shape))}]"
+    raise SweepError.at(plan.spans.get(name, Span("<sweep>", 0)),
+                        f"save {name} has {found}; in a sweep a save keeps the batch dimension "
+                        f"({b} rows per batch here)", "save per-prompt values: index rows with ':', "
+                        "and reduce over other dimensions only")
