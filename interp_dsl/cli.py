@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import InterventionError
+from grammar import ast
 from grammar.parser import IvxSyntaxError, parse_file
 from grammar.printer import format_module
 from runtime.modes import MODES
@@ -23,10 +24,18 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ivx", description="Run, check, format and explain .ivx experiments.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run an experiment and write its saves",
-                         description="Run an experiment; write saves.safetensors and manifest.json.")
+    run = sub.add_parser("run", help="run an experiment over its prompts and sweeps; write shards",
+                         description="Run an experiment over every prompt row and sweep point; write "
+                                     "safetensors shards and manifest.json to --out. Rerunning with the "
+                                     "same --out resumes after the last complete shard.")
     run.add_argument("file", help="the .ivx experiment")
     run.add_argument("--out", help="output directory (default: runs/<file stem>)")
+    run.add_argument("--prompts", action="append", default=[], metavar="[NAME=]FILE",
+                     help="stream prompts from a .txt, .jsonl or .csv file into the experiment's prompt "
+                          "(NAME= when it declares several; repeatable)")
+    run.add_argument("--field", default="text", help="the jsonl field or csv column holding the text (default: text)")
+    run.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default 32)")
+    run.add_argument("--shard-size", type=int, default=1024, help="prompts per results shard (default 1024)")
     run.add_argument("--model", help="model name or path, overriding the file's `model` line")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
     run.add_argument("--compile", choices=MODES,
@@ -34,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
                           "cudagraphs (GPU), auto (compiled where it pays; the default, or $IVX_COMPILE)")
     for command in (run,):
         _add_bindings(command)
+    show = sub.add_parser("show", help="summarise a results directory",
+                          description="Summarise the results in a directory written by ivx run.")
+    show.add_argument("dir")
+    plot = sub.add_parser("plot", help="plot one save of a results directory as a PNG (needs matplotlib)",
+                          description="Plot a save averaged over prompts: a line over one swept axis, "
+                                      "or a heatmap over two (e.g. layer x position).")
+    plot.add_argument("dir")
+    plot.add_argument("name", help="the save to plot (one number per row)")
+    plot.add_argument("--out", help="the PNG to write (default: DIR/NAME.png)")
     fmt = sub.add_parser("fmt", help="print the canonical form", description="Print the canonical form.")
     fmt.add_argument("file")
     fmt.add_argument("--write", action="store_true", help="rewrite the file in place")
@@ -105,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the command prints its own summary; keep stderr for errors
     try:
-        return {"run": _run, "fmt": _fmt, "explain": _explain, "check": _check}[args.command](args)
+        commands = {"run": _run, "fmt": _fmt, "explain": _explain, "check": _check, "show": _show, "plot": _plot}
+        return commands[args.command](args)
     except IvxSyntaxError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
@@ -178,43 +197,54 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from interp_dsl.experiment import load_experiment, resolve_model, run
-    from runtime.results import versions, write_results
+    from interp_dsl.experiment import load_experiment, resolve_model, sweep
 
-    exp = load_experiment(args.file, *_bindings(args))
+    texts, params = _bindings(args)
+    declared = [d.name for d in parse_file(args.file).body if isinstance(d, ast.PromptDecl)]
+    exp = load_experiment(args.file, {**texts, **_prompt_files(args, declared)}, params)
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise _usage("--batch-size and --shard-size are positive")
     model = resolve_model(exp, args.model)
-    output = run(exp, model, args.compile)
     out = Path(args.out or Path("runs") / exp.path.stem)
-    manifest = {
-        "experiment": str(exp.path), "text": exp.text, "model": args.model or exp.model_source,
-        "ir_hashes": sorted(set(output.ir_hashes)), "versions": versions(),
-        "sweep": exp.sweeps, "points": output.points,
-        "saves": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                  for k, v in output.saves.items()},
-    }
-    write_results(out, output.saves, manifest)
+    run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
+                shard_size=args.shard_size, progress=False if args.quiet else None)
     if not args.quiet:
-        print(_summary(output.saves, model, exp.sweeps))
-        print(f"wrote {out}/saves.safetensors and {out}/manifest.json")
+        from interp_dsl.summary import summarise
+        print(summarise(run.results, getattr(model, "tokenizer", None)))
+        done = "already complete; nothing ran" if not run.ran else f"ran {run.ran} prompts"
+        print(f"{done}; results in {out}/ (interp_dsl.load_results, ivx show)")
     return EXIT_OK
 
 
-def _summary(saves: dict[str, Any], model: Any, sweeps: dict[str, list[Any]]) -> str:
-    lines = []
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    tokenizer = getattr(model, "tokenizer", None)
-    for name, value in saves.items():
-        line = f"{name}: {str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
-        if vocab and tokenizer is not None and value.dim() and value.shape[-1] == vocab:
-            last = value.reshape(-1, vocab)[-1]
-            top = [repr(tokenizer.decode([int(i)])) for i in last.topk(3).indices]
-            line += f"  top tokens (last row): {', '.join(top)}"
-        elif value.numel() <= 8:
-            line += f"  = {[round(float(x), 4) for x in value.flatten()]}"
-        lines.append(line)
-    if sweeps:
-        lines.append("leading dims index the sweep: " + " x ".join(f"{k}[{len(v)}]" for k, v in sweeps.items()))
-    return "\n".join(lines)
+def _prompt_files(args: argparse.Namespace, declared: list[str]) -> dict[str, Any]:
+    from runtime.datasets import PromptFile
+    out = {}
+    for item in args.prompts:
+        name, sep, file = item.partition("=")
+        if not sep:
+            name, file = "", item
+        if not name:
+            if len(declared) != 1:
+                raise _usage(f"--prompts {item}: the experiment declares {len(declared)} prompts "
+                             f"({', '.join(declared) or 'none'}); say which with NAME=FILE")
+            name = declared[0]
+        if name not in declared:
+            raise _usage(f"--prompts {item}: the experiment declares no prompt {name!r}")
+        out[name] = PromptFile.of(file, args.field)
+    return out
+
+
+def _show(args: argparse.Namespace) -> int:
+    from interp_dsl.summary import describe_dir
+    print(describe_dir(Path(args.dir)))
+    return EXIT_OK
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from interp_dsl.summary import plot
+    path = plot(Path(args.dir), args.name, Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

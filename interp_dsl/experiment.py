@@ -7,10 +7,8 @@ its proxy-API twin produce the same IR by construction.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
-import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +26,9 @@ from grammar.parser import parse
 from interp_dsl.envoy import Envoy
 from interp_dsl.models import LanguageModel, Model
 from interp_dsl.proxy import Proxy
+from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
+from runtime.datasets import DatasetError, PromptFile
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
@@ -65,6 +65,7 @@ class Experiment:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # loaded and `param` values
     sweeps: dict[str, list[Any]] = field(default_factory=dict)
     given: dict[str, Any] = field(default_factory=dict)  # prompts and params given at run time
+    sources: dict[str, PromptFile] = field(default_factory=dict)  # prompts read from files, as streams
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of sweep values (one empty point when nothing is swept)."""
@@ -105,12 +106,21 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
     elif isinstance(decl, ast.PromptDecl):
         if decl.name in exp.given:
             value = exp.given[decl.name]
+            if isinstance(value, PromptFile):  # a file streamed by a sweep (`ivx run --prompts`)
+                exp.sources[decl.name] = value
+                value = next(value.rows(), None)
+                if value is None:
+                    raise _error(decl.span, f"prompt {decl.name}: {exp.sources[decl.name].path} holds no prompts")
             exp.prompts[decl.name] = [value] if isinstance(value, str) else list(value)
         elif decl.value is None:
             raise _error(decl.span, f"prompt {decl.name} has no text",
                          f"give it when running: --prompt {decl.name}=\"...\"")
         else:
-            exp.prompts[decl.name] = _prompt_rows(decl.value, exp.path.parent)
+            rows = _prompt_rows(decl.value, exp.path.parent)
+            if isinstance(rows, PromptFile):  # streamed by a sweep; checking and `lower` see its first row
+                exp.sources[decl.name] = rows
+                rows = [next(rows.rows())]
+            exp.prompts[decl.name] = rows
     elif isinstance(decl, ast.ParamDecl):
         exp.tensors[decl.name] = _given_param(exp, decl)
     elif isinstance(decl, ast.TensorDecl):
@@ -162,7 +172,7 @@ def _kwarg(call: ast.Call, name: str, default: str | None = None) -> str | None:
     return default
 
 
-def _prompt_rows(value: ast.Expr, base: Path) -> list[str]:
+def _prompt_rows(value: ast.Expr, base: Path) -> list[str] | PromptFile:
     if isinstance(value, ast.Literal) and isinstance(value.value, str):
         return [value.value]
     if isinstance(value, ast.ListLit) and value.items and all(
@@ -177,29 +187,14 @@ def _prompt_rows(value: ast.Expr, base: Path) -> list[str]:
         path = base / _string_arg(value, 0, f"{kind}(...)")
         if not path.exists():
             raise _error(value.span, f"prompt file {path} does not exist")
-        if kind == "lines":
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-        elif kind == "jsonl":
-            key = _kwarg(value, "field", "text")
-            rows = []
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if key not in record:
-                        raise _error(value.span, f"{path}:{number} has no field {key!r}",
-                                     did_you_mean(key, record) or f"its fields: {', '.join(record)}")
-                    rows.append(str(record[key]))
-        else:
-            column = _kwarg(value, "column", "text")
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                if column not in (reader.fieldnames or ()):
-                    raise _error(value.span, f"{path} has no column {column!r}",
-                                 did_you_mean(column, reader.fieldnames or ()) or "")
-                rows = [row[column] for row in reader]
-        if not rows:
+        source = PromptFile(path, kind, _kwarg(value, "column" if kind == "csv" else "field", "text") or "text")
+        try:
+            first = next(source.rows(), None)
+        except DatasetError as e:  # the field is checked on the first record; later ones as they stream
+            raise _error(value.span, e.diagnostics[0].message, e.diagnostics[0].hint) from None
+        if first is None:
             raise _error(value.span, f"{path} holds no prompts")
-        return rows
+        return source
     raise _error(value.span, "a prompt is a string, a list of strings, a list of token ids, or "
                              "lines(\"f.txt\"), jsonl(\"f.jsonl\", field=\"text\"), csv(\"f.csv\", column=\"text\")")
 
@@ -234,8 +229,9 @@ class _Namespace:
 
 
 class _Lowering:
-    def __init__(self, exp: Experiment, model: Model, tracer: Tracer, point: dict[str, Any]):
-        self.exp, self.model, self.tracer = exp, model, tracer
+    def __init__(self, exp: Experiment, model: Model, tracer: Tracer, point: dict[str, Any],
+                 sweep: Sweep | None = None):
+        self.exp, self.model, self.tracer, self.sweep = exp, model, tracer, sweep
         self.env: dict[str, Any] = {**exp.tensors, **point}
         self.current = Span(str(exp.path), 0)
         self.diagnostics: list[Diagnostic] = []
@@ -258,7 +254,8 @@ class _Lowering:
                 did_you_mean(block.prompt, self.exp.prompts) or
                 f"declare it: prompt {block.prompt} = \"...\""))
             return
-        with self.tracer.invoke(self.exp.prompts[block.prompt]):
+        invoker = self.sweep.invoke(block.prompt) if self.sweep else self.tracer.invoke(self.exp.prompts[block.prompt])
+        with invoker:
             for statement in block.body:
                 self._statement(statement)
 
@@ -493,3 +490,25 @@ def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     return torch.as_tensor(value)
+
+
+def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = None, batch_size: int = 32,
+          out: str | Path | None = None, compile: str | None = None, shard_size: int = 1024,
+          progress: bool | None = None) -> Sweep:
+    """Run `exp` over every row of its prompts (files stream; a single prompt repeats for every
+    row; `prompts` replaces sources by name) and every point of its sweeps, as `model.sweep` does.
+    Integer sweeps are vectorised into the batch; the others run the same graph per value."""
+    sources: dict[str, Any] = {}
+    for name, rows in exp.prompts.items():
+        sources[name] = exp.sources.get(name, rows)
+    sources.update(prompts or {})
+    invoked = [d.prompt for d in exp.module.body if isinstance(d, ast.Invoke)]
+    sources = {n: s for n, s in sources.items() if n in invoked} or sources
+    describe = {"experiment": str(exp.path), "text": exp.text}
+    run = Sweep(model, sources, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
+                progress=progress, describe=describe)
+    with run:
+        values = {name: run.param(name, points) for name, points in exp.sweeps.items()}
+        lowering = _Lowering(exp, model, run.tracer, values, sweep=run)
+        lowering.run()
+    return run
