@@ -60,8 +60,11 @@ class PromptFile:
                     yield self._field(line, number)
 
     def count(self) -> int:
-        """How many prompts the file holds (one streaming pass)."""
-        return sum(1 for _ in self.rows())
+        """How many prompts the file holds (one streaming pass; records are checked when read)."""
+        with self.path.open(newline="", encoding="utf-8") as f:
+            if self.kind == "csv":
+                return sum(1 for _ in csv.reader(f)) - 1
+            return sum(1 for line in f if line.strip())
 
     def describe(self) -> dict[str, Any]:
         return {"file": str(self.path), "kind": self.kind, "field": self.field}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from test_differential import PROMPTS, edits, traced
 from torch.testing import assert_close
 
-from interp_dsl import CompileFallbackWarning, LanguageModel, Model
+from interp_dsl import CompileFallbackWarning, LanguageModel, Model, load_results
 
 A = "the eiffel tower is in the city of"
 
@@ -261,8 +261,7 @@ def test_ivx_run_compiled_and_explain_graph(tiny_dir, tmp_path):
         done = subprocess.run([sys.executable, "-m", "interp_dsl.cli", "run", str(exp), "--compile", mode,
                                "--out", str(tmp_path / mode), "--quiet"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        from safetensors.torch import load_file
-        results[mode] = load_file(tmp_path / mode / "saves.safetensors")["logits"]
+        results[mode] = load_results(tmp_path / mode)["logits"]
     assert torch.equal(results["graph"], results["off"])
     shown = subprocess.run([sys.executable, "-m", "interp_dsl.cli", "explain", str(exp), "--graph"],
                            capture_output=True, text=True)

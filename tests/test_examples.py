@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from interp_dsl import load_results
 from interp_dsl.experiment import load_experiment, lower
 
 pytestmark = pytest.mark.e2e
@@ -143,10 +144,12 @@ def test_ivx_run_on_every_example(smollm, name, monkeypatch, tmp_path, capsys):
     from interp_dsl.cli import main
     monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
     assert main(["run", str(EXAMPLES / f"{name}.ivx"), "--out", str(tmp_path)]) == 0
+    results = load_results(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    saves = load_file(str(tmp_path / "saves.safetensors"))
-    assert set(saves) == set(manifest["saves"]) and manifest["model"] == "smollm2-135m"
-    for key, value in saves.items():
-        assert list(value.shape) == manifest["saves"][key]["shape"]
-        assert value.shape[: len(manifest["sweep"])] == tuple(len(v) for v in manifest["sweep"].values())
-    assert "wrote" in capsys.readouterr().out
+    assert set(results.saves) == set(manifest["saves"]) and manifest["model"] == "smollm2-135m"
+    sweeps = load_experiment(EXAMPLES / f"{name}.ivx").sweeps
+    assert sorted(results.dims) == sorted((k, len(v)) for k, v in sweeps.items())
+    for key, value in results.saves.items():
+        assert list(value.shape[1:]) == manifest["saves"][key]["shape"]
+        assert results.grid(key).shape[1: 1 + len(sweeps)] == tuple(size for _, size in results.dims)
+    assert "results in" in capsys.readouterr().out

@@ -32,4 +32,4 @@ def test_bad_file_message(path, tiny_dir, tmp_path, monkeypatch):
         golden.write_text(got)
     assert got == golden.read_text()
     assert "Traceback" not in got and code in (1, 2)
-    assert not (tmp_path / "saves.safetensors").exists()  # nothing half-written
+    assert not (tmp_path / "manifest.json").exists()  # refused before anything ran

@@ -206,6 +206,7 @@ def test_check_errors_point_at_the_ivx_line(tmp_path, tiny):
 
 
 def test_prompts_from_files_and_tensors(tmp_path, tiny):
+    from interp_dsl.experiment import sweep
     from safetensors.torch import save_file
     (tmp_path / "p.txt").write_text("the eiffel tower\nrome is in\n")
     (tmp_path / "p.jsonl").write_text('{"text": "the city of"}\n{"text": "paris"}\n')
@@ -227,10 +228,15 @@ invoke c {
 }
 """)
     exp = load_experiment(path)
-    assert exp.prompts == {"a": ["the eiffel tower", "rome is in"], "b": ["the city of", "paris"],
-                           "c": ["new york", "garden"]}
-    tracer = lower(exp, tiny, {})
-    assert tracer.result.saves["ha"].shape == (2, 32) and tracer.result.saves["hb"].shape[0] == 2
+    # files are streams: a sweep reads them row by row; checking and `lower` see the first row
+    assert {n: list(s.rows()) for n, s in exp.sources.items()} == {
+        "a": ["the eiffel tower", "rome is in"], "b": ["the city of", "paris"], "c": ["new york", "garden"]}
+    assert exp.prompts == {"a": ["the eiffel tower"], "b": ["the city of"], "c": ["new york"]}
+    assert lower(exp, tiny, {}).result.saves["ha"].shape == (1, 32)
+    per_row = path.with_name("rows.ivx")  # a sweep's saves are per prompt: one position, not the sequence
+    per_row.write_text(path.read_text().replace("layers[0].output\n", "layers[0].output[:, 0]\n"))
+    results = sweep(load_experiment(per_row), tiny, batch_size=2).results
+    assert results.n_prompts == 2 and results["ha"].shape == (2, 32) and results["hb"].shape == (2, 32)
 
 
 @pytest.mark.parametrize("decl, message", [
@@ -280,12 +286,12 @@ def test_cli_run_writes_saves_and_manifest(tmp_path, tiny_dir, capsys):
                            '    save logits = model.lm_head.output[:, -1, :]\n}\n')
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "logits: float32[1, 64]" in out and "top tokens" in out
-    saves = load_file(str(tmp_path / "out" / "saves.safetensors"))
+    assert "logits: float32[rows, 64]" in out and "top tokens" in out
+    saves = load_file(str(tmp_path / "out" / "shard-00000.safetensors"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert saves["logits"].shape == (1, 64)
-    assert manifest["text"] == path.read_text() and len(manifest["ir_hashes"]) == 1
-    assert manifest["saves"]["logits"] == {"shape": [1, 64], "dtype": "float32"}
+    assert saves["logits"].shape == (1, 64) and saves["__prompt__"].tolist() == [0]
+    assert manifest["text"] == path.read_text() and len(manifest["ir_hash"]) == 64
+    assert manifest["saves"]["logits"] == {"shape": [64], "dtype": "float32"} and manifest["complete"]
     assert "torch" in manifest["versions"]
 
 
@@ -343,9 +349,8 @@ def test_cli_explain_ivx_output_runs_with_runtime_prompt_and_param(tmp_path, tin
     args = ["--model", str(tiny_dir), "--prompt", "invoke0=the eiffel tower", "--param", f"p0={tmp_path / 'v.safetensors'}"]
     assert main(["run", str(path), "--model", str(tiny_dir), "--out", str(tmp_path / "a"), "--quiet"]) == 0
     assert main(["run", str(decompiled), *args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
-    from safetensors.torch import load_file
-    torch.testing.assert_close(load_file(str(tmp_path / "a" / "saves.safetensors"))["h"],
-                               load_file(str(tmp_path / "b" / "saves.safetensors"))["h"])
+    from interp_dsl import load_results
+    torch.testing.assert_close(load_results(tmp_path / "a")["h"], load_results(tmp_path / "b")["h"])
     assert main(["run", str(decompiled), "--model", str(tiny_dir), "--param", "p0"]) == 2
     assert "--param expects NAME=VALUE" in capsys.readouterr().err
     assert main(["run", str(decompiled), "--model", str(tiny_dir)]) == 1
