@@ -57,7 +57,7 @@ def stop_after_last_site(program: Program) -> Program:
 
 
 def reads_last_position_only(program: Program, head: str) -> bool:
-    """Whether the program uses module `head`'s output only as `[:, -1]` (`[:, -1, ...]`) and never
+    """Whether the program uses module `head`'s output only as `[:, -1]` (`[:, -1, i]`) and never
     the model's own output: then the head can run on the last position alone."""
     reads = {op.result for op in program.ops if op.opcode == "read" and op.site.module == head}  # type: ignore[union-attr]
     for op in program.ops:
@@ -74,6 +74,6 @@ def reads_last_position_only(program: Program, head: str) -> bool:
 def _last_position(index: Arg) -> bool:
     if not isinstance(index, TupleArg) or len(index.items) < 2:
         return False
-    full = SliceArg(Const(None), Const(None), Const(None))
-    return index.items[0] == full and index.items[1] == Const(-1) and all(
-        isinstance(i, EllipsisArg) or i == full for i in index.items[2:])
+    full = SliceArg(Const(None), Const(None), Const(None))  # later items index the vocabulary: any will do
+    return index.items[0] == full and index.items[1] == Const(-1) and not any(
+        isinstance(i, EllipsisArg) for i in index.items[2:])

@@ -231,7 +231,9 @@ class Tracer:
         self.params[name] = value
         return self._proxy(self._emit("param", True, target=name, type=type_of(value)))  # type: ignore[arg-type]
 
-    def module_call(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:
+    def module_call(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if fan.contains((args, kwargs)):
+            return fan.apply(lambda *a, **k: self.module_call(path, a, k), *args, **kwargs)
         encoded = tuple(self.encode(a) for a in args)
         enc_kwargs = tuple((k, self.encode(v)) for k, v in kwargs.items())
         return self._proxy(self._emit("module", True, target=path, args=encoded, kwargs=enc_kwargs))  # type: ignore

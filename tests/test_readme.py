@@ -63,7 +63,7 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
         argv = [p for a in argv for p in (sorted(map(str, Path().glob(a))) if "*" in a else [a])]
         assert main(argv) == 0, argv
     out = capsys.readouterr().out
-    assert "p_paris: float32[30, 1]" in out and "leading dims index the sweep: layer[30]" in out
+    assert "1 prompts x layer[30] = 30 rows" in out and "p_paris: float32[rows]" in out
     assert "%0 = read model.layers.29.output@0 : f32[1, 9, 576]" in out
 
 
