@@ -24,6 +24,7 @@ from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import parse
 from interp_dsl.envoy import Envoy
+from interp_dsl.fan import Fanned
 from interp_dsl.models import LanguageModel, Model
 from interp_dsl.proxy import Proxy
 from interp_dsl.sweeps import Sweep
@@ -277,7 +278,7 @@ class _Lowering:
 
     def _save(self, s: ast.Save) -> None:
         value = self.eval(s.value)
-        if not isinstance(value, Proxy):
+        if not isinstance(value, (Proxy, Fanned)):
             raise _error(s.span, f"save {s.name}: the value is not computed by the model",
                          "save values derived from module .output, .input or .inputs")
         self.current = s.span

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,18 @@ def twin_steering(m, point):
     return tracer
 
 
+def twin_probe_dataset(m, point):
+    first = json.loads((EXAMPLES / "data" / "landmarks.jsonl").read_text().splitlines()[0])["text"]
+    with m.trace() as tracer:
+        with tracer.invoke([first]):  # lowered on its own, a prompt file is its first row
+            for i in (7, 15, 22):
+                m.model.layers[i].output[:, -1, :].save(f"h{i}")
+            m.lm_head.output[:, -1, :].argmax(dim=-1).save("answer")
+    return tracer
+
+
 TWINS = {
+    "probe_dataset": (twin_probe_dataset, None),
     "hidden_states": (twin_hidden_states, None),
     "logit_lens": (twin_logit_lens, [0, 29]),
     "ablate_mlp": (twin_ablate_mlp, None),

@@ -206,8 +206,9 @@ def test_check_errors_point_at_the_ivx_line(tmp_path, tiny):
 
 
 def test_prompts_from_files_and_tensors(tmp_path, tiny):
-    from interp_dsl.experiment import sweep
     from safetensors.torch import save_file
+
+    from interp_dsl.experiment import sweep
     (tmp_path / "p.txt").write_text("the eiffel tower\nrome is in\n")
     (tmp_path / "p.jsonl").write_text('{"text": "the city of"}\n{"text": "paris"}\n')
     (tmp_path / "p.csv").write_text("id,text\n1,new york\n2,garden\n")
