@@ -157,7 +157,7 @@ def hand_hooks(model: LanguageModel, work: str, data: Any, batch: int, device: s
 
 
 def nnsight_column(model: LanguageModel, work: str, data: Any, batch: int) -> None:
-    """nnsight 0.8.1, when installed (`pip install interp-dsl[bench]`): the same work, trace per batch."""
+    """nnsight 0.8.1, when installed: the same work, one trace per batch (per layer for patch)."""
     from nnsight import LanguageModel as NNLanguageModel
     nn_model = NNLanguageModel(model.module, tokenizer=model.tokenizer)
     layers = nn_model.model.layers

@@ -48,8 +48,8 @@ def describe_dir(out: Path) -> str:
 
 def _source_text(source: dict[str, Any]) -> str:
     if "literal" in source:
-        rows = source["literal"]
-        return repr(rows[0]) if len(rows) == 1 else f"{len(rows)} literal prompts"
+        rows = source.get("rows", len(source["literal"]))
+        return repr(source["literal"][0]) if rows == 1 else f"{rows} prompts given in a list"
     return f"{source['file']} ({source['kind']}, {source['field']})"
 
 

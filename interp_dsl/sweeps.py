@@ -169,7 +169,7 @@ class Sweep:
             **self.describe,
             "ir_hash": plan.program.structural_hash(), "model": self.model._source_name,
             "weights": weights_fingerprint(self.model.module),
-            "prompts": {n: s.describe() if isinstance(s, PromptFile) else {"literal": s} for n, s in self.sources.items()},
+            "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
             "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
             "fan_axes": plan.fan_axes, "dims": dims, "batch_size": plan.batch_size,
@@ -177,6 +177,15 @@ class Sweep:
             "passes": ["stop_after_last_site"] + (["logits_to_keep=1"] if plan.model_kwargs else []),
             "versions": versions(), "ir": to_json(plan.program, spans=False),
         }
+
+
+def _describe_source(source: Source) -> dict[str, Any]:
+    if isinstance(source, PromptFile):
+        return source.describe()
+    if len(source) <= 8:
+        return {"literal": source}
+    digest = hashlib.sha256("\0".join(source).encode()).hexdigest()[:16]
+    return {"literal": source[:2], "rows": len(source), "sha256": digest}
 
 
 def _plain(value: Any) -> Any:
