@@ -35,9 +35,9 @@ def describe_dir(out: Path) -> str:
     results = load_results(out)
     m = results.manifest
     total = m.get("n_prompts")
-    state = "complete" if m["complete"] else f"incomplete: {results.n_prompts} of {total} prompts written " \
-                                              "(rerun the same command to resume)"
-    lines = [f"{out}: {m.get('experiment', '<python>')} on {m['model']} ({state})",
+    state = "(complete)" if m["complete"] else f"(incomplete: {results.n_prompts} of {total} prompts written; " \
+                                                "rerun the same command to resume)"
+    lines = [f"{out}: {m.get('experiment', '<python>')} on {m['model']} {state}",
              f"shards: {len(m['shards'])}; batch size {m['batch_size']}; passes: {', '.join(m.get('passes', []))}",
              "prompts: " + ", ".join(f"{n} <- {_source_text(s)}" for n, s in m["prompts"].items())]
     for name, size in results.dims:
