@@ -154,6 +154,15 @@ class SweepDecl:
 
 
 @dataclass(frozen=True)
+class ZipSweepDecl:
+    """`sweep a, b in zip([...], [...])`: axes that move together (point i takes each one's i-th value)."""
+
+    names: tuple[str, ...]
+    values: tuple[Range | ListLit, ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Let:
     name: str
     value: Expr
@@ -190,7 +199,7 @@ class Invoke:
     span: Span = _span()
 
 
-Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | Invoke | Stmt
+Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Invoke | Stmt
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import linecache
 from pathlib import Path
 from typing import Any
 
-from lark import Lark, Transformer, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, v_args
+from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, v_args
 from lark.exceptions import VisitError
 
 from compiler.errors import Diagnostic, InterventionError
@@ -180,6 +180,10 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
 
     def sweep_decl(self, meta: Any, c: list[Any]) -> ast.SweepDecl:
         return ast.SweepDecl(str(c[0]), c[1], self._s(meta))
+
+    def zip_sweep_decl(self, meta: Any, c: list[Any]) -> ast.ZipSweepDecl:
+        names = tuple(str(x) for x in c if isinstance(x, Token))
+        return ast.ZipSweepDecl(names, tuple(x for x in c if not isinstance(x, Token)), self._s(meta))
 
     def range(self, meta: Any, c: list[Any]) -> ast.Range:
         return ast.Range(c[0], c[1], self._s(meta))

@@ -79,8 +79,9 @@ def statement(s: ast.Decl) -> str:
     if isinstance(s, ast.TensorDecl):
         return f"tensor {s.name} = {expr(s.value)}"
     if isinstance(s, ast.SweepDecl):
-        values = f"{s.values.start}..{s.values.stop}" if isinstance(s.values, ast.Range) else expr(s.values)
-        return f"sweep {s.name} in {values}"
+        return f"sweep {s.name} in {_sweep_values(s.values)}"
+    if isinstance(s, ast.ZipSweepDecl):
+        return f"sweep {', '.join(s.names)} in zip({', '.join(_sweep_values(v) for v in s.values)})"
     if isinstance(s, ast.Let):
         return f"let {s.name} = {expr(s.value)}"
     if isinstance(s, ast.Assign):
@@ -90,6 +91,10 @@ def statement(s: ast.Decl) -> str:
     if isinstance(s, ast.Stop):
         return "stop"
     raise TypeError(f"not a statement: {s!r}")
+
+
+def _sweep_values(values: ast.Range | ast.ListLit) -> str:
+    return f"{values.start}..{values.stop}" if isinstance(values, ast.Range) else expr(values)
 
 
 def format_module(module: ast.Module) -> str:

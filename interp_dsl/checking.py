@@ -147,13 +147,16 @@ _DTYPES = {short: getattr(torch, name) for name, short in DTYPE_SHORT.items()}  
 
 
 def _extreme_points(exp: Experiment) -> list[dict[str, Any]]:
-    """Sweep points worth checking: the ends of each integer axis (shapes cannot depend on floats)."""
-    axes = {}
-    for name, values in exp.sweeps.items():
-        ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
-        axes[name] = sorted({min(ints), max(ints)}) if ints and len(ints) == len(values) else values[:1]
-    names = list(axes)
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(axes[n] for n in names))]
+    """Sweep points worth checking: the ends of each integer axis (shapes cannot depend on floats);
+    for zipped axes, the points where one of them is at an end."""
+    per_group = []
+    for group in exp.axes():
+        points = [dict(zip(group, values, strict=True)) for values in zip(*(exp.sweeps[n] for n in group), strict=True)]
+        ends = {n: (min(exp.sweeps[n]), max(exp.sweeps[n])) for n in group
+                if all(isinstance(v, int) and not isinstance(v, bool) for v in exp.sweeps[n])}
+        chosen = [p for p in points if any(p[n] in ends[n] for n in ends)] or points[:1]
+        per_group.append(list({tuple(p.items()): p for p in chosen}.values()))
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*per_group)]
 
 
 def _length_scenarios(exp: Experiment, spec: SpecModel) -> list[tuple[str, dict[str, list[Any]]]]:

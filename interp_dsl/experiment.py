@@ -67,12 +67,24 @@ class Experiment:
     sweeps: dict[str, list[Any]] = field(default_factory=dict)
     given: dict[str, Any] = field(default_factory=dict)  # prompts and params given at run time
     sources: dict[str, PromptFile] = field(default_factory=dict)  # prompts read from files, as streams
+    zipped: list[tuple[str, ...]] = field(default_factory=list)  # sweep axes declared with zip(...)
+
+    def axes(self) -> list[tuple[str, ...]]:
+        """The sweep axes in declaration order: one name, or the names of a zipped group."""
+        grouped = {n for names in self.zipped for n in names}
+        out: list[tuple[str, ...]] = []
+        for name in self.sweeps:
+            group = next((g for g in self.zipped if name in g), (name,))
+            if name not in grouped or name == group[0]:
+                out.append(group)
+        return out
 
     def points(self) -> list[dict[str, Any]]:
-        """Every combination of sweep values (one empty point when nothing is swept)."""
-        names = list(self.sweeps)
-        return [dict(zip(names, values, strict=True))
-                for values in itertools.product(*(self.sweeps[n] for n in names))]
+        """Every combination of sweep values (one empty point when nothing is swept); zipped
+        axes move together."""
+        groups = [[dict(zip(g, values, strict=True)) for values in zip(*(self.sweeps[n] for n in g), strict=True)]
+                  for g in self.axes()]
+        return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*groups)]
 
 
 def load_experiment(path: str | Path, prompts: dict[str, Any] | None = None,
@@ -127,13 +139,26 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
     elif isinstance(decl, ast.TensorDecl):
         exp.tensors[decl.name] = _load_tensor(decl.value, exp.path.parent)
     elif isinstance(decl, ast.SweepDecl):
-        if isinstance(decl.values, ast.Range):
-            if decl.values.stop <= decl.values.start:
-                raise _error(decl.span, f"sweep {decl.name} is empty: {decl.values.start}..{decl.values.stop}",
-                             "a range a..b runs from a up to b-1")
-            exp.sweeps[decl.name] = list(range(decl.values.start, decl.values.stop))
-        else:
-            exp.sweeps[decl.name] = [_constant(item) for item in decl.values.items]
+        exp.sweeps[decl.name] = _sweep_values(decl.name, decl.values, decl.span)
+    elif isinstance(decl, ast.ZipSweepDecl):
+        if len(decl.names) != len(decl.values):
+            raise _error(decl.span, f"sweep names {len(decl.names)} axes but zips {len(decl.values)} value lists",
+                         "one list of values per name: sweep a, b in zip([...], [...])")
+        values = [_sweep_values(n, v, decl.span) for n, v in zip(decl.names, decl.values, strict=True)]
+        if len({len(v) for v in values}) > 1:
+            raise _error(decl.span, "zipped axes need the same number of values: " +
+                         ", ".join(f"{n} has {len(v)}" for n, v in zip(decl.names, values, strict=True)))
+        exp.sweeps.update(zip(decl.names, values, strict=True))
+        exp.zipped.append(decl.names)
+
+
+def _sweep_values(name: str, values: ast.Range | ast.ListLit, span: Span) -> list[Any]:
+    if isinstance(values, ast.Range):
+        if values.stop <= values.start:
+            raise _error(span, f"sweep {name} is empty: {values.start}..{values.stop}",
+                         "a range a..b runs from a up to b-1")
+        return list(range(values.start, values.stop))
+    return [_constant(item) for item in values.items]
 
 
 def _given_param(exp: Experiment, decl: ast.ParamDecl) -> Any:
@@ -479,7 +504,7 @@ def run(exp: Experiment, model: Model, compile: str | None = None) -> RunOutput:
         hashes.append(tracer.typed.program.structural_hash())
     names = list(per_point[0])
     if exp.sweeps:
-        axes = [len(v) for v in exp.sweeps.values()]
+        axes = [len(exp.sweeps[g[0]]) for g in exp.axes()]
         saves = {n: torch.stack([_as_tensor(p[n]) for p in per_point]).reshape(*axes, *_as_tensor(per_point[0][n]).shape)
                  for n in names}
     else:
@@ -509,7 +534,12 @@ def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = Non
     run = Sweep(model, sources, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
                 progress=progress, describe=describe)
     with run:
-        values = {name: run.param(name, points) for name, points in exp.sweeps.items()}
+        values: dict[str, Any] = {}
+        for group in exp.axes():
+            if len(group) == 1:
+                values[group[0]] = run.param(group[0], exp.sweeps[group[0]])
+            else:
+                values.update(zip(group, run.zip(**{n: exp.sweeps[n] for n in group}), strict=True))
         lowering = _Lowering(exp, model, run.tracer, values, sweep=run)
         lowering.run()
     return run

@@ -357,3 +357,37 @@ def test_cli_explain_ivx_output_runs_with_runtime_prompt_and_param(tmp_path, tin
     assert main(["run", str(decompiled), "--model", str(tiny_dir)]) == 1
     err = capsys.readouterr().err
     assert f"{decompiled}:1:1: error: prompt invoke0 has no text" in err and "param p0 has no value" in err
+
+
+def test_zipped_sweeps_move_together(tmp_path, tiny, capsys):
+    from grammar.parser import parse
+    from grammar.printer import format_module
+    from interp_dsl.experiment import sweep
+    text = """prompt a = ["the eiffel tower", "rome is in"]
+sweep layer in 0..2
+sweep coef, shift in zip([1.0, 2.0, 3.0], [0.0, 0.5, 1.0])
+invoke a {
+    model.model.layers[0].output[:, -1, :] *= coef
+    model.model.layers[0].output[:, -1, :] += shift
+    save h = model.model.layers[layer].output[:, -1, :]
+}
+"""
+    canonical = format_module(parse(text, "exp.ivx"))
+    assert "\nsweep coef, shift in zip([1.0, 2.0, 3.0], [0.0, 0.5, 1.0])\n" in canonical
+    assert format_module(parse(canonical, "exp.ivx")) == canonical
+    exp = load_experiment(write(tmp_path, text))
+    assert exp.axes() == [("layer",), ("coef", "shift")]
+    assert len(exp.points()) == 6 and exp.points()[1] == {"layer": 0, "coef": 2.0, "shift": 0.5}
+    results = sweep(exp, tiny, batch_size=2).results
+    assert results.dims == [("coef+shift", 3), ("layer", 2)]
+    grid = results.grid("h")
+    for j, (c, s) in enumerate([(1.0, 0.0), (2.0, 0.5), (3.0, 1.0)]):
+        with tiny.trace("rome is in"):
+            tiny.model.layers[0].output[:, -1, :] *= c
+            tiny.model.layers[0].output[:, -1, :] += s
+            h = tiny.model.layers[1].output[:, -1, :].save()
+        torch.testing.assert_close(grid[1, j, 1], h.value[0], atol=1e-5, rtol=1e-5)
+    bad = write(tmp_path, 'sweep a, b in zip([1.0, 2.0], [1.0])\n', "bad.ivx")
+    with pytest.raises(ExperimentError, match="a has 2, b has 1") as err:
+        load_experiment(bad)
+    assert err.value.diagnostics[0].span.line == 1
