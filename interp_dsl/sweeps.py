@@ -156,7 +156,7 @@ class Sweep:
             return self.model._execute(plan.program, invokes, params, True, compile=self.compile)[1].saves
 
         start = sink.done
-        with _progress(self.total, start, self.progress) as bar:
+        with _Progress(self.total, start, self.progress) as bar:
             def advance(n: int) -> None:
                 self.ran += n
                 bar.update(n)
@@ -231,7 +231,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _progress:
+class _Progress:
     """A tqdm bar (prompts/s, ETA) on stderr, or nothing."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
@@ -240,7 +240,7 @@ class _progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="prompt", dynamic_ncols=True, file=sys.stderr)
 
-    def __enter__(self) -> "_progress":
+    def __enter__(self) -> "_Progress":
         return self
 
     def __exit__(self, *exc: Any) -> None:
