@@ -121,9 +121,7 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
             value = exp.given[decl.name]
             if isinstance(value, PromptFile):  # a file streamed by a sweep (`ivx run --prompts`)
                 exp.sources[decl.name] = value
-                value = next(value.rows(), None)
-                if value is None:
-                    raise _error(decl.span, f"prompt {decl.name}: {exp.sources[decl.name].path} holds no prompts")
+                value = _first_row(value, decl.span)
             exp.prompts[decl.name] = [value] if isinstance(value, str) else list(value)
         elif decl.value is None:
             raise _error(decl.span, f"prompt {decl.name} has no text",
@@ -132,7 +130,7 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
             rows = _prompt_rows(decl.value, exp.path.parent)
             if isinstance(rows, PromptFile):  # streamed by a sweep; checking and `lower` see its first row
                 exp.sources[decl.name] = rows
-                rows = [next(rows.rows())]
+                rows = [_first_row(rows, decl.value.span)]
             exp.prompts[decl.name] = rows
     elif isinstance(decl, ast.ParamDecl):
         exp.tensors[decl.name] = _given_param(exp, decl)
@@ -213,16 +211,21 @@ def _prompt_rows(value: ast.Expr, base: Path) -> list[str] | PromptFile:
         path = base / _string_arg(value, 0, f"{kind}(...)")
         if not path.exists():
             raise _error(value.span, f"prompt file {path} does not exist")
-        source = PromptFile(path, kind, _kwarg(value, "column" if kind == "csv" else "field", "text") or "text")
-        try:
-            first = next(source.rows(), None)
-        except DatasetError as e:  # the field is checked on the first record; later ones as they stream
-            raise _error(value.span, e.diagnostics[0].message, e.diagnostics[0].hint) from None
-        if first is None:
-            raise _error(value.span, f"{path} holds no prompts")
-        return source
+        return PromptFile(path, kind, _kwarg(value, "column" if kind == "csv" else "field", "text") or "text")
     raise _error(value.span, "a prompt is a string, a list of strings, a list of token ids, or "
                              "lines(\"f.txt\"), jsonl(\"f.jsonl\", field=\"text\"), csv(\"f.csv\", column=\"text\")")
+
+
+def _first_row(source: PromptFile, span: Span) -> str:
+    """The file's first prompt, its record checked (later ones are checked as they stream)."""
+    try:
+        first = next(source.rows(), None)
+    except DatasetError as e:  # named at the declaration, with the record's own file:line
+        found = e.diagnostics[0]
+        raise _error(span, f"{found.span}: {found.message}", found.hint) from None
+    if first is None:
+        raise _error(span, f"{source.path} holds no prompts")
+    return first
 
 
 def _load_tensor(value: ast.Expr, base: Path) -> torch.Tensor:

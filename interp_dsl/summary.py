@@ -115,9 +115,9 @@ def _tick_labels(results: Results, axis: str) -> list[str]:
     m = results.manifest
     if axis in m["fan_axes"]:
         values = m["fan_axes"][axis]
-    elif "+" in axis:
+    elif "+" in axis:  # a zipped group: its points in order
         names = axis.split("+")
-        values = sorted({tuple(p[n] for n in names) for p in m["points"]}, key=[tuple(p[n] for n in names) for p in m["points"]].index)
+        values = list(dict.fromkeys(tuple(p[n] for n in names) for p in m["points"]))
     else:
         values = list(dict.fromkeys(p[axis] for p in m["points"]))
     return [str(v) for v in values]

@@ -8,6 +8,7 @@ batch and checked on fake tensors before anything runs. On exit the runtime runs
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import os
 import sys
@@ -213,7 +214,6 @@ def _source(value: Any) -> Source:
 
 
 def _head_reads_last_only(model: "Model", program: Any) -> bool:
-    import inspect
     head = getattr(model.module, "get_output_embeddings", lambda: None)()
     if head is None or "logits_to_keep" not in inspect.signature(model.module.forward).parameters:
         return False
