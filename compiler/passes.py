@@ -30,21 +30,22 @@ def _renumbered(op: Op, ids: dict[int, int]) -> Op:
     return dataclasses.replace(
         op,
         result=ids[op.result] if op.result is not None else None,
-        args=tuple(_arg(a, ids) for a in op.args),
-        kwargs=tuple((k, _arg(v, ids)) for k, v in op.kwargs),
-        path=tuple(_arg(a, ids) for a in op.path),
+        args=tuple(remap(a, ids) for a in op.args),
+        kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs),
+        path=tuple(remap(a, ids) for a in op.path),
     )
 
 
-def _arg(arg: Arg, ids: dict[int, int]) -> Arg:
+def remap(arg: Arg, ids: dict[int, int]) -> Arg:
+    """`arg` with each reference to a value in `ids` replaced by its new id (others kept)."""
     if isinstance(arg, Ref):
-        return Ref(ids[arg.id])
+        return Ref(ids.get(arg.id, arg.id))
     if isinstance(arg, SliceArg):
-        return SliceArg(_arg(arg.start, ids), _arg(arg.stop, ids), _arg(arg.step, ids))
+        return SliceArg(remap(arg.start, ids), remap(arg.stop, ids), remap(arg.step, ids))
     if isinstance(arg, TupleArg):
-        return TupleArg(tuple(_arg(a, ids) for a in arg.items))
+        return TupleArg(tuple(remap(a, ids) for a in arg.items))
     if isinstance(arg, ListArg):
-        return ListArg(tuple(_arg(a, ids) for a in arg.items))
+        return ListArg(tuple(remap(a, ids) for a in arg.items))
     return arg
 
 

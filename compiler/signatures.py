@@ -5,6 +5,7 @@ No real computation and no weight memory: parameters are wrapped as fake tensors
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -45,6 +46,9 @@ class SiteTable:
     calls: dict[str, int] = field(default_factory=dict)  # module path -> number of calls
 
     positions: dict[Event, int] = field(default_factory=dict)
+    # A generation's table (`generation_table`): where each step's events start, calls per step.
+    step_starts: list[int] = field(default_factory=list)
+    calls_per_step: dict[str, int] = field(default_factory=dict)
 
     def index(self, event: Event) -> int | None:
         """Position of `event` in the forward, or None if it never happens."""
@@ -91,3 +95,40 @@ def record_sites(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
 
 def call_count(table: SiteTable, path: str, phase: str) -> int:
     return table.calls.get(f"{path}/{phase}", 0)
+
+
+GENERATOR = "generator"  # the pseudo-module whose output is a generation's ids (`model.generator`)
+
+
+def generation_table(first: SiteTable, decode: SiteTable, steps: int, ids: Any) -> SiteTable:
+    """The sites of a whole generation as one forward: the prompt pass's events, then `steps - 1`
+    decode steps', then the generator's output (`ids`). A module's call index keeps counting across
+    steps, so call `k * calls_per_step + c` is call `c` of step `k`, and `.next()` walks steps."""
+    if first.calls != decode.calls:
+        changed = sorted(k for k in set(first.calls) | set(decode.calls)
+                         if first.calls.get(k) != decode.calls.get(k))
+        raise ValueError(f"modules are called a different number of times in a decode step: {changed[:3]}")
+    table = SiteTable(mode=first.mode, batch_size=first.batch_size, calls={})
+    for k in range(steps):
+        step = first if k == 0 else decode
+        for path, phase, call in step.order:
+            key = f"{path}/{phase}"
+            event = (path, phase, call + k * step.calls[key])
+            table.positions[event] = len(table.order)
+            table.order.append(event)
+            table.values[event] = step.values[(path, phase, call)]
+        table.step_starts.append(len(table.order) - len(step.order))
+    table.calls = {k: v * steps for k, v in first.calls.items()}
+    event = (GENERATOR, "post", 0)
+    table.positions[event] = len(table.order)
+    table.order.append(event)
+    table.values[event] = ids
+    table.calls[f"{GENERATOR}/post"] = 1
+    table.calls_per_step = dict(first.calls)
+    return table
+
+
+def step_of(table: SiteTable, position: int) -> int:
+    """The generation step an event position belongs to (the generator's output: one past the last)."""
+    return bisect.bisect_right(table.step_starts, position) - 1 if position < len(table.order) - 1 \
+        else len(table.step_starts)

@@ -15,14 +15,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from compiler.check import IncrementalTyper, TypedProgram, check
 from compiler.errors import InterventionError, did_you_mean
 from compiler.ir import Program
-from compiler.signatures import SiteTable, module_paths, record_sites
+from compiler.signatures import GENERATOR, SiteTable, generation_table, module_paths, record_sites
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.compiled import CompiledRunner, CompileStats
-from runtime.interpreter import Batch, RunResult, run
+from runtime.generation import GenerationSpec, Sampling, step_kwargs
+from runtime.generation_compiled import DecodeSteps, generate_compiled
+from runtime.interpreter import Batch, RunResult, run, run_generation
 from runtime.modes import MODES
 
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
@@ -91,6 +93,7 @@ class Model:
     def release_compiled(self) -> None:
         """Forget this model's compiled graphs and remove the marker hooks they keep installed."""
         self._runner().release()
+        self.__dict__.pop("_decoding", None)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -141,16 +144,30 @@ class Model:
     def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
         return args, kwargs
 
-    def _site_table(self, invokes: list[InvokeInput]) -> tuple[Batch, SiteTable]:
+    def _site_table(self, invokes: list[InvokeInput],
+                    generation: GenerationSpec | None = None) -> tuple[Batch, SiteTable]:
         batch = self._batch(invokes)
-        key = _signature((batch.args, batch.kwargs))
+        key = (_signature((batch.args, batch.kwargs)), generation and generation.max_new_tokens)
         table = self._tables.get(key)
         if table is None:
-            table = record_sites(self._module, batch.args, batch.kwargs, batch.size, self._fake_mode)
+            if generation is None:
+                table = record_sites(self._module, batch.args, batch.kwargs, batch.size, self._fake_mode)
+            else:
+                table = self._generation_table(batch, generation.max_new_tokens)
             self._tables[key] = table
             if len(self._tables) > _TABLE_CACHE_SIZE:
                 self._tables.popitem(last=False)
         return batch, table
+
+    def _generation_table(self, batch: Batch, steps: int) -> SiteTable:
+        raise InterventionError.at(user_span(), f"{type(self._module).__name__} cannot generate",
+                                   "wrap a causal language model in LanguageModel to use generate()")
+
+    def _decode_steps(self) -> DecodeSteps:
+        if "_decoding" not in self.__dict__:
+            object.__setattr__(self, "_decoding", DecodeSteps(
+                self._module, lambda batch, kwargs: record_sites(self._module, (), kwargs, batch.size, self._fake_mode)))
+        return self.__dict__["_decoding"]
 
     def _runner(self) -> CompiledRunner:
         if "_compiled" not in self.__dict__:
@@ -159,8 +176,9 @@ class Model:
 
     def _execute(self, program: Program, invokes: list[InvokeInput], params: dict[str, Any],
                  execute: bool, typer: IncrementalTyper | None = None,
-                 ids: dict[int, int] | None = None, compile: str = "off") -> tuple[TypedProgram, RunResult]:
-        batch, table = self._site_table(invokes)
+                 ids: dict[int, int] | None = None, compile: str = "off",
+                 generation: GenerationSpec | None = None) -> tuple[TypedProgram, RunResult]:
+        batch, table = self._site_table(invokes, generation)
         if typer is not None and typer.table is not table:
             typer = None  # typed against another batch
         typed = check(program, table, self._module, params, list(batch.rows), self._root_name, typer, ids)
@@ -169,20 +187,38 @@ class Model:
             return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
         runner = self._runner()
         mode = runner.wants(compile, typed, batch)
+        if generation is not None:
+            return typed, self._generate(mode, typed, table, batch, params, generation)
         if mode != "off":
             result = runner.run(mode, typed, table, batch, params)
             if result is not None:
                 return typed, result
             reason = runner.new_reason
             result = run(self._module, typed, batch, params)  # a located error, if the program fails
-            if reason is not None:
-                span = user_span()
-                warnings.warn_explicit(
-                    f"compile={mode!r} is not possible for this trace ({reason}); "
-                    "the reference interpreter ran instead", CompileFallbackWarning,
-                    span.file, span.line)
+            _warn_fallback(mode, reason)
             return typed, result
         return typed, run(self._module, typed, batch, params)
+
+    def _generate(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
+                  params: dict[str, Any], spec: GenerationSpec) -> RunResult:
+        if mode != "off":
+            runner = self._runner()
+            result = generate_compiled(runner, self._decode_steps(), mode, typed, table, batch, params, spec)
+            if result is not None:
+                return result
+            reason = runner.new_reason
+            result = run_generation(self._module, typed, batch, params, spec)
+            _warn_fallback(mode, reason)
+            return result
+        return run_generation(self._module, typed, batch, params, spec)
+
+
+def _warn_fallback(mode: str, reason: str | None) -> None:
+    if reason is not None:
+        span = user_span()
+        warnings.warn_explicit(
+            f"compile={mode!r} is not possible for this trace ({reason}); "
+            "the reference interpreter ran instead", CompileFallbackWarning, span.file, span.line)
 
 
 NNsight = Model
@@ -231,6 +267,59 @@ class LanguageModel(Model):
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "config", module.config)
 
+    def generate(self, *args: Any, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, compile: str | None = None, **kwargs: Any) -> Tracer:
+        """`with model.generate(prompt, max_new_tokens=N) as tracer:` generate N tokens (one batch
+        for all invokes, KV-cached) with interventions. Outside a step block they apply to step 0
+        (the prompt pass); `with tracer.all():` applies its body at every step, `tracer.iter[a:b]`
+        at the chosen steps, and `module.next()` moves to the module's next call (the next step).
+        A save inside a step block is a list with one value per step. `model.generator.output`
+        is the prompt and generated ids. Greedy unless `do_sample=True` (then `temperature`,
+        `top_k`, `top_p`; `seed` makes it reproducible). `compile` as in `trace`: a compiled
+        generation runs every decode step as one graph with a static KV cache."""
+        unknown = sorted(k for k in kwargs if k != "remote")
+        if unknown:
+            raise InterventionError.at(
+                user_span(), f"generate() got unexpected argument(s) {', '.join(unknown)}",
+                did_you_mean(unknown[0], ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                          "seed", "compile"]) or
+                "it takes max_new_tokens, do_sample, temperature, top_k, top_p, seed and compile")
+        try:
+            spec = GenerationSpec(max_new_tokens, Sampling(do_sample, temperature, top_k, top_p, seed),
+                                  self.config.eos_token_id if isinstance(self.config.eos_token_id, int) else None,
+                                  self._pad_id())
+        except ValueError as e:
+            raise InterventionError.at(user_span(), f"generate(): {e}") from None
+        tracer = self.trace(*args, compile=compile)
+        tracer.generation = spec
+        return tracer
+
+    @property
+    def generator(self) -> "GeneratorEnvoy":
+        """Inside `model.generate(...)`: `model.generator.output` is the prompt and generated ids."""
+        return GeneratorEnvoy(self)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        return int(pad) if pad is not None else 0
+
+    def _generation_table(self, batch: Batch, steps: int) -> SiteTable:
+        from transformers import DynamicCache
+        module = self._module
+        kwargs = batch.kwargs
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=module.config)
+        first = record_sites(module, (), step_kwargs(module, {"input_ids": ids, "attention_mask": mask,
+                                                              "position_ids": positions}, cache),
+                             batch.size, self._fake_mode)
+        decode = record_sites(module, (), step_kwargs(module, _decode_inputs(ids, mask, positions), cache),
+                              batch.size, first.mode)
+        with first.mode:
+            generated = torch.empty(batch.size, ids.shape[1] + steps, dtype=torch.long)
+        return generation_table(first, decode, steps, generated)
+
     def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
         if len(args) != 1:
             raise InterventionError.at(user_span(), f"an invoke of a LanguageModel takes one input "
@@ -272,6 +361,27 @@ class LanguageModel(Model):
 
     def _takes_position_ids(self) -> bool:
         return "position_ids" in inspect.signature(self._module.forward).parameters
+
+
+class GeneratorEnvoy:
+    """`model.generator`: its `.output` is a generation's ids, prompt first (nnsight's spelling)."""
+
+    def __init__(self, model: Model):
+        self._model = model
+
+    @property
+    def output(self) -> Any:
+        tracer = self._model._tracer
+        if tracer is None or not tracer.recording or tracer.generation is None:
+            raise InterventionError.at(user_span(), "model.generator.output exists only inside "
+                                       "`with model.generate(...)`", "use model.generate(prompt, max_new_tokens=N)")
+        return tracer.read(tracer.site(GENERATOR, "output"))
+
+
+def _decode_inputs(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs of the first decode step after a prompt (token values do not matter for shapes)."""
+    return {"input_ids": ids[:, -1:], "attention_mask": torch.cat([mask, mask[:, -1:]], dim=-1),
+            "position_ids": positions[:, -1:] + 1}
 
 
 def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -44,7 +44,8 @@ class Proxy:
     attributes and printing all act on the real tensor (also reachable as `.value`).
     """
 
-    __slots__ = ("_tracer", "_id", "_origin", "_value", "_missing", "_saved", "_save_name", "__weakref__")
+    __slots__ = ("_tracer", "_id", "_origin", "_value", "_missing", "_saved", "_save_name", "_steps",
+                 "__weakref__")
 
     def __init__(self, tracer: "Tracer", id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None):
         object.__setattr__(self, "_tracer", tracer)
@@ -54,6 +55,7 @@ class Proxy:
         object.__setattr__(self, "_missing", "")
         object.__setattr__(self, "_saved", False)
         object.__setattr__(self, "_save_name", None)
+        object.__setattr__(self, "_steps", None)  # in a generation step block: its value id per step
 
     # ------------------------------------------------------------------------------ life cycle
     @property

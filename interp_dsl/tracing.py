@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,11 +22,12 @@ from compiler.ir import (
     SliceArg,
     TupleArg,
 )
-from compiler.passes import drop_dead_reads
+from compiler.passes import drop_dead_reads, remap
 from compiler.shape_rules import is_tensor_like
 from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
+from runtime.generation import GenerationSpec
 
 if TYPE_CHECKING:
     from interp_dsl.models import Model
@@ -45,6 +47,67 @@ class Invoker:
 
     def __exit__(self, *exc: Any) -> None:
         self.tracer.current_invoke = self._outer
+
+
+class StepBlock:
+    """`with tracer.all():` / `with tracer.iter[...]:`: what the body records applies at each step."""
+
+    def __init__(self, tracer: "Tracer", steps: list[int]):
+        self.tracer, self.steps = tracer, steps
+        self.start = self.first_proxy = 0
+
+    def __enter__(self) -> "StepBlock":
+        tracer = self.tracer
+        if tracer._block is not None:
+            raise InterventionError.at(user_span(), "step blocks do not nest",
+                                       "use one `with tracer.iter[...]:` with the steps you want")
+        self.start, self.first_proxy = len(tracer.ops), len(tracer._proxies)
+        tracer._block, tracer.step = self, self.steps[0]
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        tracer = self.tracer
+        tracer._block, tracer.step = None, 0
+        if exc_type is None:
+            tracer._unroll(self)
+        return False
+
+
+class StepSelector:
+    """`tracer.iter[...]`: steps by slice, int or list, checked against `max_new_tokens`."""
+
+    def __init__(self, tracer: "Tracer"):
+        self.tracer = tracer
+
+    def __getitem__(self, key: int | slice | list[int]) -> StepBlock:
+        n = self.tracer.generation.max_new_tokens  # type: ignore[union-attr]
+        if isinstance(key, slice):
+            steps = list(range(n))[key]
+        elif isinstance(key, int) and not isinstance(key, bool):
+            if not -n <= key < n:
+                raise InterventionError.at(user_span(), f"step {key} does not exist: this generation "
+                                           f"has {n} steps", f"use 0..{n - 1} (0 is the prompt pass)")
+            steps = [key % n]
+        elif isinstance(key, (list, tuple)) and all(isinstance(k, int) for k in key):
+            bad = [k for k in key if not 0 <= k < n]
+            if bad:
+                raise InterventionError.at(user_span(), f"step {bad[0]} does not exist: this generation "
+                                           f"has {n} steps", f"use 0..{n - 1} (0 is the prompt pass)")
+            steps = sorted(set(key))
+        else:
+            raise InterventionError.at(user_span(), f"tracer.iter takes a slice, an int or a list of "
+                                       f"steps, not {type(key).__name__}")
+        if not steps:
+            raise InterventionError.at(user_span(), f"tracer.iter[{_show(key)}] selects no step of {n}",
+                                       f"steps run from 0 to {n - 1}")
+        return StepBlock(self.tracer, steps)
+
+
+def _show(key: Any) -> str:
+    if isinstance(key, slice):
+        return ":".join("" if v is None else str(v) for v in (key.start, key.stop)) + \
+            ("" if key.step is None else f":{key.step}")
+    return repr(key)
 
 
 class Tracer:
@@ -77,6 +140,9 @@ class Tracer:
         self.fan_point: dict[str, int] = {}  # the point a fanned operation is being applied at
         self.expanded: set[int] = set()  # invokes whose rows repeat once per point
         self._fan_params: dict[str, Proxy] = {}
+        self.generation: GenerationSpec | None = None  # set by model.generate(...)
+        self.step = 0  # the generation step module values refer to (the first of an open step block)
+        self._block: StepBlock | None = None
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -111,6 +177,57 @@ class Tracer:
         """nnsight's cross-invoke barrier. Accepted and a no-op: the scheduler already orders
         every read before the writes that use it."""
         return lambda: None
+
+    # ------------------------------------------------------------------------- generation
+    def all(self) -> "StepBlock":
+        """`with tracer.all():` the body applies at every generation step."""
+        return self.iter[:]
+
+    @property
+    def iter(self) -> "StepSelector":
+        """`with tracer.iter[a:b]:` the body applies at the chosen generation steps (a slice, an
+        int or a list of steps; step 0 is the prompt pass)."""
+        if self.generation is None:
+            raise InterventionError.at(user_span(), "tracer.iter and tracer.all() are for generation",
+                                       "use `with model.generate(prompt, max_new_tokens=N) as tracer:`")
+        return StepSelector(self)
+
+    def _calls_per_step(self, path: str, phase: str) -> int:
+        return self.typer().table.calls_per_step.get(f"{path}/{phase}", 0)
+
+    def _unroll(self, block: "StepBlock") -> None:
+        """Repeat the ops recorded in a step block for its other steps: each copy refers to its own
+        step's sites (call indices shifted by whole steps) and its own values; params and weights
+        are shared. A proxy made in the block then stands for one value per step."""
+        body, proxies = self.ops[block.start:], self._proxies[block.first_proxy:]
+        per_step: dict[int, list[int]] = {op.result: [op.result] for op in body
+                                          if op.result is not None and op.opcode not in ("param", "weight")}
+        first = block.steps[0]
+        for step in block.steps[1:]:
+            ids: dict[int, int] = {}
+            for op in body:
+                if op.opcode in ("param", "weight"):
+                    continue
+                site = op.site
+                if site is not None:
+                    shift = (step - first) * self._calls_per_step(site.module, site.phase)
+                    site = dataclasses.replace(site, call=site.call + shift)
+                result = None
+                if op.result is not None:
+                    result = ids[op.result] = self._next_id
+                    self._next_id += 1
+                    per_step[op.result].append(result)
+                target = f"{op.target}@{step}" if op.opcode == "save" else op.target
+                self.ops.append(dataclasses.replace(
+                    op, result=result, site=site, target=target, args=tuple(remap(a, ids) for a in op.args),
+                    kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs),
+                    path=tuple(remap(a, ids) for a in op.path)))
+        for index in range(block.start, block.start + len(body)):  # the first step's saves too
+            if self.ops[index].opcode == "save":
+                self.ops[index] = dataclasses.replace(self.ops[index], target=f"{self.ops[index].target}@{first}")
+        for proxy in proxies:
+            if proxy._id in per_step:
+                object.__setattr__(proxy, "_steps", per_step[proxy._id])
 
     def stop(self, at: Proxy | None = None) -> None:
         """End the forward once everything requested so far has run."""
@@ -254,7 +371,10 @@ class Tracer:
             raise InterventionError.at(
                 user_span(), f".{kind} is used outside an invoke",
                 "pass an input to model.trace(...) or read it inside `with tracer.invoke(...):`")
-        return Site(module_path, kind, self.call_index.get(module_path, 0), self.current_invoke)
+        call = self.call_index.get(module_path, 0)
+        if self.step:
+            call += self.step * self._calls_per_step(module_path, "post" if kind == "output" else "pre")
+        return Site(module_path, kind, call, self.current_invoke)
 
     # ------------------------------------------------------------------------------- results
     def program(self) -> Program:
@@ -277,7 +397,7 @@ class Tracer:
     def typer(self) -> IncrementalTyper:
         """Types the ops as they are recorded, for the current batch of invokes."""
         if self._typer is None:
-            batch, table = self.model._site_table(self.invoke_inputs)
+            batch, table = self.model._site_table(self.invoke_inputs, self.generation)
             self._typer = IncrementalTyper(table, self.model._module, self.params, list(batch.rows),
                                            self.model._root_name)
         return self._typer
@@ -294,9 +414,15 @@ class Tracer:
         typer = self.typer()
         typer.record(self.ops)
         self.typed, result = self.model._execute(program, self.invoke_inputs, self.params,
-                                                 self.execute, typer, ids, self.compile)
+                                                 self.execute, typer, ids, self.compile, self.generation)
         for proxy in self._proxies:
-            if not proxy._saved:
+            if proxy._steps is not None and proxy._saved:
+                values = [result.values[ids[i]] for i in proxy._steps if ids.get(i) in result.values]
+                if values or not self.execute:
+                    proxy._resolve(values)
+                else:
+                    proxy._resolve(missing="this value was not computed: generation ended before its steps")
+            elif not proxy._saved:
                 proxy._resolve(missing="this value was not saved; call .save() on it in the trace")
             elif ids.get(proxy._id) in result.values:
                 proxy._resolve(result.values[ids[proxy._id]])

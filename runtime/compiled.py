@@ -68,7 +68,7 @@ class Artefact:
     def __init__(self, module: torch.nn.Module, markers: Markers, mode: str, keys: frozenset[str],
                  dynamic: bool, stats: CompileStats):
         self.module, self.markers, self.mode, self.keys = module, markers, mode, keys
-        self.stats = stats
+        self.stats, self.dynamic = stats, dynamic
         self._call: _Call | None = None
         self.compiled = torch.compile(_own_forward(module), backend=self._backend, fullgraph=True,
                                       dynamic=None if dynamic else False)
@@ -101,7 +101,8 @@ class Artefact:
         extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
         call = self._call = _Call(typed, table, batch, extra)
         self.markers.install(self.keys)
-        _mark_dynamic(batch)
+        if self.dynamic:
+            _mark_dynamic(batch)
         try:
             with self.markers.activated(self.keys), torch.no_grad():
                 output = self.compiled(*batch.args, **batch.kwargs)
@@ -142,18 +143,19 @@ class CompiledRunner:
         return "inductor" if self.seen[key] >= AUTO_REPEATS else "off"
 
     def run(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
-            params: dict[str, Any]) -> RunResult | None:
-        """Run compiled; None when it cannot be (see `new_reason`)."""
+            params: dict[str, Any], static: bool = False) -> RunResult | None:
+        """Run compiled; None when it cannot be (see `new_reason`). `static`: every shape is
+        fixed (a decode step on a static KV cache), so nothing is marked dynamic."""
         self.new_reason = None
         if mode == "cudagraphs" and not any(p.is_cuda for p in self.module.parameters()):
             return self._fallback(("cudagraphs",), "CUDA graphs need the model on a CUDA device")
-        key = self._key(mode, typed, batch)
+        key = self._key(mode, typed, batch, static)
         if key in self.failed:
             self.stats.fallbacks += 1
             return None
         artefact = self.artefacts.get(key)
         if artefact is None:
-            dynamic = len(batch.rows) == 1
+            dynamic = len(batch.rows) == 1 and not static
             artefact = Artefact(self.module, self.markers, mode, site_keys(typed), dynamic, self.stats)
             self.artefacts[key] = artefact
             self.stats.artefacts += 1
@@ -162,6 +164,10 @@ class CompiledRunner:
         except Exception as e:  # capture, splice or compile failed: the reference still works
             del self.artefacts[key]
             return self._fallback(key, _cause(e))
+
+    def refuse(self, key: Any, reason: str) -> None:
+        """Record that `key` cannot run compiled, and why (for work decided outside `run`)."""
+        return self._fallback(key, reason)
 
     def _fallback(self, key: Any, reason: str) -> None:
         """Remember why; `new_reason` is set the first time, for the caller to tell the user."""
@@ -172,18 +178,22 @@ class CompiledRunner:
             self.new_reason = reason
         return None
 
-    def _key(self, mode: str, typed: TypedProgram, batch: Batch) -> Any:
+    def _key(self, mode: str, typed: TypedProgram, batch: Batch, static: bool = False) -> Any:
         layout = None if len(batch.rows) == 1 else (tuple((r.start, r.stop) for r in batch.rows), batch.size)
-        return (typed.program.structural_hash(), mode, layout, _bucket(batch))
+        return (typed.program.structural_hash(), mode, layout, _bucket(batch, static))
 
 
-def _bucket(batch: Batch) -> Any:
+def _bucket(batch: Batch, static: bool = False) -> Any:
     """What a compiled graph is specialised on: argument names, dtypes, ranks, non-tensor values
-    and which dims are 1 (dynamo specialises those). Other sizes are symbolic."""
+    (by identity for objects such as a KV cache) and which dims are 1 (dynamo specialises those).
+    Other sizes are symbolic, or part of the bucket when `static`."""
     def sig(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return ("T", str(v.dtype), tuple(d == 1 for d in v.shape), v.device.type)
-        return repr(v)
+            return ("T", str(v.dtype), tuple(v.shape) if static else tuple(d == 1 for d in v.shape),
+                    v.device.type)
+        if v is None or isinstance(v, (bool, int, float, str, tuple, list, torch.dtype)):
+            return repr(v)
+        return (type(v).__name__, id(v))
     return (tuple(sig(a) for a in batch.args), tuple((k, sig(v)) for k, v in batch.kwargs.items()))
 
 

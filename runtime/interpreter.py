@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from compiler import ops
 from compiler.check import BEFORE_FORWARD, TypedProgram
 from compiler.errors import ExecutionError
 from compiler.ir import Op
+from compiler.signatures import GENERATOR
+from runtime.generation import GenerationSpec, StepInputs, decode, step_kwargs
 
 
 @dataclass(frozen=True)
@@ -44,31 +47,43 @@ class _Stop(Exception):
 
 class _Run:
     def __init__(self, model: torch.nn.Module, typed: TypedProgram, batch: Batch,
-                 params: dict[str, Any]):
+                 params: dict[str, Any], only: set[int] | None = None):
+        """`only`: run just these ops (by index); others run elsewhere (a compiled decode step)."""
         self.model, self.typed, self.batch, self.params = model, typed, batch, params
         self.values: dict[int, Any] = {}
         self.result = RunResult()
         self.positions = {e: i for i, e in enumerate(typed.events)}
         self.by_event: dict[int, list[Op]] = defaultdict(list)
-        for op, at in zip(typed.program.ops, typed.schedule, strict=True):
-            self.by_event[at].append(op)
+        for i, (op, at) in enumerate(zip(typed.program.ops, typed.schedule, strict=True)):
+            if only is None or i in only:
+                self.by_event[at].append(op)
+        self.handles: list[Any] = []
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.adhoc_depth = 0
         self.stop_requested = False
 
-    def execute(self) -> RunResult:
-        handles = self._install_hooks()
+    def execute(self, forward: Callable[[], Any] | None = None) -> RunResult:
+        """Run `forward` (default: the model on the batch) with the program at its hooks."""
+        self.handles = self._install_hooks()
         try:
             self._run_ops(self.by_event.get(BEFORE_FORWARD, []), None)
             try:
                 with torch.no_grad():
-                    self.result.output = self.model(*self.batch.args, **self.batch.kwargs)
+                    self.result.output = (forward or self._forward)()
             except _Stop:
                 self.result.stopped = True
         finally:
-            for h in handles:
-                h.remove()
+            self.remove_hooks()
         return self.result
+
+    def remove_hooks(self) -> None:
+        """Take this run's hooks off the model (also before a compiled step runs on it)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _forward(self) -> Any:
+        return self.model(*self.batch.args, **self.batch.kwargs)
 
     # ---------------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> list[Any]:
@@ -76,7 +91,8 @@ class _Run:
         for index in self.by_event:
             if index != BEFORE_FORWARD:
                 path, phase, _ = self.typed.events[index]
-                wanted[path].add(phase)
+                if path != GENERATOR:  # not a module: the decoding loop reports it
+                    wanted[path].add(phase)
         handles = []
         for path, phases in wanted.items():
             module = self.model.get_submodule(path)
@@ -172,3 +188,24 @@ def _snapshot(value: Any) -> Any:
 def run(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[str, Any]) -> RunResult:
     """Run the model once on `batch`, executing `typed` at its sites."""
     return _Run(model, typed, batch, params).execute()
+
+
+def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[str, Any],
+                   spec: GenerationSpec) -> RunResult:
+    """Generate from `batch` (left-padded prompts) with a dynamic KV cache, executing `typed` at its
+    sites in every step: the hooks stay on for the whole loop, so a module's call count runs on
+    across steps exactly as the generation's site table numbers them."""
+    from transformers import DynamicCache
+
+    run = _Run(model, typed, batch, params)
+    cache = DynamicCache(config=getattr(model, "config", None))
+
+    def step(k: int, inputs: StepInputs) -> torch.Tensor:
+        return model(**step_kwargs(model, inputs, cache)).logits[:, -1]
+
+    def generate() -> Any:
+        ids = decode(step, batch.kwargs["input_ids"], batch.kwargs["attention_mask"], spec)
+        new = run._on_post(GENERATOR, ids)
+        return ids if new is None else new
+
+    return run.execute(generate)
