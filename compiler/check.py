@@ -26,7 +26,7 @@ from compiler.ir import (
 )
 from compiler.printer import format_type
 from compiler.shape_rules import is_tensor_like, materialize
-from compiler.signatures import Event, SiteTable, call_count, quiet_fake_mode
+from compiler.signatures import GENERATOR, Event, SiteTable, call_count, quiet_fake_mode
 
 BEFORE_FORWARD = -1
 
@@ -175,13 +175,17 @@ class _Checker:
             return None
         return self.table.values[event]
 
+    def _rows(self, site: Site) -> slice:
+        """An invoke's rows; a generation's ids are the whole batch from any invoke."""
+        return slice(0, self.table.batch_size) if site.module == GENERATOR else self.rows[site.invoke]
+
     def _read(self, op: Op) -> bool:
         live = self._site_live(op)
         if live is None:
             return False
         site = op.site
         value = ops.site_value(live, site.kind)  # type: ignore[union-attr]
-        self.fake[op.result] = ops.slice_rows(value, self.rows[site.invoke], self.table.batch_size)  # type: ignore
+        self.fake[op.result] = ops.slice_rows(value, self._rows(site), self.table.batch_size)  # type: ignore
         return True
 
     def _param(self, op: Op) -> bool:
@@ -267,7 +271,7 @@ class _Checker:
         assert site is not None
         where = describe_site(site, self.root)
         target = ops.site_value(live, site.kind)
-        target = ops.slice_rows(target, self.rows[site.invoke], self.table.batch_size)
+        target = ops.slice_rows(target, self._rows(site), self.table.batch_size)
         value = ops.materialize(op.args[0], self.fake)
         bounds_source = {**self.fake, **self.real_params}
         for step_arg in op.path:

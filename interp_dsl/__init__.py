@@ -19,6 +19,7 @@ from interp_dsl.models import LanguageModel as LanguageModel
 from interp_dsl.models import Model as Model
 from interp_dsl.models import NNsight as NNsight
 from interp_dsl.proxy import Proxy as Proxy
+from interp_dsl.saved_list import SavedList as SavedList
 from interp_dsl.sweeps import Sweep as Sweep
 from interp_dsl.tracing import Tracer as Tracer
 from runtime.datasets import PromptFile as PromptFile
@@ -29,3 +30,9 @@ from runtime.shards import load_results as load_results
 def save(value: Proxy) -> Proxy:
     """Keep `value` after the trace (the function spelling of `value.save()`)."""
     return value.save()
+
+
+def list(*items: object) -> SavedList:  # noqa: A001  (nnsight's name: `nnsight.list().save()`)
+    """A list to append values to inside a trace; afterwards it holds them (one per step for a
+    value made in a generation step block)."""
+    return SavedList(items)

@@ -143,6 +143,7 @@ class Tracer:
         self.generation: GenerationSpec | None = None  # set by model.generate(...)
         self.step = 0  # the generation step module values refer to (the first of an open step block)
         self._block: StepBlock | None = None
+        self.saved_lists: list[Any] = []  # interp_dsl.list()s appended to in this trace
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -431,3 +432,6 @@ class Tracer:
             else:
                 proxy._resolve(missing="model.scan(...) computes shapes, not values; use .shape")
         self.result = result
+        for saved in {id(x): x for x in self.saved_lists}.values():
+            if self.execute:
+                saved.resolve()

@@ -81,7 +81,8 @@ def _step_program(typed: TypedProgram, table: SiteTable, step: int, indices: lis
     params: dict[str, str] = {}
     saves: dict[str, str] = {}
     out: list[Op] = []
-    for i in sorted(needed):
+    own = set(indices)  # shared values first, so that every step orders its program alike
+    for i in sorted(needed - own) + sorted(own):
         op = ops[i]
         site, target = op.site, op.target
         if site is not None:

@@ -17,7 +17,7 @@ import torch
 from compiler import ops
 from compiler.check import BEFORE_FORWARD, TypedProgram
 from compiler.errors import ExecutionError
-from compiler.ir import Op
+from compiler.ir import Op, Site
 from compiler.signatures import GENERATOR
 from runtime.generation import GenerationSpec, StepInputs, decode, step_kwargs
 
@@ -151,12 +151,12 @@ class _Run:
         kwargs = {k: ops.materialize(v, self.values) for k, v in op.kwargs}
         code = op.opcode
         if code == "read":
-            rows = self.batch.rows[op.site.invoke]  # type: ignore[union-attr]
+            rows = _rows(op.site, self.batch)  # type: ignore[arg-type]
             value = ops.site_value(live, op.site.kind)  # type: ignore[union-attr]
             self.values[op.result] = ops.slice_rows(value, rows, self.batch.size)  # type: ignore
         elif code == "write":
             path = [ops.materialize(a, self.values) for a in op.path]
-            rows = self.batch.rows[op.site.invoke]  # type: ignore[union-attr]
+            rows = _rows(op.site, self.batch)  # type: ignore[arg-type]
             live = ops.write_site(live, op.site.kind, path, args[0], rows, self.batch.size)  # type: ignore
         elif code == "call":
             self.values[op.result] = ops.call(op.target, args, kwargs)  # type: ignore[index]
@@ -178,6 +178,12 @@ class _Run:
         elif code == "stop":
             self.stop_requested = True
         return live
+
+
+def _rows(site: Site, batch: Batch) -> slice:
+    """The rows of the batch a site refers to: its invoke's, or all for a generation's ids (as
+    in nnsight, `model.generator.output` is the whole batch from any invoke)."""
+    return slice(0, batch.size) if site.module == GENERATOR else batch.rows[site.invoke]
 
 
 def _snapshot(value: Any) -> Any:
