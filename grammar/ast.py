@@ -189,7 +189,16 @@ class Stop:
     span: Span = _span()
 
 
-Stmt = Let | Assign | Save | Stop
+@dataclass(frozen=True)
+class Steps:
+    """`steps all { ... }` or `steps [2:5] { ... }`: the body applies at the chosen generation steps."""
+
+    selector: "tuple[Expr, ...] | None"  # None: every step; else the subscript, as in tracer.iter[...]
+    body: tuple["Let | Assign | Save", ...]
+    span: Span = _span()
+
+
+Stmt = Let | Assign | Save | Stop | Steps
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,15 @@ class Invoke:
     span: Span = _span()
 
 
-Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Invoke | Stmt
+@dataclass(frozen=True)
+class Generate:
+    """`generate max_new_tokens=8, seed=0`: the experiment generates, with these arguments."""
+
+    kwargs: tuple[Kwarg, ...]
+    span: Span = _span()
+
+
+Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Generate | Invoke | Stmt
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,13 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def invoke_block(self, meta: Any, c: list[Any]) -> ast.Invoke:
         return ast.Invoke(str(c[0]), tuple(x for x in c[1:] if x is not None), self._s(meta))
 
+    def generate_decl(self, meta: Any, c: list[Any]) -> ast.Generate:
+        return ast.Generate(tuple(c), self._s(meta))
+
+    def steps_block(self, meta: Any, c: list[Any]) -> ast.Steps:
+        selector = None if isinstance(c[0], Token) else c[0]
+        return ast.Steps(selector, tuple(x for x in c[1:] if x is not None), self._s(meta))
+
     def assign(self, meta: Any, c: list[Any]) -> ast.Assign:
         return ast.Assign(c[0], str(c[1]), c[2], self._s(meta))
 

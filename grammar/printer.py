@@ -90,11 +90,21 @@ def statement(s: ast.Decl) -> str:
         return f"save {s.name} = {expr(s.value)}"
     if isinstance(s, ast.Stop):
         return "stop"
+    if isinstance(s, ast.Generate):
+        return "generate " + ", ".join(f"{k.name}={expr(k.value)}" for k in s.kwargs)
     raise TypeError(f"not a statement: {s!r}")
 
 
 def _sweep_values(values: ast.Range | ast.ListLit) -> str:
     return f"{values.start}..{values.stop}" if isinstance(values, ast.Range) else expr(values)
+
+
+def _opening(decl: ast.Invoke | ast.Steps) -> str:
+    if isinstance(decl, ast.Invoke):
+        return f"invoke {decl.prompt} {{"
+    if decl.selector is None:
+        return "steps all {"
+    return f"steps [{', '.join(expr(i) for i in decl.selector)}] {{"
 
 
 def format_module(module: ast.Module) -> str:
@@ -108,20 +118,26 @@ def format_module(module: ast.Module) -> str:
             out.append(indent + own.pop(0).text)
         out.append(indent + text + (f"  {trailing[line]}" if line in trailing else ""))
 
+    def block(decl: ast.Invoke | ast.Steps, indent: str) -> None:
+        emit(_opening(decl), decl.span.line, indent)
+        for s in decl.body:
+            if isinstance(s, ast.Steps):
+                block(s, indent + "    ")
+            else:
+                emit(statement(s), s.span.line, indent + "    ")
+        end = decl.span.end_line
+        while own and own[0].line < end:
+            out.append(indent + "    " + own.pop(0).text)
+        out.append(indent + "}")
+
     previous: type | None = None
     for decl in module.body:
         if out and (isinstance(decl, ast.Invoke) or previous is ast.Invoke or
                     (type(decl) is not previous and not (own and own[0].line < decl.span.line))):
             out.append("")
         previous = type(decl)
-        if isinstance(decl, ast.Invoke):
-            emit(f"invoke {decl.prompt} {{", decl.span.line, "")
-            for s in decl.body:
-                emit(statement(s), s.span.line, "    ")
-            end = decl.span.end_line
-            while own and own[0].line < end:
-                out.append("    " + own.pop(0).text)
-            out.append("}")
+        if isinstance(decl, (ast.Invoke, ast.Steps)):
+            block(decl, "")
         else:
             emit(statement(decl), decl.span.line, "")
     out.extend(c.text for c in own)

@@ -206,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
         raise _usage("--batch-size and --shard-size are positive")
     model = resolve_model(exp, args.model)
     out = Path(args.out or Path("runs") / exp.path.stem)
+    if exp.generate is not None:
+        return _run_generation(args, exp, model, out)
     run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
                 shard_size=args.shard_size, progress=False if args.quiet else None)
     if not args.quiet:
@@ -213,6 +215,18 @@ def _run(args: argparse.Namespace) -> int:
         print(summarise(run.results, getattr(model, "tokenizer", None)))
         done = "already complete; nothing ran" if not run.ran else f"ran {run.ran} prompts"
         print(f"{done}; results in {out}/ (interp_dsl.load_results, ivx show)")
+    return EXIT_OK
+
+
+def _run_generation(args: argparse.Namespace, exp: Any, model: Any, out: Path) -> int:
+    from interp_dsl.generations import run_generation, summarise_generations
+    if args.prompts:
+        raise _usage("--prompts streams prompt files through a sweep; a generation experiment takes "
+                     "its prompts from the file (or --prompt NAME=TEXT)")
+    done = run_generation(exp, model, out, args.compile)
+    if not args.quiet:
+        print(summarise_generations(done))
+        print(f"results in {out}/ (ids and saves per point: point<i>.safetensors; texts: generations.jsonl)")
     return EXIT_OK
 
 
@@ -235,8 +249,10 @@ def _prompt_files(args: argparse.Namespace, declared: list[str]) -> dict[str, An
 
 
 def _show(args: argparse.Namespace) -> int:
+    from interp_dsl.generations import describe_generation_dir, is_generation_dir
     from interp_dsl.summary import describe_dir
-    print(describe_dir(Path(args.dir)))
+    out = Path(args.dir)
+    print(describe_generation_dir(out) if is_generation_dir(out) else describe_dir(out))
     return EXIT_OK
 
 

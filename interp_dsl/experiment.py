@@ -30,6 +30,7 @@ from interp_dsl.proxy import Proxy
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.datasets import DatasetError, PromptFile
+from runtime.generation import GenerationSpec
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
@@ -68,6 +69,7 @@ class Experiment:
     given: dict[str, Any] = field(default_factory=dict)  # prompts and params given at run time
     sources: dict[str, PromptFile] = field(default_factory=dict)  # prompts read from files, as streams
     zipped: list[tuple[str, ...]] = field(default_factory=list)  # sweep axes declared with zip(...)
+    generate: dict[str, Any] | None = None  # `generate ...` arguments: the experiment generates
 
     def axes(self) -> list[tuple[str, ...]]:
         """The sweep axes in declaration order: one name, or the names of a zipped group."""
@@ -138,6 +140,16 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
         exp.tensors[decl.name] = _load_tensor(decl.value, exp.path.parent)
     elif isinstance(decl, ast.SweepDecl):
         exp.sweeps[decl.name] = _sweep_values(decl.name, decl.values, decl.span)
+    elif isinstance(decl, ast.Generate):
+        if exp.generate is not None:
+            raise _error(decl.span, "a second `generate` line", "give every argument on one line")
+        exp.generate = {}
+        for kwarg in decl.kwargs:
+            if kwarg.name not in GENERATE_ARGUMENTS:
+                raise _error(kwarg.span, f"generate takes no argument {kwarg.name!r}",
+                             did_you_mean(kwarg.name, GENERATE_ARGUMENTS) or
+                             f"its arguments: {', '.join(GENERATE_ARGUMENTS)}")
+            exp.generate[kwarg.name] = _constant(kwarg.value)
     elif isinstance(decl, ast.ZipSweepDecl):
         if len(decl.names) != len(decl.values):
             raise _error(decl.span, f"sweep names {len(decl.names)} axes but zips {len(decl.values)} value lists",
@@ -297,12 +309,24 @@ class _Lowering:
                 self._save(s)
             elif isinstance(s, ast.Stop):
                 self.tracer.stop()
+            elif isinstance(s, ast.Steps):
+                self._steps(s)
             else:
                 self._assign(s)
         except InterventionError as e:
             file = str(self.exp.path)
             self.diagnostics.extend(d if d.span.file == file else dataclasses.replace(d, span=s.span)
                                     for d in e.diagnostics)
+
+    def _steps(self, s: ast.Steps) -> None:
+        if self.exp.generate is None:
+            raise _error(s.span, "a steps block is for generation, and this experiment does not generate",
+                         "add a line: generate max_new_tokens=8")
+        key = slice(None) if s.selector is None else self._subscript(s.selector)
+        with self.tracer.iter[key]:
+            for statement in s.body:
+                self._statement(statement)
+        self.current = s.span
 
     def _save(self, s: ast.Save) -> None:
         value = self.eval(s.value)
@@ -463,9 +487,24 @@ def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = 
     """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
     `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
     tracer = model.trace(compile=compile) if execute else model.scan()
+    if exp.generate is not None:
+        tracer.generation = _generation_spec(exp, model)
     with tracer:
         _Lowering(exp, model, tracer, point).run()
     return tracer
+
+
+GENERATE_ARGUMENTS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+
+
+def _generation_spec(exp: Experiment, model: Model) -> GenerationSpec:
+    line = next(d.span for d in exp.module.body if isinstance(d, ast.Generate))
+    if not isinstance(model, LanguageModel):
+        raise _error(line, "only a language model generates")
+    try:
+        return model.generation_spec(**exp.generate)  # type: ignore[arg-type]
+    except InterventionError as e:
+        raise ExperimentError([dataclasses.replace(d, span=line) for d in e.diagnostics]) from None
 
 
 def resolve_model(exp: Experiment, override: str | None = None) -> Model:

@@ -159,7 +159,7 @@ class Model:
                 self._tables.popitem(last=False)
         return batch, table
 
-    def _generation_table(self, batch: Batch, steps: int) -> SiteTable:
+    def _generation_table(self, batch: Batch, steps: int, module: torch.nn.Module | None = None) -> SiteTable:
         raise InterventionError.at(user_span(), f"{type(self._module).__name__} cannot generate",
                                    "wrap a causal language model in LanguageModel to use generate()")
 
@@ -285,15 +285,21 @@ class LanguageModel(Model):
                 did_you_mean(unknown[0], ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                                           "seed", "compile"]) or
                 "it takes max_new_tokens, do_sample, temperature, top_k, top_p, seed and compile")
-        try:
-            spec = GenerationSpec(max_new_tokens, Sampling(do_sample, temperature, top_k, top_p, seed),
-                                  self.config.eos_token_id if isinstance(self.config.eos_token_id, int) else None,
-                                  self._pad_id())
-        except ValueError as e:
-            raise InterventionError.at(user_span(), f"generate(): {e}") from None
+        spec = self.generation_spec(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         tracer = self.trace(*args, compile=compile)
         tracer.generation = spec
         return tracer
+
+    def generation_spec(self, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        seed: int | None = None) -> GenerationSpec:
+        """The settings of a generation on this model (its EOS and padding tokens included)."""
+        eos = self.config.eos_token_id
+        try:
+            return GenerationSpec(int(max_new_tokens), Sampling(bool(do_sample), float(temperature), top_k, top_p, seed),
+                                  eos if isinstance(eos, int) else None, self._pad_id())
+        except (ValueError, TypeError) as e:
+            raise InterventionError.at(user_span(), f"generate(): {e}") from None
 
     @property
     def generator(self) -> "GeneratorEnvoy":
@@ -301,12 +307,12 @@ class LanguageModel(Model):
         return GeneratorEnvoy(self)
 
     def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad) if pad is not None else 0
 
-    def _generation_table(self, batch: Batch, steps: int) -> SiteTable:
+    def _generation_table(self, batch: Batch, steps: int, module: torch.nn.Module | None = None) -> SiteTable:
         from transformers import DynamicCache
-        module = self._module
+        module = module or self._module
         kwargs = batch.kwargs
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

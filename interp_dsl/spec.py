@@ -25,6 +25,7 @@ from compiler.symbolic import PROBES, Signature, TypeTable, signature_from_table
 from interp_dsl import embedded
 from interp_dsl.models import InvokeInput, LanguageModel, Model
 from interp_dsl.spans import user_span
+from runtime.generation import GenerationSpec
 from runtime.interpreter import Batch
 from runtime.results import atomic_write
 
@@ -233,9 +234,15 @@ class SpecModel(LanguageModel):
     def _takes_position_ids(self) -> bool:
         return bool(self._position_ids)
 
-    def _site_table(self, invokes: list[InvokeInput]) -> tuple[Batch, SiteTable]:
+    def _site_table(self, invokes: list[InvokeInput],
+                    generation: GenerationSpec | None = None) -> tuple[Batch, SiteTable]:
         batch = self._batch(invokes)
         ids = batch.kwargs["input_ids"]
+        if generation is not None:  # KV-cached steps: the model itself on fake tensors, once per shape
+            key = ("generate", int(ids.shape[0]), int(ids.shape[1]), generation.max_new_tokens)
+            if key not in self._tables:
+                self._tables[key] = self._generation_table(batch, generation.max_new_tokens, self._real_model())
+            return batch, self._tables[key]
         size = (int(ids.shape[0]), int(ids.shape[1]))
         if size not in self._tables:
             if self._signature is None:  # a forward whose shapes are not symbolic: one pass per size

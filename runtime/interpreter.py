@@ -8,8 +8,8 @@ order within an event. Hooks are removed after every run, also when it fails.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
