@@ -102,7 +102,20 @@ def twin_probe_dataset(m, point):
     return tracer
 
 
+def twin_generate_steering(m, point):
+    with m.generate(max_new_tokens=8) as tracer:
+        with tracer.invoke(["The Colosseum is a stadium in the city of"]):
+            with tracer.all():
+                m.model.layers[24].output[:, -1, :] += point["coef"] * STEER
+                torch.argmax(m.lm_head.output[:, -1, :], dim=-1).save("top")
+            with tracer.iter[0]:
+                torch.softmax(m.lm_head.output[:, -1, :], dim=-1)[:, paris(m)].save("p_paris")
+            m.generator.output.save("ids")
+    return tracer
+
+
 TWINS = {
+    "generate_steering": (twin_generate_steering, [0, 2]),
     "probe_dataset": (twin_probe_dataset, None),
     "hidden_states": (twin_hidden_states, None),
     "logit_lens": (twin_logit_lens, [0, 29]),
@@ -146,6 +159,9 @@ def test_examples_show_what_they_claim(smollm):
     steer = load_experiment(EXAMPLES / "steering.ivx")
     ps = [lower(steer, smollm, p).result.saves["p_paris"].item() for p in steer.points()]
     assert ps == sorted(ps) and ps[-1] > 0.3
+    generate = load_experiment(EXAMPLES / "generate_steering.ivx")
+    texts = [decode(lower(generate, smollm, p).result.output[0, -8:]) for p in generate.points()]
+    assert texts[0].startswith(" Rome") and texts[-1].startswith(" Paris")
 
 
 @pytest.mark.parametrize("name", sorted(TWINS))
@@ -156,6 +172,12 @@ def test_ivx_run_on_every_example(smollm, name, monkeypatch, tmp_path, capsys):
     from interp_dsl.cli import main
     monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
     assert main(["run", str(EXAMPLES / f"{name}.ivx"), "--out", str(tmp_path)]) == 0
+    if load_experiment(EXAMPLES / f"{name}.ivx").generate is not None:
+        points = load_experiment(EXAMPLES / f"{name}.ivx").points()
+        assert [load_file(str(tmp_path / f"point{i}.safetensors"))["ids"].shape[0] for i in range(len(points))] \
+            == [1] * len(points)
+        assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == len(points)
+        return
     results = load_results(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(results.saves) == set(manifest["saves"]) and manifest["model"] == "smollm2-135m"

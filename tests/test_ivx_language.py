@@ -391,3 +391,74 @@ invoke a {
     with pytest.raises(ExperimentError, match="a has 2, b has 1") as err:
         load_experiment(bad)
     assert err.value.diagnostics[0].span.line == 1
+
+
+# ------------------------------------------------------------------------------------ generation
+GENERATE = """model "{model}"
+prompt a = "the eiffel tower is in the city of"
+generate max_new_tokens=4, seed=0
+invoke a {{
+    steps all {{
+        model.model.layers[1].output[:, -1, :] *= 0.5
+        save top = argmax(model.lm_head.output[:, -1, :], dim=-1)
+    }}
+    steps [1:3] {{
+        save h = model.model.layers[2].output
+    }}
+    save ids = model.generator.output
+}}
+"""
+
+
+def test_generate_block_lowers_to_the_proxy_twin(tmp_path, tiny, tiny_dir):
+    path = write(tmp_path, GENERATE.format(model=tiny_dir))
+    dsl = lower(load_experiment(path), tiny, {})
+    with tiny.generate(max_new_tokens=4, seed=0) as tracer:
+        with tracer.invoke(["the eiffel tower is in the city of"]):
+            with tracer.all():
+                tiny.model.layers[1].output[:, -1, :] *= 0.5
+                top = torch.argmax(tiny.lm_head.output[:, -1, :], dim=-1).save("top")
+            with tracer.iter[1:3]:
+                tiny.model.layers[2].output.save("h")
+            ids = tiny.generator.output.save("ids")
+    assert dsl.program() == tracer.program()
+    assert torch.equal(dsl.result.saves["ids"], ids.value)
+    assert [dsl.result.saves[f"top@{k}"] for k in range(4)] == top.value
+    assert set(dsl.result.saves) == {"ids", "top@0", "top@1", "top@2", "top@3", "h@1", "h@2"}
+
+
+def test_cli_runs_a_generation(tmp_path, tiny_dir, capsys):
+    import json
+
+    from safetensors.torch import load_file
+    path = write(tmp_path, GENERATE.format(model=tiny_dir).replace(
+        "generate max_new_tokens=4, seed=0", "sweep scale in [0.5, 1.0]\ngenerate max_new_tokens=4, seed=0"
+    ).replace("*= 0.5", "*= scale"))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--compile", "off"]) == 0
+    printed = capsys.readouterr().out
+    assert "[scale=0.5] 'the eiffel tower is in the city of' -> " in printed and "[scale=1.0]" in printed
+    saves = load_file(str(out / "point1.safetensors"))
+    assert saves["ids"].shape == (1, 8 + 4) and saves["top"].shape == (4, 1)  # stacked over steps
+    assert saves["h"].shape == (2, 1, 1, 32)
+    assert torch.equal(saves["top"][:, 0], saves["ids"][0, 8:])
+    texts = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [t["point"] for t in texts] == [{"scale": 0.5}, {"scale": 1.0}]
+    assert main(["show", str(out)]) == 0
+    assert "generation: max_new_tokens=4, seed=0" in capsys.readouterr().out
+    assert main(["check", str(path), "--model", str(tiny_dir)]) == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("generate max_new_tokenz=3\n", "did you mean 'max_new_tokens'"),
+    ("generate max_new_tokens=0\n", "max_new_tokens must be >= 1"),
+    ("invoke a {\n    steps all {\n        save h = model.model.norm.output\n    }\n}\n",
+     "a steps block is for generation"),
+    ("generate max_new_tokens=2\ninvoke a {\n    steps [3] {\n        save h = model.model.norm.output\n    }\n}\n",
+     "step 3 does not exist: this generation has 2 steps"),
+])
+def test_generation_errors_point_at_the_line(tmp_path, tiny_dir, capsys, text, message):
+    path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = "the eiffel tower"\n' + text)
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and f"{path}:" in err
