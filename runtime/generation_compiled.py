@@ -26,7 +26,7 @@ from runtime.compiled import CompiledRunner
 from runtime.generation import GenerationSpec, StepInputs, cache_argument, decode, step_kwargs
 from runtime.interpreter import Batch, RunResult, _Run
 
-CACHE_BUCKET = 64  # static caches are allocated in multiples of this many positions
+CACHE_BUCKET = 16  # static caches are allocated in multiples of this many positions
 DecodeTable = Callable[[Batch, dict[str, Any]], SiteTable]
 
 
