@@ -177,6 +177,9 @@ def _explain(args: argparse.Namespace) -> int:
     from interp_dsl.experiment import load_experiment, lower, resolve_model
 
     exp = load_experiment(args.file, *_bindings(args))
+    if exp.generate is not None and (args.ivx or args.graph):
+        raise _usage("--ivx and --graph explain one forward; a generation's IR is unrolled per step "
+                     "(each decode step compiles to a graph of its own): run `ivx explain FILE` without them")
     model = resolve_model(exp, args.model)
     point = exp.points()[0]
     tracer = lower(exp, model, point, execute=args.graph, compile="graph")

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import interp_dsl
 from interp_dsl import InterventionError, LanguageModel
@@ -15,12 +17,22 @@ from tests.conftest import WORDS, layers_of, tiny_gpt2, tiny_llama, word_tokeniz
 PROMPTS = ["the eiffel tower is in the city of", "paris is a city"]
 
 
-@pytest.fixture(params=["gpt2", "llama"])
-def gen(request):
+def endless(kind):
     """A tiny LM that never stops early (no EOS), so every step runs."""
-    module = tiny_gpt2() if request.param == "gpt2" else tiny_llama()
+    module = tiny_gpt2() if kind == "gpt2" else tiny_llama()
     module.config.eos_token_id = None
     return LanguageModel(module, tokenizer=word_tokenizer())
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def gen(request):
+    return endless(request.param)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def shared_gen(request):
+    """One model for all examples of a property test (compiled graphs accumulate on it)."""
+    return endless(request.param)
 
 
 def layers(model):
@@ -260,3 +272,44 @@ def test_generation_errors_name_the_line(gen):
         with gen.generate(PROMPTS[0], max_new_tokens=2) as tracer:
             with tracer.all():
                 layers(gen)[0].output[:, :, :3] = torch.zeros(5)
+
+
+# ---------------------------------------------------------------- differential: compiled vs reference
+edits = st.tuples(
+    st.sampled_from(["scale", "add", "zero_last", "save"]),
+    st.integers(0, 2),  # layer
+    st.sampled_from(["all", "first", "late", "some"]),  # which steps
+    st.floats(0.25, 2.0, allow_nan=False).map(lambda x: round(x, 2)),
+)
+SELECT = {"all": slice(None), "first": 0, "late": slice(2, None), "some": [1, 3]}
+
+
+def generate_with(model, program, compile):
+    saved = []
+    with model.generate(PROMPTS, max_new_tokens=5, compile=compile) as tracer:
+        for kind, layer, steps, value in program:
+            with tracer.iter[SELECT[steps]]:
+                site = layers(model)[layer]
+                if kind == "scale":
+                    site.output[:, -1, :] *= value
+                elif kind == "add":
+                    site.output = site.output + value
+                elif kind == "zero_last":
+                    site.output[:, -1, :4] = 0
+                else:
+                    saved.append(site.output[:, -1, :].save())
+        ids = model.generator.output.save()
+    return ids.value, [v for s in saved for v in s.value]
+
+
+@settings(max_examples=8, deadline=None)
+@given(program=st.lists(edits, min_size=1, max_size=4))
+def test_compiled_generation_equals_the_reference(shared_gen, program):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", interp_dsl.CompileFallbackWarning)
+        ids, saves = generate_with(shared_gen, program, "graph")
+    ref_ids, ref_saves = generate_with(shared_gen, program, "off")
+    assert torch.equal(ids, ref_ids)
+    assert len(saves) == len(ref_saves)
+    for got, want in zip(saves, ref_saves, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -447,6 +447,9 @@ def test_cli_runs_a_generation(tmp_path, tiny_dir, capsys):
     assert main(["show", str(out)]) == 0
     assert "generation: max_new_tokens=4, seed=0" in capsys.readouterr().out
     assert main(["check", str(path), "--model", str(tiny_dir)]) == 0
+    assert main(["explain", str(path)]) == 0
+    assert "model.layers.1.call3.output" in capsys.readouterr().out  # step 3 of a once-per-step module
+    assert main(["explain", "--ivx", str(path)]) == 2
 
 
 @pytest.mark.parametrize("text, message", [
