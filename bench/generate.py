@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,18 +60,21 @@ def hf(model: LanguageModel, texts: list[str], steps: int, vector: torch.Tensor 
 
 def nnsight_path(source: torch.nn.Module, tokenizer: object, texts: list[str], steps: int,
                  vector: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """nnsight's current spelling (0.8): a bounded step loop, then the ids as `tracer.result`."""
     try:
         from nnsight import LanguageModel as NNsightModel
     except ImportError:
         return None
-    model = NNsightModel(source, tokenizer=tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 0.8 prefers TransformersModel; LanguageModel still works
+        model = NNsightModel(source, tokenizer=tokenizer)
 
     def run() -> torch.Tensor:
         with model.generate(texts, max_new_tokens=steps, do_sample=False) as tracer:
-            with tracer.all():
+            for _ in tracer.iter[:steps]:
                 model.model.layers[STEER_LAYER].output[:, -1, :] += vector
-            out = model.generator.output.save()
-        return out
+            ids = tracer.result.save()
+        return ids
 
     return run
 

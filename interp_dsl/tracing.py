@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,10 +25,12 @@ from compiler.ir import (
 )
 from compiler.passes import drop_dead_reads, remap
 from compiler.shape_rules import is_tensor_like
+from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
 from runtime.generation import GenerationSpec
+from runtime.interpreter import RunResult
 
 if TYPE_CHECKING:
     from interp_dsl.models import Model
@@ -71,6 +74,21 @@ class StepBlock:
         if exc_type is None:
             tracer._unroll(self)
         return False
+
+    def __iter__(self) -> Iterator[int]:
+        """`for step in tracer.iter[...]:` (nnsight 0.5+): Python runs the body once per step, and
+        module values in it refer to that step; a save names its step (`name@step`)."""
+        tracer = self.tracer
+        if tracer._block is not None:
+            raise InterventionError.at(user_span(), "step blocks do not nest",
+                                       "use one `tracer.iter[...]` with the steps you want")
+        tracer._block = self
+        try:
+            for step in self.steps:
+                tracer.step = tracer._loop_step = step
+                yield step
+        finally:
+            tracer._block, tracer.step, tracer._loop_step = None, 0, None
 
 
 class StepSelector:
@@ -144,6 +162,8 @@ class Tracer:
         self.step = 0  # the generation step module values refer to (the first of an open step block)
         self._block: StepBlock | None = None
         self.saved_lists: list[Any] = []  # interp_dsl.list()s appended to in this trace
+        self._loop_step: int | None = None  # inside `for step in tracer.iter[...]`: that step
+        self._result: RunResult | None = None
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -192,6 +212,17 @@ class Tracer:
             raise InterventionError.at(user_span(), "tracer.iter and tracer.all() are for generation",
                                        "use `with model.generate(prompt, max_new_tokens=N) as tracer:`")
         return StepSelector(self)
+
+    @property
+    def result(self) -> Any:
+        """Inside the trace, the traced call's return value as a proxy (nnsight's `tracer.result`):
+        a generation's ids (`model.generator.output`), else the model's output. After the trace,
+        the run's `RunResult` (`.saves`, `.output`)."""
+        if self.recording:
+            return self.read(self.site(GENERATOR if self.generation is not None else "", "output"))
+        if self._result is None:
+            raise InterventionError.at(user_span(), "this trace has not run", "leave its `with` block first")
+        return self._result
 
     def _calls_per_step(self, path: str, phase: str) -> int:
         return self.typer().table.calls_per_step.get(f"{path}/{phase}", 0)
@@ -362,6 +393,8 @@ class Tracer:
     def save(self, proxy: Proxy, name: str | None = None) -> None:
         if name is None:
             name = proxy._save_name or f"save{len(self._saved)}"
+        if self._loop_step is not None and not name.endswith(f"@{self._loop_step}"):
+            name = f"{name}@{self._loop_step}"  # `for step in tracer.iter[...]`: one save per step
         object.__setattr__(proxy, "_saved", True)
         object.__setattr__(proxy, "_save_name", name)
         self._saved.append(proxy)
@@ -387,7 +420,7 @@ class Tracer:
 
     def explain_graph(self) -> str:
         """After a compiled trace: the patched graph's code around each site."""
-        graph = getattr(getattr(self, "result", None), "graph", None)
+        graph = getattr(self._result, "graph", None)
         if graph is None:
             raise InterventionError.at(
                 user_span(), "this trace did not run compiled, so it has no patched graph",
@@ -431,7 +464,7 @@ class Tracer:
                 proxy._resolve(missing="this value was not computed: the forward stopped before it")
             else:
                 proxy._resolve(missing="model.scan(...) computes shapes, not values; use .shape")
-        self.result = result
+        self._result = result
         for saved in {id(x): x for x in self.saved_lists}.values():
             if self.execute:
                 saved.resolve()

@@ -313,3 +313,27 @@ def test_compiled_generation_equals_the_reference(shared_gen, program):
     assert len(saves) == len(ref_saves)
     for got, want in zip(saves, ref_saves, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_nnsight_08_spelling_loops_and_tracer_result(gen):
+    """nnsight 0.8 writes `for step in tracer.iter[...]:` and reads the ids as `tracer.result`."""
+    with gen.generate(PROMPTS, max_new_tokens=4) as tracer:
+        hidden, seen = [], []
+        for step in tracer.iter[:]:
+            layers(gen)[1].output[:, -1, :] *= 0.5
+            hidden.append(layers(gen)[2].output[:, -1, :].save("h"))
+            seen.append(step)
+        ids = tracer.result.save()
+    with gen.generate(PROMPTS, max_new_tokens=4) as block:
+        with block.all():
+            layers(gen)[1].output[:, -1, :] *= 0.5
+            same = layers(gen)[2].output[:, -1, :].save("h")
+        expected = gen.generator.output.save()
+    assert seen == [0, 1, 2, 3]
+    assert torch.equal(ids.value, expected.value)
+    assert all(torch.equal(a.value, b) for a, b in zip(hidden, same.value, strict=True))
+    assert {f"h@{k}" for k in range(4)} <= set(tracer.result.saves)
+    with gen.trace(PROMPTS[0]) as trace:
+        output = trace.result.save()
+        logits = gen.lm_head.output.save()
+    assert torch.equal(output.logits, logits.value)
