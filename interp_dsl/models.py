@@ -359,11 +359,20 @@ class LanguageModel(Model):
         sizes = [p["input_ids"].shape[0] for p in per]
         rows = tuple(slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes)))
         extra = {k: v for k, v in per[0].items() if k not in ("input_ids", "attention_mask")}
+        device = self._input_device()
+        ids, mask = ids.to(device), mask.to(device)
         kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, **extra}
         if self._takes_position_ids():
             # Left padding must not shift positions: each row equals its unpadded run.
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch((), kwargs, rows, ids.shape[0])
+
+    def _input_device(self) -> torch.device:
+        """Where token ids go: the device of the model's weights (a GPU model gets GPU inputs)."""
+        if self._fake_mode is not None:
+            return torch.device("cpu")
+        weight = next(self._module.parameters(), None)
+        return weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
 
     def _takes_position_ids(self) -> bool:
         return "position_ids" in inspect.signature(self._module.forward).parameters

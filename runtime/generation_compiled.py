@@ -159,12 +159,12 @@ def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typ
         current = inputs["attention_mask"].shape[1]
         full = {**inputs, "attention_mask": torch.nn.functional.pad(inputs["attention_mask"], (0, width - current))}
         if k == 0:  # the prompt pass: eager, with the program's step-0 hooks
-            out = module(**step_kwargs(module, full, cache, cache_position=torch.arange(current)))
+            out = module(**step_kwargs(module, full, cache, cache_position=torch.arange(current, device=ids.device)))
             run.remove_hooks()
             return out.logits[:, -1]
         plan = plans[k - 1]
-        step_batch = Batch((), step_kwargs(module, full, cache, cache_position=torch.tensor([current - 1])),
-                           batch.rows, batch.size)
+        position = torch.full((1,), current - 1, device=ids.device)
+        step_batch = Batch((), step_kwargs(module, full, cache, cache_position=position), batch.rows, batch.size)
         step_params = {name: params[source] for name, source in plan.params.items()}
         step_typed, step_table = steps.check(plan, step_batch, step_params)
         result = runner.run(mode, step_typed, step_table, step_batch, step_params, static=True)
