@@ -110,6 +110,11 @@ def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | 
             _declare(experiment, decl)
         except InterventionError as e:
             diagnostics.extend(e.diagnostics)
+    if experiment.generate is not None:
+        diagnostics.extend(Diagnostic(d.span, f"prompt {d.name} streams a file, and a generation takes its prompts "
+                                      "in one batch", "list the prompts in the file (prompt p = [\"...\", ...]); "
+                                      "streaming files is for experiments without `generate`")
+                           for d in module.body if isinstance(d, ast.PromptDecl) and d.name in experiment.sources)
     if diagnostics:
         raise ExperimentError(diagnostics)
     return experiment

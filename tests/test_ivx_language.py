@@ -465,3 +465,11 @@ def test_generation_errors_point_at_the_line(tmp_path, tiny_dir, capsys, text, m
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert message in err and f"{path}:" in err
+
+
+def test_generation_refuses_a_streamed_prompt_file(tmp_path, tiny_dir, capsys):
+    (tmp_path / "rows.txt").write_text("the eiffel tower\nparis is\n")
+    path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = lines("rows.txt")\ngenerate max_new_tokens=2\n'
+                           'invoke a {\n    save ids = model.generator.output\n}\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert f"{path}:2:1: error: prompt a streams a file" in capsys.readouterr().err
