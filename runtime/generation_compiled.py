@@ -24,9 +24,10 @@ from compiler.passes import remap
 from compiler.signatures import GENERATOR, SiteTable, step_of
 from runtime.compiled import CompiledRunner
 from runtime.generation import GenerationSpec, StepInputs, cache_argument, decode, step_kwargs
-from runtime.interpreter import Batch, RunResult, _Run
+from runtime.interpreter import Batch, HookedRun, RunResult
 
 CACHE_BUCKET = 16  # static caches are allocated in multiples of this many positions
+KEPT = 256  # checked step programs (and decode site tables) kept per model, oldest dropped first
 DecodeTable = Callable[[Batch, dict[str, Any]], SiteTable]
 
 
@@ -59,10 +60,8 @@ def split_steps(typed: TypedProgram, table: SiteTable, steps: int) -> tuple[set[
                 return "a value flows from one generation step into another"
             per_step[s].append(i)
         else:
-            if crossing and op.opcode != "save":
+            if crossing:  # the generator's output computed from a decode step's value
                 return "a value flows from a decode step into a later step"
-            if crossing:
-                return "a save of a decode-step value outside its step"
             outside.add(i)
     return outside, [_step_program(typed, table, s, per_step[s]) for s in range(1, steps)]
 
@@ -134,10 +133,14 @@ class DecodeSteps:
         if table is None:
             fresh = StaticCache(config=self.module.config, max_cache_len=batch.kwargs["attention_mask"].shape[1])
             table = self.tables[bucket] = self.record(batch, {**batch.kwargs, cache_argument(self.module): fresh})
+            if len(self.tables) > KEPT:
+                del self.tables[next(iter(self.tables))]
         key = (plan.program.structural_hash(), bucket, tuple((r.start, r.stop) for r in batch.rows))
         typed = self.typed.get(key)
         if typed is None:
             typed = self.typed[key] = check(plan.program, table, self.module, params, list(batch.rows))
+            if len(self.typed) > KEPT:
+                del self.typed[next(iter(self.typed))]
         return typed, table
 
 
@@ -153,7 +156,7 @@ def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typ
     module = runner.module
     ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
     cache, width = steps.cache(batch.size, ids.shape[1] + spec.max_new_tokens)
-    run = _Run(module, typed, batch, params, only=outside)
+    run = HookedRun(module, typed, batch, params, only=outside)
 
     def step(k: int, inputs: StepInputs) -> torch.Tensor:
         current = inputs["attention_mask"].shape[1]
@@ -178,7 +181,7 @@ def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typ
 
     def generate() -> Any:
         out = decode(step, ids, mask, spec)
-        new = run._on_post(GENERATOR, out)
+        new = run.report(GENERATOR, out)
         return out if new is None else new
 
     try:

@@ -45,7 +45,9 @@ class _Stop(Exception):
     """Raised from a hook to end the forward early."""
 
 
-class _Run:
+class HookedRun:
+    """One execution of a typed program: its ops run at the model's hooks as events happen."""
+
     def __init__(self, model: torch.nn.Module, typed: TypedProgram, batch: Batch,
                  params: dict[str, Any], only: set[int] | None = None):
         """`only`: run just these ops (by index); others run elsewhere (a compiled decode step)."""
@@ -81,6 +83,11 @@ class _Run:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def report(self, path: str, value: Any) -> Any:
+        """Run the ops at `path`'s output event for a value no module hook sees (a generation's
+        ids, reported by the decoding loop); the replacement value, or None."""
+        return self._on_post(path, value)
 
     def _forward(self) -> Any:
         return self.model(*self.batch.args, **self.batch.kwargs)
@@ -193,7 +200,7 @@ def _snapshot(value: Any) -> Any:
 
 def run(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[str, Any]) -> RunResult:
     """Run the model once on `batch`, executing `typed` at its sites."""
-    return _Run(model, typed, batch, params).execute()
+    return HookedRun(model, typed, batch, params).execute()
 
 
 def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[str, Any],
@@ -203,7 +210,7 @@ def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, pa
     across steps exactly as the generation's site table numbers them."""
     from transformers import DynamicCache
 
-    run = _Run(model, typed, batch, params)
+    run = HookedRun(model, typed, batch, params)
     cache = DynamicCache(config=getattr(model, "config", None))
 
     def step(k: int, inputs: StepInputs) -> torch.Tensor:
@@ -211,7 +218,7 @@ def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, pa
 
     def generate() -> Any:
         ids = decode(step, batch.kwargs["input_ids"], batch.kwargs["attention_mask"], spec)
-        new = run._on_post(GENERATOR, ids)
+        new = run.report(GENERATOR, ids)
         return ids if new is None else new
 
     return run.execute(generate)
