@@ -213,12 +213,28 @@ def _collect_refs(arg: Arg, out: list[int]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class Generation:
+    """A program that generates `max_new_tokens` tokens (step 0 is the prompt pass), greedily or
+    sampled. Its sites number a module's calls across steps: call `k * calls_per_step + c` is call
+    `c` of step `k`; `generator` is the pseudo-module whose output is the ids."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Program:
-    """An experiment: ops in program order over `n_invokes` batch slices."""
+    """An experiment: ops in program order over `n_invokes` batch slices; with `generation`, the
+    ops span the steps of a generation."""
 
     ops: tuple[Op, ...]
     n_invokes: int = 1
     version: int = IR_VERSION
+    generation: Generation | None = None
 
     def __post_init__(self) -> None:
         defined: set[int] = set()
@@ -251,7 +267,7 @@ _RECORDS = {
     cls.__name__: cls
     for cls in (
         Span, TensorType, TupleType, DictType, ScalarType, OpaqueType, Ref, Const, SliceArg,
-        EllipsisArg, TupleArg, ListArg, DTypeArg, Site, Op, Program,
+        EllipsisArg, TupleArg, ListArg, DTypeArg, Site, Op, Generation, Program,
     )
 }
 
@@ -263,11 +279,13 @@ def to_json(obj: Any, spans: bool = True) -> Any:
         for f in dataclasses.fields(obj):
             if f.name == "span" and not spans:
                 continue
+            if f.name == "generation" and obj.generation is None:  # type: ignore[union-attr]
+                continue  # a forward's program reads (and hashes) as before generation existed
             out[f.name] = to_json(getattr(obj, f.name), spans)
         return out
     if isinstance(obj, (tuple, list)):
         return [to_json(x, spans) for x in obj]
-    if obj is None or isinstance(obj, (bool, int, str)):
+    if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot encode {type(obj).__name__} in the IR")
 

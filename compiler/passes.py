@@ -23,7 +23,7 @@ def drop_dead_reads(program: Program) -> tuple[Program, dict[int, int]]:
         if op.result is not None:
             renumber[op.result] = len(renumber)
     new_ops = tuple(_renumbered(op, renumber) for op in kept)
-    return Program(new_ops, program.n_invokes, program.version), renumber
+    return dataclasses.replace(program, ops=new_ops), renumber
 
 
 def _renumbered(op: Op, ids: dict[int, int]) -> Op:
@@ -54,7 +54,7 @@ def stop_after_last_site(program: Program) -> Program:
     A program that already stops is returned unchanged."""
     if any(op.opcode == "stop" for op in program.ops):
         return program
-    return Program((*program.ops, Op("stop")), program.n_invokes, program.version)
+    return dataclasses.replace(program, ops=(*program.ops, Op("stop")))
 
 
 def reads_last_position_only(program: Program, head: str) -> bool:

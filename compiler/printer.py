@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from compiler.ir import (
     Arg,
     Const,
@@ -102,6 +104,11 @@ def format_op(op: Op, types: dict[int, Type] | None = None) -> str:
 def format_program(program: Program, types: dict[int, Type] | None = None, spans: bool = False) -> str:
     """The program as text, one op a line; `types` adds each value's type."""
     head = f"program v{program.version} invokes={program.n_invokes}"
+    if program.generation is not None:
+        settings = ", ".join(f"{f.name}={getattr(program.generation, f.name)}"
+                             for f in dataclasses.fields(program.generation)
+                             if getattr(program.generation, f.name) is not None)
+        head += f" generate({settings})"
     lines = [head]
     for op in program.ops:
         line = "  " + format_op(op, types)

@@ -25,7 +25,7 @@ from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import IvxSyntaxError
 from interp_dsl import embedded
-from interp_dsl.experiment import Experiment, _generation_spec, _Lowering, experiment_from_text
+from interp_dsl.experiment import Experiment, _generation_settings, _Lowering, experiment_from_text
 from interp_dsl.spec import SpecModel, _atomic_write_text, spec_model
 
 _LENGTH_DEPENDENT = ("index out of range", "slice ")
@@ -122,7 +122,7 @@ def _check_point(exp: Experiment, spec: SpecModel, point: dict[str, Any]) -> tup
     diagnostics: list[Diagnostic] = []
     try:
         if exp.generate is not None:
-            tracer.generation = _generation_spec(exp, spec)
+            tracer.generation = _generation_settings(exp, spec)
         with tracer:
             _Lowering(exp, spec, tracer, point).run()
     except InterventionError as e:

@@ -19,7 +19,7 @@ import torch
 
 from compiler import ops
 from compiler.errors import Diagnostic, InterventionError, did_you_mean
-from compiler.ir import Span
+from compiler.ir import Generation, Span
 from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import parse
@@ -30,7 +30,6 @@ from interp_dsl.proxy import Proxy
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.datasets import DatasetError, PromptFile
-from runtime.generation import GenerationSpec
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
@@ -493,7 +492,7 @@ def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = 
     `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
     tracer = model.trace(compile=compile) if execute else model.scan()
     if exp.generate is not None:
-        tracer.generation = _generation_spec(exp, model)
+        tracer.generation = _generation_settings(exp, model)
     with tracer:
         _Lowering(exp, model, tracer, point).run()
     return tracer
@@ -502,12 +501,12 @@ def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = 
 GENERATE_ARGUMENTS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
 
 
-def _generation_spec(exp: Experiment, model: Model) -> GenerationSpec:
+def _generation_settings(exp: Experiment, model: Model) -> Generation:
     line = next(d.span for d in exp.module.body if isinstance(d, ast.Generate))
     if not isinstance(model, LanguageModel):
         raise _error(line, "only a language model generates")
     try:
-        return model.generation_spec(**exp.generate)  # type: ignore[arg-type]
+        return model.generation_settings(**exp.generate)  # type: ignore[arg-type]
     except InterventionError as e:
         raise ExperimentError([dataclasses.replace(d, span=line) for d in e.diagnostics]) from None
 

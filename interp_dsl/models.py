@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiler.check import IncrementalTyper, TypedProgram, check
 from compiler.errors import InterventionError, did_you_mean
-from compiler.ir import Program
+from compiler.ir import Generation, Program
 from compiler.signatures import GENERATOR, SiteTable, generation_table, module_paths, record_sites
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
@@ -22,7 +22,7 @@ from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.compiled import CompiledRunner, CompileStats
-from runtime.generation import GenerationSpec, Sampling, step_kwargs
+from runtime.generation import GenerationSpec, step_kwargs
 from runtime.generation_compiled import DecodeSteps, generate_compiled
 from runtime.interpreter import Batch, RunResult, run, run_generation
 from runtime.modes import MODES
@@ -145,7 +145,7 @@ class Model:
         return args, kwargs
 
     def _site_table(self, invokes: list[InvokeInput],
-                    generation: GenerationSpec | None = None) -> tuple[Batch, SiteTable]:
+                    generation: Generation | None = None) -> tuple[Batch, SiteTable]:
         batch = self._batch(invokes)
         key = (_signature((batch.args, batch.kwargs)), generation and generation.max_new_tokens)
         table = self._tables.get(key)
@@ -176,9 +176,8 @@ class Model:
 
     def _execute(self, program: Program, invokes: list[InvokeInput], params: dict[str, Any],
                  execute: bool, typer: IncrementalTyper | None = None,
-                 ids: dict[int, int] | None = None, compile: str = "off",
-                 generation: GenerationSpec | None = None) -> tuple[TypedProgram, RunResult]:
-        batch, table = self._site_table(invokes, generation)
+                 ids: dict[int, int] | None = None, compile: str = "off") -> tuple[TypedProgram, RunResult]:
+        batch, table = self._site_table(invokes, program.generation)
         if typer is not None and typer.table is not table:
             typer = None  # typed against another batch
         typed = check(program, table, self._module, params, list(batch.rows), self._root_name, typer, ids)
@@ -187,8 +186,8 @@ class Model:
             return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
         runner = self._runner()
         mode = runner.wants(compile, typed, batch)
-        if generation is not None:
-            return typed, self._generate(mode, typed, table, batch, params, generation)
+        if program.generation is not None:
+            return typed, self._generate(mode, typed, table, batch, params, self._spec(program.generation))
         if mode != "off":
             result = runner.run(mode, typed, table, batch, params)
             if result is not None:
@@ -285,21 +284,27 @@ class LanguageModel(Model):
                 did_you_mean(unknown[0], ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                                           "seed", "compile"]) or
                 "it takes max_new_tokens, do_sample, temperature, top_k, top_p, seed and compile")
-        spec = self.generation_spec(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        settings = self.generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         tracer = self.trace(*args, compile=compile)
-        tracer.generation = spec
+        tracer.generation = settings
         return tracer
 
-    def generation_spec(self, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None,
-                        seed: int | None = None) -> GenerationSpec:
-        """The settings of a generation on this model (its EOS and padding tokens included)."""
-        eos = self.config.eos_token_id
+    def generation_settings(self, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                            top_k: int | None = None, top_p: float | None = None,
+                            seed: int | None = None) -> Generation:
+        """A generation's settings as IR, checked (located errors for bad values)."""
         try:
-            return GenerationSpec(int(max_new_tokens), Sampling(bool(do_sample), float(temperature), top_k, top_p, seed),
-                                  eos if isinstance(eos, int) else None, self._pad_id())
+            settings = Generation(int(max_new_tokens), bool(do_sample), float(temperature),
+                                  None if top_k is None else int(top_k), None if top_p is None else float(top_p),
+                                  None if seed is None else int(seed))
+            self._spec(settings)
         except (ValueError, TypeError) as e:
             raise InterventionError.at(user_span(), f"generate(): {e}") from None
+        return settings
+
+    def _spec(self, settings: Generation) -> GenerationSpec:
+        eos = self.config.eos_token_id
+        return GenerationSpec.of(settings, eos if isinstance(eos, int) else None, self._pad_id())
 
     @property
     def generator(self) -> "GeneratorEnvoy":

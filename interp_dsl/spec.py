@@ -19,13 +19,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiler.errors import InterventionError
-from compiler.ir import NO_SPAN, TensorType
+from compiler.ir import NO_SPAN, Generation, TensorType
 from compiler.signatures import SiteTable, quiet_fake_mode, record_sites
 from compiler.symbolic import PROBES, Signature, TypeTable, signature_from_tables
 from interp_dsl import embedded
 from interp_dsl.models import InvokeInput, LanguageModel, Model
 from interp_dsl.spans import user_span
-from runtime.generation import GenerationSpec
 from runtime.interpreter import Batch
 from runtime.results import atomic_write
 
@@ -235,7 +234,7 @@ class SpecModel(LanguageModel):
         return bool(self._position_ids)
 
     def _site_table(self, invokes: list[InvokeInput],
-                    generation: GenerationSpec | None = None) -> tuple[Batch, SiteTable]:
+                    generation: Generation | None = None) -> tuple[Batch, SiteTable]:
         batch = self._batch(invokes)
         ids = batch.kwargs["input_ids"]
         if generation is not None:  # KV-cached steps: the model itself on fake tensors, once per shape

@@ -15,6 +15,7 @@ from compiler.ir import (
     Const,
     DTypeArg,
     EllipsisArg,
+    Generation,
     ListArg,
     Op,
     Program,
@@ -29,7 +30,6 @@ from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
-from runtime.generation import GenerationSpec
 from runtime.interpreter import RunResult
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class Tracer:
         self.fan_point: dict[str, int] = {}  # the point a fanned operation is being applied at
         self.expanded: set[int] = set()  # invokes whose rows repeat once per point
         self._fan_params: dict[str, Proxy] = {}
-        self.generation: GenerationSpec | None = None  # set by model.generate(...)
+        self.generation: Generation | None = None  # set by model.generate(...)
         self.step = 0  # the generation step module values refer to (the first of an open step block)
         self._block: StepBlock | None = None
         self.saved_lists: list[Any] = []  # interp_dsl.list()s appended to in this trace
@@ -416,7 +416,7 @@ class Tracer:
         return self._program()[0]
 
     def _program(self) -> tuple[Program, dict[int, int]]:
-        return drop_dead_reads(Program(tuple(self.ops), max(1, len(self.invoke_inputs))))
+        return drop_dead_reads(Program(tuple(self.ops), max(1, len(self.invoke_inputs)), generation=self.generation))
 
     def explain_graph(self) -> str:
         """After a compiled trace: the patched graph's code around each site."""
@@ -448,7 +448,7 @@ class Tracer:
         typer = self.typer()
         typer.record(self.ops)
         self.typed, result = self.model._execute(program, self.invoke_inputs, self.params,
-                                                 self.execute, typer, ids, self.compile, self.generation)
+                                                 self.execute, typer, ids, self.compile)
         for proxy in self._proxies:
             if proxy._steps is not None and proxy._saved:
                 values = [result.values[ids[i]] for i in proxy._steps if ids.get(i) in result.values]

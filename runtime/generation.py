@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from compiler.ir import Generation
+
 StepInputs = dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids
 StepFn = Callable[[int, StepInputs], torch.Tensor]  # (step, inputs) -> logits [batch, vocab]
 
@@ -53,6 +55,12 @@ class GenerationSpec:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @classmethod
+    def of(cls, settings: Generation, eos_token_id: int | None, pad_token_id: int) -> "GenerationSpec":
+        """The IR's generation settings with the model's end-of-sequence and padding tokens."""
+        sampling = Sampling(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
+        return cls(settings.max_new_tokens, sampling, eos_token_id, pad_token_id)
 
 
 def decode(step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -337,3 +337,25 @@ def test_nnsight_08_spelling_loops_and_tracer_result(gen):
         output = trace.result.save()
         logits = gen.lm_head.output.save()
     assert torch.equal(output.logits, logits.value)
+
+
+def test_a_generation_is_plain_ir(gen):
+    """The settings travel in the IR: JSON round trip, and they are part of the structural hash."""
+    from compiler.ir import Generation, dumps, loads
+
+    def record(**settings):
+        with gen.generate(PROMPTS[0], **settings) as tracer:
+            with tracer.all():
+                layers(gen)[0].output[:, -1, :] *= 0.5
+            gen.generator.output.save()
+        return tracer.program()
+
+    program = record(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, seed=1)
+    assert program.generation == Generation(3, True, 0.7, None, 0.9, 1)
+    assert loads(dumps(program)) == program
+    hashes = {program.structural_hash(), record(max_new_tokens=3).structural_hash(),
+              record(max_new_tokens=3, do_sample=True, temperature=0.8, top_p=0.9, seed=1).structural_hash()}
+    assert len(hashes) == 3
+    from compiler.printer import format_program
+    assert format_program(program).splitlines()[0] == (
+        "program v1 invokes=1 generate(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, seed=1)")
