@@ -63,11 +63,17 @@ def type_of(value: Any) -> Type:
     return OpaqueType(type(value).__name__)
 
 
-def describe_site(site: Site, root: str = "model") -> str:
-    """`model.layers.3` output -> `model.model.layers[3].output`, as the user wrote it."""
+def describe_site(site: Site, root: str = "model", calls_per_step: dict[str, int] | None = None) -> str:
+    """`model.layers.3` output -> `model.model.layers[3].output`, as the user wrote it. In a
+    generation (`calls_per_step` given), call indices are shown as steps."""
     text = root
     for part in site.module.split(".") if site.module else ():
         text += f"[{part}]" if part.isdigit() else f".{part}"
+    per_step = (calls_per_step or {}).get(f"{site.module}/{site.phase}", 0)
+    if per_step:
+        step, call = divmod(site.call, per_step)
+        where = ", ".join(x for x in (f"step {step}" if step else "", f"call {call}" if call else "") if x)
+        return f"{text}.{site.kind}" + (f" ({where})" if where else "")
     call = f" (call {site.call})" if site.call else ""
     return f"{text}.{site.kind}{call}"
 
@@ -102,10 +108,14 @@ class _Checker:
         index = self.table.index(_event(site))
         if index is None:
             calls = call_count(self.table, site.module, site.phase)
-            where = describe_site(site, self.root)
+            where = self.describe(site)
             if calls == 0:
                 self.error(op, f"{where} never happens: the module is not called in this forward",
                            "read a module that runs for this input (print the model to see them)")
+            elif self.table.calls_per_step:
+                steps = calls // max(1, self.table.calls_per_step.get(f"{site.module}/{site.phase}", 1))
+                self.error(op, f"{where} does not exist: this generation has {steps} step(s)",
+                           f"steps run from 0 to {steps - 1}; `.next()` moves one step on")
             else:
                 self.error(op, f"{where} does not exist: the module is called {calls} time(s)",
                            f"call indices run from 0 to {calls - 1}")
@@ -123,7 +133,7 @@ class _Checker:
                     later = self.table.order[latest]
                     self.error(
                         op,
-                        f"cannot write {describe_site(op.site, self.root)}: the value written is "  # type: ignore[arg-type]
+                        f"cannot write {self.describe(op.site)}: the value written is "  # type: ignore[arg-type]
                         f"computed from {self._event_text(later)}, which runs later in the forward",
                         "values flow forward only; read from an earlier module, or save the value "
                         "in one trace and write it in a second",
@@ -138,7 +148,10 @@ class _Checker:
 
     def _event_text(self, event: Event) -> str:
         path, phase, call = event
-        return describe_site(Site(path, "output" if phase == "post" else "input", call), self.root)
+        return self.describe(Site(path, "output" if phase == "post" else "input", call))
+
+    def describe(self, site: Site) -> str:
+        return describe_site(site, self.root, self.table.calls_per_step)
 
     # ------------------------------------------------------------------------------ typing
     def run(self, start: int = 0) -> None:
@@ -269,7 +282,7 @@ class _Checker:
             return False
         site = op.site
         assert site is not None
-        where = describe_site(site, self.root)
+        where = self.describe(site)
         target = ops.site_value(live, site.kind)
         target = ops.slice_rows(target, self._rows(site), self.table.batch_size)
         value = ops.materialize(op.args[0], self.fake)

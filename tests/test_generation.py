@@ -268,6 +268,13 @@ def test_generation_errors_name_the_line(gen):
             gen.generator.output.save()
     with pytest.raises(InterventionError, match="temperature must be > 0"):
         gen.generate(PROMPTS[0], do_sample=True, temperature=0)
+    with pytest.raises(interp_dsl.CheckError, match=r"output \(step 3\) does not exist: this generation has 3"):
+        with gen.generate(PROMPTS[0], max_new_tokens=3):
+            layers(gen)[1].next().next().next().output.save()
+    with pytest.raises(interp_dsl.CheckError, match=r"writing .*output \(step 2\): index 2 on dim 1 of size 1"):
+        with gen.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.iter[2]:
+                layers(gen)[0].output[:, 2] = 0
     with pytest.raises(interp_dsl.CheckError, match=r"test_generation.py:\d+"):
         with gen.generate(PROMPTS[0], max_new_tokens=2) as tracer:
             with tracer.all():
