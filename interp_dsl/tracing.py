@@ -52,6 +52,10 @@ class Invoker:
         self.tracer.current_invoke = self._outer
 
 
+ENDED_EARLY = ("this value was not computed: the generation ended before its step (every row had produced "
+               "the end-of-sequence token, or a stop)")
+
+
 class StepBlock:
     """`with tracer.all():` / `with tracer.iter[...]:`: what the body records applies at each step."""
 
@@ -455,13 +459,14 @@ class Tracer:
                 if values or not self.execute:
                     proxy._resolve(values)
                 else:
-                    proxy._resolve(missing="this value was not computed: generation ended before its steps")
+                    proxy._resolve(missing=ENDED_EARLY)
             elif not proxy._saved:
                 proxy._resolve(missing="this value was not saved; call .save() on it in the trace")
             elif ids.get(proxy._id) in result.values:
                 proxy._resolve(result.values[ids[proxy._id]])
             elif self.execute:
-                proxy._resolve(missing="this value was not computed: the forward stopped before it")
+                proxy._resolve(missing=ENDED_EARLY if self.generation is not None else
+                               "this value was not computed: the forward stopped before it")
             else:
                 proxy._resolve(missing="model.scan(...) computes shapes, not values; use .shape")
         self._result = result

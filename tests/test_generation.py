@@ -366,3 +366,19 @@ def test_a_generation_is_plain_ir(gen):
     from compiler.printer import format_program
     assert format_program(program).splitlines()[0] == (
         "program v1 invokes=1 generate(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, seed=1)")
+
+
+def test_steps_after_the_end_are_reported_not_computed(llama):
+    enc = llama.tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        llama.module.config.eos_token_id = int(llama.module(**enc).logits[0, -1].argmax())
+    with llama.generate(PROMPTS[0], max_new_tokens=4) as tracer:
+        first = llama.lm_head.output.save()
+        later = llama.lm_head.next().next().output.save()
+        with tracer.iter[2:]:
+            late = llama.model.layers[0].output.save()
+        out = llama.generator.output.save()
+    assert out.shape[1] == enc["input_ids"].shape[1] + 1 and first.shape == (1, 1, 64)
+    for proxy in (later, late):
+        with pytest.raises(interp_dsl.ValueUnavailableError, match="generation ended before its step"):
+            proxy.value
