@@ -130,5 +130,6 @@ def generation_table(first: SiteTable, decode: SiteTable, steps: int, ids: Any) 
 
 def step_of(table: SiteTable, position: int) -> int:
     """The generation step an event position belongs to (the generator's output: one past the last)."""
-    return bisect.bisect_right(table.step_starts, position) - 1 if position < len(table.order) - 1 \
-        else len(table.step_starts)
+    if position == len(table.order) - 1:
+        return len(table.step_starts)
+    return bisect.bisect_right(table.step_starts, position) - 1

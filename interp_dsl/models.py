@@ -277,7 +277,9 @@ class LanguageModel(Model):
         is the prompt and generated ids. Greedy unless `do_sample=True` (then `temperature`,
         `top_k`, `top_p`; `seed` makes it reproducible). `compile` as in `trace`: a compiled
         generation runs every decode step as one graph with a static KV cache."""
-        unknown = sorted(k for k in kwargs if k != "remote")
+        if kwargs.pop("remote", False):
+            raise InterventionError.at(user_span(), "remote execution is not supported", "drop remote=True")
+        unknown = sorted(kwargs)
         if unknown:
             raise InterventionError.at(
                 user_span(), f"generate() got unexpected argument(s) {', '.join(unknown)}",
@@ -329,7 +331,10 @@ class LanguageModel(Model):
                               batch.size, first.mode)
         with first.mode:
             generated = torch.empty(batch.size, ids.shape[1] + steps, dtype=torch.long)
-        return generation_table(first, decode, steps, generated)
+        try:
+            return generation_table(first, decode, steps, generated)
+        except ValueError as e:
+            raise InterventionError.at(user_span(), f"this model cannot generate with interventions: {e}") from None
 
     def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
         if len(args) != 1:
