@@ -25,7 +25,7 @@ class Generated:
     """One sweep point's generation: the prompts' ids followed by the new ids, and the saves."""
 
     point: dict[str, Any]
-    ids: torch.Tensor
+    ids: torch.Tensor | None
     saves: dict[str, torch.Tensor]
     prompts: list[str]
     texts: list[str]
@@ -35,17 +35,19 @@ def run_generation(exp: Experiment, model: Model, out: Path, compile: str | None
     """Generate at every sweep point of `exp`; each point's results are written as soon as it ends."""
     tokenizer = getattr(model, "tokenizer", None)
     done: list[Generated] = []
-    for i, point in enumerate(exp.points()):
+    points = exp.points()
+    for i, point in enumerate(points):
         tracer = lower(exp, model, point, compile=compile)
-        ids = tracer.result.output
+        ids = tracer.result.output  # None when a `stop` ended the generation
         length = _prompt_length(tracer)
-        prompts, texts = [_decode(tokenizer, row[:length]) for row in ids], [_decode(tokenizer, row[length:]) for row in ids]
+        rows = [] if ids is None else list(ids)
         saves = stack_steps({name: value for name, value in tracer.result.saves.items()
                              if isinstance(value, torch.Tensor)})
-        generated = Generated(point, ids, saves, prompts, texts)
+        generated = Generated(point, ids, saves, [_decode(tokenizer, row[:length]) for row in rows],
+                              [_decode(tokenizer, row[length:]) for row in rows])
         _write_point(out, i, generated)
         done.append(generated)
-    _write_manifest(out, exp, model, done)
+        _write_manifest(out, exp, model, done, complete=i + 1 == len(points))  # a failure keeps what ran
     return done
 
 
@@ -78,7 +80,9 @@ def _prompt_length(tracer: Any) -> int:
 
 def _write_point(out: Path, index: int, generated: Generated) -> None:
     from safetensors.torch import save_file
-    tensors = {"ids": generated.ids, **{k: v.contiguous() for k, v in generated.saves.items()}}
+    tensors = {k: v.contiguous() for k, v in generated.saves.items()}
+    if generated.ids is not None:
+        tensors["ids"] = generated.ids
     atomic_write(out / f"point{index}.safetensors", lambda tmp: save_file(tensors, tmp))
     lines = (out / TEXTS).read_text().splitlines() if index and (out / TEXTS).exists() else []
     lines.append(json.dumps({"point": generated.point, "prompts": generated.prompts, "texts": generated.texts},
@@ -86,8 +90,8 @@ def _write_point(out: Path, index: int, generated: Generated) -> None:
     atomic_write(out / TEXTS, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
-def _write_manifest(out: Path, exp: Experiment, model: Model, done: list[Generated]) -> None:
-    manifest = {"kind": "generation", "experiment": str(exp.path), "text": exp.text,
+def _write_manifest(out: Path, exp: Experiment, model: Model, done: list[Generated], complete: bool) -> None:
+    manifest = {"kind": "generation", "complete": complete, "experiment": str(exp.path), "text": exp.text,
                 "model": getattr(model, "_source_name", "?"), "generate": exp.generate,
                 "points": [g.point for g in done], "saves": sorted(done[0].saves) if done else []}
     atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
@@ -111,7 +115,8 @@ def describe_generation_dir(out: Path) -> str:
     """`ivx show` for a generation run."""
     manifest = json.loads((out / MANIFEST).read_text())
     args = ", ".join(f"{k}={v}" for k, v in manifest["generate"].items())
-    lines = [f"{out}: {manifest['experiment']} on {manifest['model']} (generation: {args})"]
+    state = "" if manifest["complete"] else f"; incomplete: {len(manifest['points'])} point(s) ran"
+    lines = [f"{out}: {manifest['experiment']} on {manifest['model']} (generation: {args}{state})"]
     for line in (out / TEXTS).read_text().splitlines():
         record = json.loads(line)
         lines.extend(_line(record["point"], p, t) for p, t in zip(record["prompts"], record["texts"], strict=True))

@@ -473,3 +473,15 @@ def test_generation_refuses_a_streamed_prompt_file(tmp_path, tiny_dir, capsys):
                            'invoke a {\n    save ids = model.generator.output\n}\n')
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
     assert f"{path}:2:1: error: prompt a streams a file" in capsys.readouterr().err
+
+
+def test_a_failing_generation_point_keeps_the_points_before_it(tmp_path, tiny_dir, capsys):
+    path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = "the eiffel tower"\nsweep layer in [0, 1, 7]\n'
+                           'generate max_new_tokens=2\ninvoke a {\n    steps all {\n'
+                           '        model.model.layers[layer].output[:, -1, :] *= 0.5\n    }\n}\n')
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 1
+    assert "index 7 is out of range" in capsys.readouterr().err
+    assert (out / "point0.safetensors").exists() and (out / "point1.safetensors").exists()
+    assert main(["show", str(out)]) == 0
+    assert "incomplete: 2 point(s) ran" in capsys.readouterr().out
