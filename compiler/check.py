@@ -99,7 +99,9 @@ class _Checker:
         self.failed: set[int] = set()
 
     def error(self, op: Op, message: str, hint: str = "") -> None:
-        self.diags.append(Diagnostic(op.span, message, hint))
+        found = Diagnostic(op.span, message, hint)
+        if found not in self.diags:  # a generation's step block repeats its ops once per step
+            self.diags.append(found)
 
     # --------------------------------------------------------------------------- scheduling
     def site_event(self, op: Op) -> int | None:
