@@ -27,7 +27,11 @@ class SavedList(list):  # type: ignore[type-arg]
         items = list(self)
         self.clear()
         for item in items:
-            if isinstance(item, Proxy) and item._steps is not None:
+            if not isinstance(item, Proxy):
+                super().append(item)
+            elif item._missing:  # not computed (a generation that ended early): reading it says why
+                super().append(item)
+            elif item._steps is not None:
                 self.extend(item.value)
             else:
-                super().append(item.value if isinstance(item, Proxy) else item)
+                super().append(item.value)

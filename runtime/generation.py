@@ -10,6 +10,8 @@ that produced EOS continues with padding; the loop ends when every row has).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,9 +119,12 @@ def _chooser(sampling: Sampling, device: torch.device) -> Callable[[torch.Tensor
 
 def cache_argument(module: torch.nn.Module) -> str:
     """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before."""
-    import inspect
-    names = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in names else "past_key_values"
+    return _cache_argument(type(module))
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def step_kwargs(module: torch.nn.Module, inputs: StepInputs, cache: Any, **extra: Any) -> dict[str, Any]:

@@ -375,10 +375,12 @@ def test_steps_after_the_end_are_reported_not_computed(llama):
     with llama.generate(PROMPTS[0], max_new_tokens=4) as tracer:
         first = llama.lm_head.output.save()
         later = llama.lm_head.next().next().output.save()
+        collected = interp_dsl.list()
         with tracer.iter[2:]:
             late = llama.model.layers[0].output.save()
+            collected.append(llama.model.layers[1].output)
         out = llama.generator.output.save()
     assert out.shape[1] == enc["input_ids"].shape[1] + 1 and first.shape == (1, 1, 64)
-    for proxy in (later, late):
+    for proxy in (later, late, collected[0]):
         with pytest.raises(interp_dsl.ValueUnavailableError, match="generation ended before its step"):
             proxy.value
