@@ -22,7 +22,7 @@ _READABLE = {
     "FLOAT": "a number", "STRING": "a string", "_NL": "end of line", "$END": "end of file",
     "ASSIGN_OP": "=", "EQUAL": "=", "MUL_OP": "an operator", "ADD_OP": "an operator",
     "COMP_OP": "a comparison", "POW_OP": "**", "UNARY_OP": "-", "MODEL": "model",
-    "IN": "in", "__ANON_0": "..",
+    "IN": "in", "__ANON_0": "..", "ALL_STEPS": "all",
 }
 
 # Known mistakes, recognised by the parser state they leave (lark's match_examples).

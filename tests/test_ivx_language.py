@@ -485,3 +485,10 @@ def test_a_failing_generation_point_keeps_the_points_before_it(tmp_path, tiny_di
     assert (out / "point0.safetensors").exists() and (out / "point1.safetensors").exists()
     assert main(["show", str(out)]) == 0
     assert "incomplete: 2 point(s) ran" in capsys.readouterr().out
+
+
+def test_a_bad_step_selector_is_a_syntax_error(tmp_path, capsys):
+    path = write(tmp_path, 'prompt a = "x"\ngenerate max_new_tokens=2\ninvoke a {\n    steps every {\n    }\n}\n')
+    assert main(["fmt", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:4:11: error: syntax error: unexpected 'every'" in err and "expected `[` or `all`" in err
