@@ -223,9 +223,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_generation(args: argparse.Namespace, exp: Any, model: Any, out: Path) -> int:
     from interp_dsl.generations import run_generation, summarise_generations
-    if args.prompts:
-        raise _usage("--prompts streams prompt files through a sweep; a generation experiment takes "
-                     "its prompts from the file (or --prompt NAME=TEXT)")
     done = run_generation(exp, model, out, args.compile)
     if not args.quiet:
         print(summarise_generations(done))

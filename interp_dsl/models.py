@@ -22,7 +22,7 @@ from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.compiled import CompiledRunner, CompileStats
-from runtime.generation import GenerationSpec, step_kwargs
+from runtime.generation import GenerationSpec, next_inputs, positions_of, step_kwargs
 from runtime.generation_compiled import DecodeSteps, generate_compiled
 from runtime.interpreter import Batch, RunResult, run, run_generation
 from runtime.modes import MODES
@@ -322,13 +322,11 @@ class LanguageModel(Model):
         module = module or self._module
         kwargs = batch.kwargs
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=module.config)
-        first = record_sites(module, (), step_kwargs(module, {"input_ids": ids, "attention_mask": mask,
-                                                              "position_ids": positions}, cache),
-                             batch.size, self._fake_mode)
-        decode = record_sites(module, (), step_kwargs(module, _decode_inputs(ids, mask, positions), cache),
-                              batch.size, first.mode)
+        prompt = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask)}
+        first = record_sites(module, (), step_kwargs(module, prompt, cache), batch.size, self._fake_mode)
+        following = next_inputs(prompt, ids[:, -1])  # token values do not matter for shapes
+        decode = record_sites(module, (), step_kwargs(module, following, cache), batch.size, first.mode)
         with first.mode:
             generated = torch.empty(batch.size, ids.shape[1] + steps, dtype=torch.long)
         try:
@@ -374,7 +372,7 @@ class LanguageModel(Model):
         kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, **extra}
         if self._takes_position_ids():
             # Left padding must not shift positions: each row equals its unpadded run.
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions_of(mask)
         return Batch((), kwargs, rows, ids.shape[0])
 
     def _input_device(self) -> torch.device:
@@ -401,12 +399,6 @@ class GeneratorEnvoy:
             raise InterventionError.at(user_span(), "model.generator.output exists only inside "
                                        "`with model.generate(...)`", "use model.generate(prompt, max_new_tokens=N)")
         return tracer.read(tracer.site(GENERATOR, "output"))
-
-
-def _decode_inputs(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inputs of the first decode step after a prompt (token values do not matter for shapes)."""
-    return {"input_ids": ids[:, -1:], "attention_mask": torch.cat([mask, mask[:, -1:]], dim=-1),
-            "position_ids": positions[:, -1:] + 1}
 
 
 def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -69,10 +69,9 @@ def decode(step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            spec: GenerationSpec) -> torch.Tensor:
     """Run up to `spec.max_new_tokens` steps; the prompt ids followed by the generated ids."""
     choose = _chooser(spec.sampling, input_ids.device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions_of(attention_mask)}
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    out, mask, last = input_ids, attention_mask, positions[:, -1:]
+    out = input_ids
     for k in range(spec.max_new_tokens):
         token = choose(step(k, inputs))
         if spec.eos_token_id is not None:
@@ -81,10 +80,21 @@ def decode(step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         out = torch.cat([out, token[:, None]], dim=-1)
         if k + 1 == spec.max_new_tokens or not bool(unfinished.any()):
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        last = last + 1
-        inputs = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": last}
+        inputs = next_inputs(inputs, token)
     return out
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a left-padded mask: padding does not shift them, so each row equals its
+    own unpadded run."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def next_inputs(inputs: StepInputs, token: torch.Tensor) -> StepInputs:
+    """The next step's inputs after `token` [batch] was chosen: that token, one more position."""
+    mask = inputs["attention_mask"]
+    return {"input_ids": token[:, None], "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1),
+            "position_ids": inputs["position_ids"][:, -1:] + 1}
 
 
 def _chooser(sampling: Sampling, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -21,10 +21,10 @@ import torch
 from compiler.check import BEFORE_FORWARD, TypedProgram, check
 from compiler.ir import Op, Program
 from compiler.passes import remap
-from compiler.signatures import GENERATOR, SiteTable, step_of
+from compiler.signatures import SiteTable, step_of
 from runtime.compiled import CompiledRunner
-from runtime.generation import GenerationSpec, StepInputs, cache_argument, decode, step_kwargs
-from runtime.interpreter import Batch, HookedRun, RunResult
+from runtime.generation import GenerationSpec, StepInputs, cache_argument, step_kwargs
+from runtime.interpreter import Batch, HookedRun, RunResult, generate_and_report
 
 CACHE_BUCKET = 16  # static caches are allocated in multiples of this many positions
 KEPT = 256  # checked step programs (and decode site tables) kept per model, oldest dropped first
@@ -154,7 +154,7 @@ def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typ
         return runner.refuse(("generate", typed.program.structural_hash()), split)
     outside, plans = split
     module = runner.module
-    ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
+    ids = batch.kwargs["input_ids"]
     cache, width = steps.cache(batch.size, ids.shape[1] + spec.max_new_tokens)
     run = HookedRun(module, typed, batch, params, only=outside)
 
@@ -179,13 +179,8 @@ def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typ
             run.result.values[plan.ids[vid]] = value
         return result.output.logits[:, -1]
 
-    def generate() -> Any:
-        out = decode(step, ids, mask, spec)
-        new = run.report(GENERATOR, out)
-        return out if new is None else new
-
     try:
-        return run.execute(generate)
+        return run.execute(lambda: generate_and_report(run, step, batch, spec))
     except _Abandon:
         return None
 

@@ -19,7 +19,7 @@ from compiler.check import BEFORE_FORWARD, TypedProgram
 from compiler.errors import ExecutionError
 from compiler.ir import Op, Site
 from compiler.signatures import GENERATOR
-from runtime.generation import GenerationSpec, StepInputs, decode, step_kwargs
+from runtime.generation import GenerationSpec, StepFn, StepInputs, decode, step_kwargs
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,11 @@ def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, pa
     def step(k: int, inputs: StepInputs) -> torch.Tensor:
         return model(**step_kwargs(model, inputs, cache)).logits[:, -1]
 
-    def generate() -> Any:
-        ids = decode(step, batch.kwargs["input_ids"], batch.kwargs["attention_mask"], spec)
-        new = run.report(GENERATOR, ids)
-        return ids if new is None else new
+    return run.execute(lambda: generate_and_report(run, step, batch, spec))
 
-    return run.execute(generate)
+
+def generate_and_report(run: HookedRun, step: StepFn, batch: Batch, spec: GenerationSpec) -> Any:
+    """Decode from the batch's prompts with `step`, then run the ops at the generator's output."""
+    ids = decode(step, batch.kwargs["input_ids"], batch.kwargs["attention_mask"], spec)
+    new = run.report(GENERATOR, ids)
+    return ids if new is None else new
