@@ -1,6 +1,6 @@
 """`ivx check`: every error that can be known before running, for many spec files, without weights.
 
-Each file is lowered on a `SpecModel` (config only, fake tensors) and checked:
+Each file is lowered on a config-only model (interp_dsl/spec.py: fake tensors, no weights) and checked:
 - at the extremes of every integer sweep axis (an axis indexing `layers` is checked at 0 and 29);
 - with the prompts' real token lengths, and again with each prompt's shortest row, since an index
   that fits the padded batch may not fit its shortest prompt;
@@ -26,7 +26,8 @@ from grammar import ast
 from grammar.parser import IvxSyntaxError
 from interp_dsl import embedded
 from interp_dsl.experiment import Experiment, _generation_settings, _Lowering, experiment_from_text
-from interp_dsl.spec import SpecModel, _atomic_write_text, spec_model
+from interp_dsl.models import LanguageModel
+from interp_dsl.spec import _atomic_write_text, spec_model
 
 _LENGTH_DEPENDENT = ("index out of range", "slice ")
 
@@ -48,7 +49,7 @@ class CheckReport:
 def check_files(paths: list[Path], model: str | None = None) -> CheckReport:
     """Check every file; all diagnostics, sorted by file and position."""
     report = CheckReport()
-    models: dict[str, SpecModel] = {}
+    models: dict[str, LanguageModel] = {}
     for path in paths:
         report.files += 1
         try:
@@ -65,7 +66,7 @@ def check_files(paths: list[Path], model: str | None = None) -> CheckReport:
     return report
 
 
-def check_file(path: Path, model: str | None, models: dict[str, SpecModel]) -> list[Diagnostic]:
+def check_file(path: Path, model: str | None, models: dict[str, LanguageModel]) -> list[Diagnostic]:
     text = path.read_text()
     module = cached_parse(text, str(path))
     prompts, params, symbolic = _placeholders(module)
@@ -117,7 +118,7 @@ def cached_parse(text: str, file: str) -> ast.Module:
 PARSE_CACHE_VERSION = 1  # bump when the syntax tree's records change (grammar edits key themselves)
 
 
-def _check_point(exp: Experiment, spec: SpecModel, point: dict[str, Any]) -> tuple[list[Diagnostic], bool]:
+def _check_point(exp: Experiment, spec: LanguageModel, point: dict[str, Any]) -> tuple[list[Diagnostic], bool]:
     tracer = spec.scan()
     diagnostics: list[Diagnostic] = []
     try:
@@ -161,7 +162,7 @@ def _extreme_points(exp: Experiment) -> list[dict[str, Any]]:
     return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*per_group)]
 
 
-def _length_scenarios(exp: Experiment, spec: SpecModel) -> list[tuple[str, dict[str, list[Any]]]]:
+def _length_scenarios(exp: Experiment, spec: LanguageModel) -> list[tuple[str, dict[str, list[Any]]]]:
     """The prompts as given, and (when it differs) each prompt cut down to its shortest row."""
     scenarios = [("", dict(exp.prompts))]
     if spec.tokenizer is None:

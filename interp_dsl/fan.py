@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from compiler.errors import InterventionError
+from interp_dsl.spans import user_span
 from runtime.sweep import SAVE_SEP
 
 if TYPE_CHECKING:
@@ -68,8 +70,6 @@ class Fanned:
         return self
 
     def __index__(self) -> int:
-        from compiler.errors import InterventionError
-        from interp_dsl.spans import user_span
         raise InterventionError.at(user_span(), f"the sweep axis {', '.join(self._axes)} has no single value here",
                                    "use it to index modules or tensors, or in arithmetic")
 

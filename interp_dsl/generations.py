@@ -39,7 +39,7 @@ def run_generation(exp: Experiment, model: Model, out: Path, compile: str | None
     for i, point in enumerate(points):
         tracer = lower(exp, model, point, compile=compile)
         ids = tracer.result.output  # None when a `stop` ended the generation
-        length = _prompt_length(tracer)
+        length = int(tracer.batch().kwargs["input_ids"].shape[1])
         rows = [] if ids is None else list(ids)
         saves = stack_steps({name: value for name, value in tracer.result.saves.items()
                              if isinstance(value, torch.Tensor)})
@@ -47,7 +47,7 @@ def run_generation(exp: Experiment, model: Model, out: Path, compile: str | None
                               [_decode(tokenizer, row[length:]) for row in rows])
         _write_point(out, i, generated)
         done.append(generated)
-        _write_manifest(out, exp, model, done, complete=i + 1 == len(points))  # a failure keeps what ran
+        _write_manifest(out, exp, tracer.engine.name, done, complete=i + 1 == len(points))  # a failure keeps what ran
     return done
 
 
@@ -73,11 +73,6 @@ def _decode(tokenizer: Any, ids: torch.Tensor) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _prompt_length(tracer: Any) -> int:
-    batch, _ = tracer.model._site_table(tracer.invoke_inputs, tracer.generation)
-    return int(batch.kwargs["input_ids"].shape[1])
-
-
 def _write_point(out: Path, index: int, generated: Generated) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.contiguous() for k, v in generated.saves.items()}
@@ -90,9 +85,9 @@ def _write_point(out: Path, index: int, generated: Generated) -> None:
     atomic_write(out / TEXTS, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
-def _write_manifest(out: Path, exp: Experiment, model: Model, done: list[Generated], complete: bool) -> None:
+def _write_manifest(out: Path, exp: Experiment, model: str, done: list[Generated], complete: bool) -> None:
     manifest = {"kind": "generation", "complete": complete, "experiment": str(exp.path), "text": exp.text,
-                "model": getattr(model, "_source_name", "?"), "generate": exp.generate,
+                "model": model, "generate": exp.generate,
                 "points": [g.point for g in done], "saves": sorted(done[0].saves) if done else []}
     atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 

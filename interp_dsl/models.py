@@ -2,49 +2,42 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compiler.check import IncrementalTyper, TypedProgram, check
 from compiler.errors import InterventionError, did_you_mean
-from compiler.ir import Generation, Program
-from compiler.signatures import GENERATOR, SiteTable, generation_table, module_paths, record_sites
+from compiler.ir import Generation
+from compiler.signatures import GENERATOR
 from interp_dsl import embedded
 from interp_dsl.envoy import _SITE_KINDS, Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
-from interp_dsl.tracing import Tracer
-from runtime.compiled import CompiledRunner, CompileStats
-from runtime.generation import GenerationSpec, next_inputs, positions_of, step_kwargs
-from runtime.generation_compiled import DecodeSteps, generate_compiled
-from runtime.interpreter import Batch, RunResult, run, run_generation
+from interp_dsl.tracing import Target, Tracer
+from runtime.compiled import CompileStats
+from runtime.engine import CompileFallbackWarning as CompileFallbackWarning  # public as interp_dsl's
+from runtime.engine import Engine
+from runtime.generation import GenerationSpec, positions_of
+from runtime.interpreter import Batch
 from runtime.modes import MODES
-
-InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
-_TABLE_CACHE_SIZE = 64  # site tables hold fake tensors only; a sweep needs one per prompt length
+from runtime.sweep import InvokeInput
 
 
 class Model:
     """Wraps a `torch.nn.Module` for tracing. Attribute access walks its module tree:
-    `model.layer1.output` inside `with model.trace(x):` is the output of `layer1`."""
+    `model.layer1.output` inside `with model.trace(x):` is the output of `layer1`.
 
-    def __init__(self, module: torch.nn.Module, *, fake_mode: FakeTensorMode | None = None,
-                 paths: dict[int, str] | None = None):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_root_name", "model")
-        object.__setattr__(self, "_paths", module_paths(module) if paths is None else paths)
-        object.__setattr__(self, "_envoy", Envoy(self, module, "", "model"))
-        object.__setattr__(self, "_tracer", None)
-        object.__setattr__(self, "_tables", OrderedDict())
-        object.__setattr__(self, "_fake_mode", fake_mode)
-        object.__setattr__(self, "_source_name", type(module).__name__)
+    `source`: the module, or an `Engine` that already wraps one (then its site tables, weights and
+    name are the engine's)."""
+
+    def __init__(self, source: torch.nn.Module | Engine):
+        engine = source if isinstance(source, Engine) else Engine(source, where=user_span)
+        object.__setattr__(self, "_engine", engine)
+        object.__setattr__(self, "_target", Target(engine, self._batch))
+        object.__setattr__(self, "_envoy", Envoy(self, engine.module, "", engine.root))
 
     # -------------------------------------------------------------------------- user surface
     def trace(self, *args: Any, compile: str | None = None, **kwargs: Any) -> Tracer:
@@ -57,7 +50,7 @@ class Model:
         GPU); a one-off trace on a CPU runs the reference interpreter. The default is "auto", or
         the environment variable IVX_COMPILE."""
         compile = compile or os.environ.get("IVX_COMPILE") or "auto"
-        if self._fake_mode is not None:
+        if self._engine.fake_mode is not None:
             raise InterventionError.at(
                 user_span(), "this model has no weights (built from a config for checking)",
                 "use model.scan(...) to check shapes, or load real weights to run")
@@ -65,7 +58,7 @@ class Model:
             raise InterventionError.at(
                 user_span(), f"compile must be one of {', '.join(map(repr, MODES))}, got {compile!r}",
                 did_you_mean(str(compile), MODES))
-        return Tracer(self, (args, kwargs) if args or kwargs else None, compile=compile)
+        return Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile)
 
     def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
               compile: str | None = None, shard_size: int = 1024, progress: bool | None = None) -> Sweep:
@@ -76,7 +69,7 @@ class Model:
         dict name -> those, zipped row by row and used with `sweep.invoke(name)`. With `out`,
         results go to safetensors shards and a manifest there (a rerun resumes); afterwards
         `sweep.results` holds them. `compile` as in `trace`; `progress`: a bar (default: on a TTY)."""
-        if self._fake_mode is not None:
+        if self._engine.fake_mode is not None:
             raise InterventionError.at(user_span(), "this model has no weights (built from a config for checking)",
                                        "load real weights to run a sweep")
         return Sweep(self, prompts, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
@@ -84,21 +77,29 @@ class Model:
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""
-        return Tracer(self, (args, kwargs) if args or kwargs else None, execute=False)
+        return Tracer(self._target, (args, kwargs) if args or kwargs else None, execute=False)
 
     def compile_stats(self) -> CompileStats:
         """Counters of compiled execution on this model (artefacts, compilations, calls, fallbacks)."""
-        return self._runner().stats
+        return self._engine.compile_stats()
 
     def release_compiled(self) -> None:
         """Forget this model's compiled graphs and remove the marker hooks they keep installed."""
-        self._runner().release()
-        self.__dict__.pop("_decoding", None)
+        self._engine.release_compiled()
 
     @property
     def module(self) -> torch.nn.Module:
         """The wrapped torch module."""
-        return self._module
+        return self._engine.module
+
+    @property
+    def _tracer(self) -> Tracer | None:
+        """The trace open on this model, if any (module access records there)."""
+        return self._target.open
+
+    @property
+    def _paths(self) -> dict[int, str]:
+        return self._engine.paths
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._envoy, name)
@@ -116,19 +117,9 @@ class Model:
         return self._envoy(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return repr(self._module)
+        return repr(self._engine.module)
 
-    # ------------------------------------------------------------------------------ internals
-    def _begin(self, tracer: Tracer) -> None:
-        if self._tracer is not None:
-            raise InterventionError.at(user_span(), "a trace of this model is already open",
-                                       "finish it first; traces of one model do not nest")
-        object.__setattr__(self, "_tracer", tracer)
-
-    def _end(self, tracer: Tracer) -> None:
-        if self._tracer is tracer:
-            object.__setattr__(self, "_tracer", None)
-
+    # ------------------------------------------------------------------------------ inputs
     def _batch(self, invokes: list[InvokeInput]) -> Batch:
         """Concatenate the invokes' tensor arguments along the batch dimension."""
         per_invoke = [self._invoke_tensors(args, kwargs) for args, kwargs in invokes]
@@ -144,87 +135,8 @@ class Model:
     def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
         return args, kwargs
 
-    def _site_table(self, invokes: list[InvokeInput],
-                    generation: Generation | None = None) -> tuple[Batch, SiteTable]:
-        batch = self._batch(invokes)
-        key = (_signature((batch.args, batch.kwargs)), generation and generation.max_new_tokens)
-        table = self._tables.get(key)
-        if table is None:
-            if generation is None:
-                table = record_sites(self._module, batch.args, batch.kwargs, batch.size, self._fake_mode)
-            else:
-                table = self._generation_table(batch, generation.max_new_tokens)
-            self._tables[key] = table
-            if len(self._tables) > _TABLE_CACHE_SIZE:
-                self._tables.popitem(last=False)
-        return batch, table
-
-    def _generation_table(self, batch: Batch, steps: int, module: torch.nn.Module | None = None) -> SiteTable:
-        raise InterventionError.at(user_span(), f"{type(self._module).__name__} cannot generate",
-                                   "wrap a causal language model in LanguageModel to use generate()")
-
-    def _decode_steps(self) -> DecodeSteps:
-        if "_decoding" not in self.__dict__:
-            object.__setattr__(self, "_decoding", DecodeSteps(
-                self._module, lambda batch, kwargs: record_sites(self._module, (), kwargs, batch.size, self._fake_mode)))
-        return self.__dict__["_decoding"]
-
-    def _runner(self) -> CompiledRunner:
-        if "_compiled" not in self.__dict__:
-            object.__setattr__(self, "_compiled", CompiledRunner(self._module))
-        return self.__dict__["_compiled"]
-
-    def _execute(self, program: Program, invokes: list[InvokeInput], params: dict[str, Any],
-                 execute: bool, typer: IncrementalTyper | None = None,
-                 ids: dict[int, int] | None = None, compile: str = "off") -> tuple[TypedProgram, RunResult]:
-        batch, table = self._site_table(invokes, program.generation)
-        if typer is not None and typer.table is not table:
-            typer = None  # typed against another batch
-        typed = check(program, table, self._module, params, list(batch.rows), self._root_name, typer, ids)
-        if not execute:  # abstract values become fake tensors when a proxy is read (Proxy.value)
-            saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
-            return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})
-        runner = self._runner()
-        mode = runner.wants(compile, typed, batch)
-        if program.generation is not None:
-            return typed, self._generate(mode, typed, table, batch, params, self._spec(program.generation))
-        if mode != "off":
-            result = runner.run(mode, typed, table, batch, params)
-            if result is not None:
-                return typed, result
-            reason = runner.new_reason
-            result = run(self._module, typed, batch, params)  # a located error, if the program fails
-            _warn_fallback(mode, reason)
-            return typed, result
-        return typed, run(self._module, typed, batch, params)
-
-    def _generate(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
-                  params: dict[str, Any], spec: GenerationSpec) -> RunResult:
-        if mode != "off":
-            runner = self._runner()
-            result = generate_compiled(runner, self._decode_steps(), mode, typed, table, batch, params, spec)
-            if result is not None:
-                return result
-            reason = runner.new_reason
-            result = run_generation(self._module, typed, batch, params, spec)
-            _warn_fallback(mode, reason)
-            return result
-        return run_generation(self._module, typed, batch, params, spec)
-
-
-def _warn_fallback(mode: str, reason: str | None) -> None:
-    if reason is not None:
-        span = user_span()
-        warnings.warn_explicit(
-            f"compile={mode!r} is not possible for this trace ({reason}); "
-            "the reference interpreter ran instead", CompileFallbackWarning, span.file, span.line)
-
 
 NNsight = Model
-
-
-class CompileFallbackWarning(UserWarning):
-    """Compiled execution was asked for and is not possible; the reference interpreter ran."""
 
 
 class LanguageModel(Model):
@@ -233,38 +145,26 @@ class LanguageModel(Model):
     `source` may be the embedded default `"smollm2-135m"` (or its hub id), a local HF directory,
     a `.gguf` file, a loaded `PreTrainedModel` (pass `tokenizer=`), or a config: a
     `PretrainedConfig` or a `config.json` path (random weights, or `weights="fake"` for checking
-    without any weight memory; a tokenizer saved beside the file is used).
+    without any weight memory; a tokenizer saved beside the file is used). An `Engine` whose
+    module has a `config` is used as it is (`ivx check` builds one from a config alone).
     """
 
     def __init__(self, source: Any, tokenizer: Any = None, *, weights: str = "random",
                  dtype: torch.dtype = torch.float32, **ignored: Any):
-        fake_mode = None
-        if isinstance(source, torch.nn.Module):
-            module = source
-        elif _is_config(source):
-            module, fake_mode = _from_config(source, weights)
-        elif isinstance(source, (str, Path)) and str(source).endswith(".json"):
-            module, fake_mode = _from_config(_read_config(Path(source)), weights)
-            tokenizer = tokenizer or _tokenizer_beside(Path(source))
-        elif isinstance(source, (str, Path)):
-            directory = _resolve_directory(str(source))
-            module = _load_directory(directory, dtype)
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-                tokenizer = AutoTokenizer.from_pretrained(directory)
+        if isinstance(source, Engine):
+            engine = source
         else:
-            raise InterventionError.at(user_span(), f"cannot make a LanguageModel from a "
-                                       f"{type(source).__name__}", "give a name, a path, a model or a config")
-        module.eval()
-        super().__init__(module, fake_mode=fake_mode)
-        if isinstance(source, (str, Path)):
-            object.__setattr__(self, "_source_name", str(source))
+            module, fake_mode, tokenizer = _load(source, tokenizer, weights, dtype)
+            module.eval()
+            name = str(source) if isinstance(source, (str, Path)) else None
+            engine = Engine(module, fake_mode=fake_mode, name=name, where=user_span)
+        super().__init__(engine)
         if tokenizer is not None:
             tokenizer.padding_side = "left"
-            if tokenizer.pad_token is None:
+            if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
         object.__setattr__(self, "tokenizer", tokenizer)
-        object.__setattr__(self, "config", module.config)
+        object.__setattr__(self, "config", engine.module.config)
 
     def generate(self, *args: Any, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -299,41 +199,17 @@ class LanguageModel(Model):
             settings = Generation(int(max_new_tokens), bool(do_sample), float(temperature),
                                   None if top_k is None else int(top_k), None if top_p is None else float(top_p),
                                   None if seed is None else int(seed))
-            self._spec(settings)
+            GenerationSpec.of(settings, None, 0)  # validates
         except (ValueError, TypeError) as e:
             raise InterventionError.at(user_span(), f"generate(): {e}") from None
         return settings
-
-    def _spec(self, settings: Generation) -> GenerationSpec:
-        eos = self.config.eos_token_id
-        return GenerationSpec.of(settings, eos if isinstance(eos, int) else None, self._pad_id())
 
     @property
     def generator(self) -> "GeneratorEnvoy":
         """Inside `model.generate(...)`: `model.generator.output` is the prompt and generated ids."""
         return GeneratorEnvoy(self)
 
-    def _pad_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        return int(pad) if pad is not None else 0
-
-    def _generation_table(self, batch: Batch, steps: int, module: torch.nn.Module | None = None) -> SiteTable:
-        from transformers import DynamicCache
-        module = module or self._module
-        kwargs = batch.kwargs
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        cache = DynamicCache(config=module.config)
-        prompt = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask)}
-        first = record_sites(module, (), step_kwargs(module, prompt, cache), batch.size, self._fake_mode)
-        following = next_inputs(prompt, ids[:, -1])  # token values do not matter for shapes
-        decode = record_sites(module, (), step_kwargs(module, following, cache), batch.size, first.mode)
-        with first.mode:
-            generated = torch.empty(batch.size, ids.shape[1] + steps, dtype=torch.long)
-        try:
-            return generation_table(first, decode, steps, generated)
-        except ValueError as e:
-            raise InterventionError.at(user_span(), f"this model cannot generate with interventions: {e}") from None
-
+    # ------------------------------------------------------------------------------ inputs
     def _invoke_tensors(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InvokeInput:
         if len(args) != 1:
             raise InterventionError.at(user_span(), f"an invoke of a LanguageModel takes one input "
@@ -342,27 +218,25 @@ class LanguageModel(Model):
         return (), {"input_ids": ids, "attention_mask": mask, **kwargs}
 
     def _tokenize(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(data, str) or (isinstance(data, list) and data and isinstance(data[0], str)):
+        """Token ids and attention mask of one invoke's input; an empty prompt, or one longer
+        than the model's context, is an error at the user's line."""
+        texts = _texts(data)
+        if texts is not None:
             if self.tokenizer is None:
                 raise InterventionError.at(user_span(), "this model has no tokenizer; pass token ids",
                                            "or give LanguageModel(model, tokenizer=...)")
             enc = self.tokenizer(data, return_tensors="pt", padding=True)
-            return enc["input_ids"], enc["attention_mask"]
-        if isinstance(data, dict) or hasattr(data, "keys"):
-            ids = torch.as_tensor(data["input_ids"])
-            mask = torch.as_tensor(data["attention_mask"]) if "attention_mask" in data else None
+            ids, mask = enc["input_ids"], enc["attention_mask"]
         else:
-            ids, mask = torch.as_tensor(data), None
-        if ids.dim() == 1:
-            ids = ids[None]
-            mask = mask[None] if mask is not None and mask.dim() == 1 else mask
-        return ids.long(), (torch.ones_like(ids) if mask is None else mask.long())
+            ids, mask = _token_ids(data)
+        _check_lengths(mask, texts, getattr(self.config, "max_position_embeddings", None))
+        return ids, mask
 
     def _batch(self, invokes: list[InvokeInput]) -> Batch:
         per = [self._invoke_tensors(a, k)[1] for a, k in invokes]
         length = max(p["input_ids"].shape[1] for p in per)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        ids = torch.cat([_left_pad(p["input_ids"], length, pad_id or 0) for p in per])
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        ids = torch.cat([_left_pad(p["input_ids"], length, pad) for p in per])
         mask = torch.cat([_left_pad(p["attention_mask"], length, 0) for p in per])
         sizes = [p["input_ids"].shape[0] for p in per]
         rows = tuple(slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes)))
@@ -370,20 +244,17 @@ class LanguageModel(Model):
         device = self._input_device()
         ids, mask = ids.to(device), mask.to(device)
         kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, **extra}
-        if self._takes_position_ids():
+        if "position_ids" in self._engine.forward_params:
             # Left padding must not shift positions: each row equals its unpadded run.
             kwargs["position_ids"] = positions_of(mask)
-        return Batch((), kwargs, rows, ids.shape[0])
+        return Batch((), kwargs, rows, ids.shape[0], pad)
 
     def _input_device(self) -> torch.device:
         """Where token ids go: the device of the model's weights (a GPU model gets GPU inputs)."""
-        if self._fake_mode is not None:
+        if self._engine.fake_mode is not None:
             return torch.device("cpu")
-        weight = next(self._module.parameters(), None)
+        weight = next(self._engine.module.parameters(), None)
         return weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
-
-    def _takes_position_ids(self) -> bool:
-        return "position_ids" in inspect.signature(self._module.forward).parameters
 
 
 class GeneratorEnvoy:
@@ -399,6 +270,54 @@ class GeneratorEnvoy:
             raise InterventionError.at(user_span(), "model.generator.output exists only inside "
                                        "`with model.generate(...)`", "use model.generate(prompt, max_new_tokens=N)")
         return tracer.read(tracer.site(GENERATOR, "output"))
+
+
+def _texts(data: Any) -> list[str] | None:
+    """An invoke's prompts as text (None for token ids); an empty prompt or list is an error."""
+    if isinstance(data, list) and not data:
+        raise InterventionError.at(user_span(), "an invoke's input is an empty list",
+                                   "expected a prompt: text, a list of texts, or token ids")
+    if not isinstance(data, str) and not (isinstance(data, list) and isinstance(data[0], str)):
+        return None
+    texts = [data] if isinstance(data, str) else data
+    for i, text in enumerate(texts):
+        if not text:
+            where = "" if isinstance(data, str) else f" (item {i} of {len(texts)})"
+            raise InterventionError.at(user_span(), f"an empty prompt{where}: expected text, found \"\"",
+                                       "give the prompt at least one token of text")
+    return texts
+
+
+def _token_ids(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, dict) or hasattr(data, "keys"):
+        ids = torch.as_tensor(data["input_ids"])
+        mask = torch.as_tensor(data["attention_mask"]) if "attention_mask" in data else None
+    else:
+        ids, mask = torch.as_tensor(data), None
+    if ids.dim() == 1:
+        ids = ids[None]
+        mask = mask[None] if mask is not None and mask.dim() == 1 else mask
+    if ids.dim() != 2:
+        raise InterventionError.at(user_span(), f"token ids have shape {list(ids.shape)}",
+                                   "expected [batch, tokens] or [tokens]")
+    return ids.long(), (torch.ones_like(ids) if mask is None else mask.long())
+
+
+def _check_lengths(mask: torch.Tensor, texts: list[str] | None, context: int | None) -> None:
+    """Every row has at least one token, and no more than the model's context."""
+    for i, n in enumerate(mask.sum(-1).tolist()):
+        prompt = _show(texts[i]) if texts is not None else f"row {i} of the token ids"
+        if n == 0:
+            raise InterventionError.at(user_span(), f"prompt {prompt} has no tokens: expected at least one",
+                                       "give a prompt with text the tokenizer keeps")
+        if context is not None and n > context:
+            raise InterventionError.at(
+                user_span(), f"prompt {prompt} is {n} tokens long; the model's context is {context} tokens",
+                "shorten the prompt, or split it into several")
+
+
+def _show(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -422,14 +341,23 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
                                "pass a tensor whose first dimension is the batch")
 
 
-def _signature(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return ("T", tuple(obj.shape), str(obj.dtype))
-    if isinstance(obj, (tuple, list)):
-        return tuple(_signature(x) for x in obj)
-    if isinstance(obj, dict):
-        return tuple((k, _signature(v)) for k, v in obj.items())
-    return repr(obj)
+def _load(source: Any, tokenizer: Any, weights: str, dtype: torch.dtype) -> tuple[torch.nn.Module, FakeTensorMode | None, Any]:
+    """The module a LanguageModel's source names, its fake mode (fake weights), and its tokenizer."""
+    if isinstance(source, torch.nn.Module):
+        return source, None, tokenizer
+    if _is_config(source):
+        return *_from_config(source, weights), tokenizer
+    if isinstance(source, (str, Path)) and str(source).endswith(".json"):
+        return *_from_config(_read_config(Path(source)), weights), tokenizer or _tokenizer_beside(Path(source))
+    if isinstance(source, (str, Path)):
+        directory = _resolve_directory(str(source))
+        module = _load_directory(directory, dtype)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        return module, None, tokenizer
+    raise InterventionError.at(user_span(), f"cannot make a LanguageModel from a {type(source).__name__}",
+                               "give a name, a path, a model or a config")
 
 
 def _is_config(obj: Any) -> bool:

@@ -1,9 +1,11 @@
 """Models known only by their config, for checking specs without weights (`ivx check`).
 
-A `SpecModel` has the model's module tree (a skeleton of empty modules with fake parameters) and
-its symbolic site signature, both cached on disk per config, so a second check needs no forward
-at all. Ad-hoc module calls build the real model lazily, on fake tensors. Token ids come from a
-disk cache, so the tokenizer is loaded only for text it has not seen.
+Such a model is a `LanguageModel` over an `Engine` whose module is a skeleton (the model's module
+tree of empty modules with fake parameters) and whose site tables come from `SpecSites`: the
+model's symbolic site signature. Tree and signature are cached on disk per config, so a second
+check needs no forward at all. Ad-hoc module calls, generation and forwards whose shapes are not
+symbolic build the real model lazily, on fake tensors. Token ids come from a disk cache, so the
+tokenizer is loaded only for text it has not seen.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiler.errors import InterventionError
-from compiler.ir import NO_SPAN, Generation, TensorType
+from compiler.ir import NO_SPAN, TensorType
 from compiler.signatures import SiteTable, quiet_fake_mode, record_sites
 from compiler.symbolic import PROBES, Signature, TypeTable, signature_from_tables
 from interp_dsl import embedded
-from interp_dsl.models import InvokeInput, LanguageModel, Model
+from interp_dsl.models import LanguageModel
 from interp_dsl.spans import user_span
+from runtime.engine import Engine, record_generation
 from runtime.interpreter import Batch
 from runtime.results import atomic_write
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -91,6 +94,83 @@ class CachedTokenizer:
             self._dirty = False
 
 
+# ------------------------------------------------------------------------------------ real model
+class RealModel:
+    """The real model of a config, built on fake tensors the first time a check needs it."""
+
+    def __init__(self, config: Any, mode: FakeTensorMode):
+        self.config, self.mode = config, mode
+        self._module: torch.nn.Module | None = None
+
+    def __call__(self) -> torch.nn.Module:
+        if self._module is None:
+            self._module = _build_real(self.config, self.mode)
+        return self._module
+
+
+def _build_real(config: Any, mode: FakeTensorMode) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    with quiet_fake_mode(), mode:
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+class SpecSites:
+    """Site tables of a model known by its config: from its symbolic signature (no forward at all),
+    else from the real model on fake tensors (a forward whose shapes are not symbolic, generation)."""
+
+    def __init__(self, signature: Signature | None, real: RealModel):
+        self.signature, self.real = signature, real
+
+    def forward(self, batch: Batch) -> SiteTable:
+        if self.signature is None:
+            return record_sites(self.real(), (), batch.kwargs, batch.size, self.real.mode)
+        ids = batch.kwargs["input_ids"]
+        return self.signature.table(self.real.mode, int(ids.shape[0]), int(ids.shape[1]))
+
+    def generation(self, batch: Batch, steps: int) -> SiteTable:
+        return record_generation(self.real(), batch, steps, self.real.mode)
+
+
+def config_model(config: Any, tokenizer: CachedTokenizer | None, key: str, name: str) -> LanguageModel:
+    """A causal LM known by its config only (`key` names its disk caches): it checks, never runs."""
+    real = RealModel(config, FakeTensorMode(allow_non_fake_inputs=True))
+    cache = embedded.cache_root() / "signatures" / f"{key}.json"
+    data = _load_cache(cache)
+    if data is None:
+        data = _describe(real)
+        _atomic_write_text(cache, json.dumps(data))
+    types = TypeTable(data["types"])
+    signature = Signature.from_data(data["signature"], types) if data["signature"] else None
+    skeleton = _skeleton(data["tree"], types, real)
+    object.__setattr__(skeleton, "config", config)
+    engine = Engine(skeleton, SpecSites(signature, real), fake_mode=real.mode, paths={},  # the tree's paths
+                    forward_params=frozenset(data["forward_params"]), name=name, where=user_span)
+    return LanguageModel(engine, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------- cache
+def _load_cache(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("version") == CACHE_VERSION else None
+
+
+def _describe(real: RealModel) -> dict[str, Any]:
+    """The cached description of a model: its module tree, forward parameters and site signature."""
+    module = real()
+    params = inspect.signature(module.forward).parameters
+    tables = [record_sites(module, (), _probe_inputs(b, s, "position_ids" in params), b, real.mode)
+              for b, s in PROBES]
+    signature = signature_from_tables(*tables)
+    types = TypeTable()
+    tree = _tree(module, types)
+    events = signature.to_data(types) if signature else None
+    return {"version": CACHE_VERSION, "types": types.to_data(), "tree": tree,
+            "forward_params": sorted(params), "signature": events}
+
+
 # ------------------------------------------------------------------------------------- skeleton
 _SKELETON_CLASSES: dict[str, type] = {}
 
@@ -99,7 +179,7 @@ def _skeleton_class(name: str) -> type:
     """An empty module class named like the real one (messages say `LlamaModel`)."""
     if name not in _SKELETON_CLASSES:
         def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return self._spec._real_module(self._path)(*args, **kwargs)
+            return self._real().get_submodule(self._path)(*args, **kwargs)
         _SKELETON_CLASSES[name] = type(name, (torch.nn.Module,), {"forward": forward})
     return _SKELETON_CLASSES[name]
 
@@ -114,6 +194,31 @@ def _tree(model: torch.nn.Module, types: TypeTable) -> list[list[Any]]:
             n: types.index(TensorType(str(t.dtype).removeprefix("torch."), tuple(t.shape)))
             for n, t in tensors.items()}])
     return out
+
+
+def _skeleton(tree: list[list[Any]], types: TypeTable, real: RealModel) -> torch.nn.Module:
+    """The module tree of empty modules, each made (with fake parameters) when first addressed."""
+    entries = {path: (class_name, params) for path, class_name, params in tree}
+    children: dict[str, list[str]] = {path: [] for path in entries}
+    for path in entries:
+        if path:
+            children[path.rpartition(".")[0]].append(path.rpartition(".")[2])
+
+    def fake(t: TensorType) -> torch.nn.Parameter:
+        with real.mode:
+            return torch.nn.Parameter(torch.empty(t.shape, dtype=getattr(torch, t.dtype)), requires_grad=False)
+
+    def make(path: str) -> torch.nn.Module:
+        class_name, params = entries[path]
+        module = _skeleton_class(class_name)()
+        object.__setattr__(module, "_real", real)
+        object.__setattr__(module, "_path", path)
+        module._parameters = _Lazy({n: types[i] for n, i in params.items()}, lambda n, t: fake(t))
+        prefix = f"{path}." if path else ""
+        module._modules = _Lazy(dict.fromkeys(children[path]), lambda name, _: make(prefix + name))
+        return module
+
+    return make("")
 
 
 class _Lazy(dict):  # type: ignore[type-arg]
@@ -147,110 +252,6 @@ class _Pending:
     recipe: Any
 
 
-class SpecModel(LanguageModel):
-    """A causal LM known by its config only. Supports `scan` (checking); never runs."""
-
-    def __init__(self, config: Any, tokenizer: CachedTokenizer | None, key: str):
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        object.__setattr__(self, "_config_obj", config)
-        object.__setattr__(self, "_mode", mode)
-        object.__setattr__(self, "_real", None)
-        object.__setattr__(self, "_tables", {})
-        cache = embedded.cache_root() / "signatures" / f"{key}.json"
-        data = self._load_cache(cache)
-        if data is None:
-            data = self._build_cache()
-            _atomic_write_text(cache, json.dumps(data))
-        types = TypeTable(data["types"])
-        object.__setattr__(self, "_signature",
-                           Signature.from_data(data["signature"], types) if data["signature"] else None)
-        object.__setattr__(self, "_position_ids", data["position_ids"])
-        skeleton = self._skeleton(data["tree"], types)
-        Model.__init__(self, skeleton, fake_mode=mode, paths={})  # skeleton paths are the tree's
-        object.__setattr__(self, "tokenizer", tokenizer)
-        object.__setattr__(self, "config", config)
-
-    # cache
-    @staticmethod
-    def _load_cache(path: Path) -> dict[str, Any] | None:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if data.get("version") == CACHE_VERSION else None
-
-    def _build_cache(self) -> dict[str, Any]:
-        real = self._real_model()
-        takes_positions = "position_ids" in inspect.signature(real.forward).parameters
-        tables = [self._probe(real, b, s, takes_positions) for b, s in PROBES]
-        signature = signature_from_tables(*tables)
-        types = TypeTable()
-        tree = _tree(real, types)
-        events = signature.to_data(types) if signature else None
-        return {"version": CACHE_VERSION, "types": types.to_data(), "tree": tree,
-                "position_ids": takes_positions, "signature": events}
-
-    def _probe(self, real: torch.nn.Module, batch: int, seq: int, positions: bool) -> SiteTable:
-        kwargs = _probe_inputs(batch, seq, positions)
-        return record_sites(real, (), kwargs, batch, self._mode)
-
-    def _skeleton(self, tree: list[list[Any]], types: TypeTable) -> torch.nn.Module:
-        entries = {path: (class_name, params) for path, class_name, params in tree}
-        children: dict[str, list[str]] = {path: [] for path in entries}
-        for path in entries:
-            if path:
-                children[path.rpartition(".")[0]].append(path.rpartition(".")[2])
-
-        def make(path: str) -> torch.nn.Module:
-            class_name, params = entries[path]
-            module = _skeleton_class(class_name)()
-            object.__setattr__(module, "_spec", self)
-            object.__setattr__(module, "_path", path)
-            module._parameters = _Lazy({n: types[i] for n, i in params.items()}, lambda n, t: self._fake(t))
-            prefix = f"{path}." if path else ""
-            module._modules = _Lazy(dict.fromkeys(children[path]), lambda name, _: make(prefix + name))
-            return module
-
-        return make("")
-
-    def _fake(self, t: TensorType) -> torch.nn.Parameter:
-        with self._mode:
-            return torch.nn.Parameter(torch.empty(t.shape, dtype=getattr(torch, t.dtype)), requires_grad=False)
-
-    # the real model, on fake tensors, only when a spec calls a module ad hoc
-    def _real_model(self) -> torch.nn.Module:
-        if self._real is None:
-            from transformers import AutoModelForCausalLM
-            with quiet_fake_mode(), self._mode:
-                real = AutoModelForCausalLM.from_config(self._config_obj)
-            object.__setattr__(self, "_real", real.eval())
-        return self._real
-
-    def _real_module(self, path: str) -> torch.nn.Module:
-        return self._real_model().get_submodule(path)
-
-    # tables
-    def _takes_position_ids(self) -> bool:
-        return bool(self._position_ids)
-
-    def _site_table(self, invokes: list[InvokeInput],
-                    generation: Generation | None = None) -> tuple[Batch, SiteTable]:
-        batch = self._batch(invokes)
-        ids = batch.kwargs["input_ids"]
-        if generation is not None:  # KV-cached steps: the model itself on fake tensors, once per shape
-            key = ("generate", int(ids.shape[0]), int(ids.shape[1]), generation.max_new_tokens)
-            if key not in self._tables:
-                self._tables[key] = self._generation_table(batch, generation.max_new_tokens, self._real_model())
-            return batch, self._tables[key]
-        size = (int(ids.shape[0]), int(ids.shape[1]))
-        if size not in self._tables:
-            if self._signature is None:  # a forward whose shapes are not symbolic: one pass per size
-                self._tables[size] = record_sites(self._real_model(), (), batch.kwargs, batch.size, self._mode)
-            else:
-                self._tables[size] = self._signature.table(self._mode, *size)
-        return batch, self._tables[size]
-
-
 def _probe_inputs(batch: int, seq: int, positions: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"input_ids": torch.zeros(batch, seq, dtype=torch.long),
                               "attention_mask": torch.ones(batch, seq, dtype=torch.long),
@@ -261,8 +262,9 @@ def _probe_inputs(batch: int, seq: int, positions: bool) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- sources
-def spec_model(source: str, base: Path | None = None) -> SpecModel:
-    """A SpecModel for a model name, HF directory, config.json or .gguf file; no weights read."""
+def spec_model(source: str, base: Path | None = None) -> LanguageModel:
+    """A config-only model (see `config_model`) for a model name, HF directory, config.json or
+    .gguf file; no weights read."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(source).expanduser()
@@ -285,7 +287,7 @@ def spec_model(source: str, base: Path | None = None) -> SpecModel:
                                    f"no model config found for {source!r}",
                                    "give the embedded name, a HF directory, a config.json or a .gguf file")
     key = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:20]
-    return SpecModel(config, tokenizer, key)
+    return config_model(config, tokenizer, key, source)
 
 
 def _file_key(path: Path) -> str:

@@ -7,40 +7,46 @@ batch and checked on fake tensors before anything runs. On exit the runtime runs
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import inspect
 import itertools
 import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from compiler.errors import InterventionError, did_you_mean
-from compiler.ir import to_json
+from compiler.ir import Program, to_json
 from compiler.passes import reads_last_position_only, stop_after_last_site
 from interp_dsl import fan
 from interp_dsl.spans import user_span
 from interp_dsl.tracing import Invoker, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
+from runtime.engine import Engine
+from runtime.interpreter import Batch
 from runtime.modes import MODES
 from runtime.results import versions
 from runtime.shards import MemorySink, Results, ShardSink, load_results
 from runtime.sweep import SAVE_SEP, SweepPlan, run_sweep
 
-if TYPE_CHECKING:
-    from interp_dsl.models import Model
-
 IMPLICIT = "prompts"  # the prompt name of `model.sweep(list_of_prompts)`
+
+
+class Scannable(Protocol):
+    """What a sweep needs of its model: a trace that records and checks without running (and
+    a `tokenizer` attribute, when it has one, to batch prompts by length)."""
+
+    def scan(self, *args: Any, **kwargs: Any) -> Tracer: ...
 
 
 class Sweep:
     """Created by `model.sweep(...)`. Inside the block: `sweep.param`, `sweep.zip`, `sweep.invoke`,
     and the usual trace body. After it: `sweep.results` (a `Results`)."""
 
-    def __init__(self, model: "Model", prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
+    def __init__(self, model: Scannable, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
                  compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
                  describe: dict[str, Any] | None = None):
         if batch_size < 1 or shard_size < 1:
@@ -70,8 +76,7 @@ class Sweep:
             raise InterventionError.at(user_span(), "the sweep has no prompts")
         implicit = list(self.sources) == [IMPLICIT]
         self.invokes: list[str] = [IMPLICIT] if implicit else []
-        inputs = (([r[IMPLICIT] for r in self._first],), {}) if implicit else None
-        self.tracer = Tracer(self.model, inputs, execute=False)
+        self.tracer = self.model.scan([r[IMPLICIT] for r in self._first]) if implicit else self.model.scan()
         self.tracer.fan_rows = self.batch
         self.tracer.__enter__()
         return self
@@ -128,7 +133,7 @@ class Sweep:
     # -------------------------------------------------------------------------------- running
     def _run(self) -> None:
         program = stop_after_last_site(self.tracer.program())
-        kwargs = {"logits_to_keep": 1} if _head_reads_last_only(self.model, program) else {}
+        kwargs = {"logits_to_keep": 1} if _head_reads_last_only(self.tracer.engine, program) else {}
         axis_names = {n for names, _ in self.groups for n in names}
         points = [dict(itertools.chain.from_iterable(zip(names, combo, strict=True) for (names, _), combo
                                                      in zip(self.groups, combos, strict=True)))
@@ -137,39 +142,53 @@ class Sweep:
             program, {k: v for k, v in self.tracer.params.items() if k not in axis_names}, points,
             dict(self.tracer.fan_axes), [(n, i in self.tracer.expanded) for i, n in enumerate(self.invokes)],
             self.batch, self.shard_size, kwargs,
-            {op.target.partition(SAVE_SEP)[0]: op.span for op in program.ops if op.opcode == "save"})
+            {op.target.partition(SAVE_SEP)[0]: op.span for op in program.ops if op.opcode == "save"},
+            self._length_dependent(program))
         header = self._header(plan)
         sink = ShardSink(self.out, header) if self.out is not None else MemorySink(header)
         if not sink.complete:
             self._execute(plan, sink)
         self.results = load_results(self.out) if self.out is not None else sink.results()  # type: ignore[attr-defined]
 
+    def _length_dependent(self, program: Program) -> frozenset[str]:
+        """The saves whose shape changes with the prompts' length: checked on the first batch and on
+        it one (padding) token longer. A program that does not check longer tells nothing here."""
+        engine, batch, params = self.tracer.engine, self.tracer.batch(), self.tracer.params
+        try:
+            first, longer = (engine.run(program, b, params, execute=False)[1].values
+                             for b in (batch, _one_token_longer(batch)))
+        except InterventionError:
+            return frozenset()
+        return frozenset(op.target.partition(SAVE_SEP)[0] for op in program.ops if op.opcode == "save"
+                         and _shape(first.get(op.refs()[0])) != _shape(longer.get(op.refs()[0])))
+
     def _execute(self, plan: SweepPlan, sink: ShardSink) -> None:
         tokenizer = getattr(self.model, "tokenizer", None)
         names = sorted(set(self.invokes))
+        engine, batch_of = self.tracer.engine, self.tracer.target.batch
 
-        def length(row: dict[str, str]) -> int:
+        def lengths(row: dict[str, str]) -> tuple[int, ...]:
             if tokenizer is None:
-                return 0
-            return max(len(tokenizer(row[n], add_special_tokens=True)["input_ids"]) for n in names)
+                return (0,)
+            return tuple(len(tokenizer(row[n], add_special_tokens=True)["input_ids"]) for n in names)
 
         def execute(invokes: list[Any], params: dict[str, Any]) -> dict[str, Any]:
-            return self.model._execute(plan.program, invokes, params, True, compile=self.compile)[1].saves
+            return engine.run(plan.program, batch_of(invokes), params, compile=self.compile)[1].saves
 
         start = sink.done
         with _Progress(self.total, start, self.progress) as bar:
             def advance(n: int) -> None:
                 self.ran += n
                 bar.update(n)
-            run_sweep(plan, zip_rows(self.sources), execute, sink, length, advance)
+            run_sweep(plan, zip_rows(self.sources), execute, sink, lengths, advance)
 
     def _header(self, plan: SweepPlan) -> dict[str, Any]:
         dims = [("+".join(names), len(values)) for names, values in self.groups]
         dims += [(name, len(values)) for name, values in plan.fan_axes.items()]
         return {
             **self.describe,
-            "ir_hash": plan.program.structural_hash(), "model": self.model._source_name,
-            "weights": weights_fingerprint(self.model.module),
+            "ir_hash": plan.program.structural_hash(), "model": self.tracer.engine.name,
+            "weights": weights_fingerprint(self.tracer.engine.module),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
             "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
@@ -213,12 +232,26 @@ def _source(value: Any) -> Source:
     return rows
 
 
-def _head_reads_last_only(model: "Model", program: Any) -> bool:
-    head = getattr(model.module, "get_output_embeddings", lambda: None)()
-    if head is None or "logits_to_keep" not in inspect.signature(model.module.forward).parameters:
+def _head_reads_last_only(engine: Engine, program: Program) -> bool:
+    head = getattr(engine.module, "get_output_embeddings", lambda: None)()
+    if head is None or "logits_to_keep" not in engine.forward_params:
         return False
-    path = next((p for p, m in model.module.named_modules() if m is head), None)
+    path = next((p for p, m in engine.module.named_modules() if m is head), None)
     return path is not None and reads_last_position_only(program, path)
+
+
+def _one_token_longer(batch: Batch) -> Batch:
+    """`batch` with one more padding position on the left of every per-token input."""
+    length = batch.kwargs["input_ids"].shape[1]
+
+    def pad(value: Any) -> Any:
+        per_token = isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == length
+        return torch.nn.functional.pad(value, (1, 0)) if per_token else value
+    return dataclasses.replace(batch, kwargs={k: pad(v) for k, v in batch.kwargs.items()})
+
+
+def _shape(value: Any) -> Any:
+    return tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,10 +31,19 @@ from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
-from runtime.interpreter import RunResult
+from runtime.engine import Engine
+from runtime.interpreter import Batch, RunResult
+from runtime.sweep import InvokeInput
 
-if TYPE_CHECKING:
-    from interp_dsl.models import Model
+
+@dataclass
+class Target:
+    """What a trace runs on: an engine, how a trace's invokes become one batch for it, and the
+    trace now open on it (module access inside a `with` block records there)."""
+
+    engine: Engine
+    batch: Callable[[list[InvokeInput]], Batch]
+    open: "Tracer | None" = None
 
 
 class Invoker:
@@ -136,25 +146,25 @@ class Tracer:
     """Records an experiment as IR; on exit, checks it on fake tensors and runs it.
 
     Created by `model.trace(...)` or `model.scan(...)`; state lives on this object and on its
-    model, never in module globals.
+    target, never in module globals. On exit it hands the recorded program to the target's engine.
     """
 
-    def __init__(self, model: "Model", inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
-                 execute: bool = True, compile: str = "off"):
-        self.model = model
+    def __init__(self, target: Target, inputs: InvokeInput | None, execute: bool = True, compile: str = "off"):
+        self.target = target
         self.execute = execute
         self.compile = compile
         self.ops: list[Op] = []
         self._next_id = 0
         self.params: dict[str, Any] = {}  # keeps the tensors alive, so their ids stay unique
         self._tensor_params: dict[int, int] = {}
-        self.invoke_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.invoke_inputs: list[InvokeInput] = []
         self.current_invoke: int | None = None
         self.recording = False
         self.call_index: dict[str, int] = {}
         self._saved: list[Proxy] = []
         self._proxies: list[Proxy] = []
         self._typer: IncrementalTyper | None = None
+        self._batch: Batch | None = None
         self.span_source = user_span  # where ops say they come from; the .ivx lowering replaces it
         # Vectorised sweep axes (see interp_dsl/fan.py): set by a sweep before recording.
         self.fan_axes: dict[str, list[Any]] = {}
@@ -174,7 +184,10 @@ class Tracer:
 
     # ---------------------------------------------------------------------------- contexts
     def __enter__(self) -> "Tracer":
-        self.model._begin(self)
+        if self.target.open is not None:
+            raise InterventionError.at(user_span(), "a trace of this model is already open",
+                                       "finish it first; traces of one model do not nest")
+        self.target.open = self
         self.recording = True
         return self
 
@@ -184,7 +197,8 @@ class Tracer:
             if exc_type is None:
                 self._finish()
         finally:
-            self.model._end(self)
+            if self.target.open is self:
+                self.target.open = None
         return False
 
     def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
@@ -193,10 +207,14 @@ class Tracer:
             raise InterventionError.at(user_span(), "tracer.invoke() is used inside its trace")
         return Invoker(self, self._add_invoke((args, kwargs)))
 
-    def _add_invoke(self, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> int:
+    def _add_invoke(self, inputs: InvokeInput) -> int:
+        self.target.batch([inputs])  # a bad input is an error here, at the line that gives it
         self.invoke_inputs.append(inputs)
-        self._typer = None  # the padded batch changed: types must be recomputed
+        self._inputs_changed()
         return len(self.invoke_inputs) - 1
+
+    def _inputs_changed(self) -> None:
+        self._batch = self._typer = None  # the padded batch changed: types must be recomputed
 
     def barrier(self, participants: int) -> Any:
         """nnsight's cross-invoke barrier. Accepted and a no-op: the scheduler already orders
@@ -356,7 +374,7 @@ class Tracer:
             self.expanded.add(site.invoke)
             self.invoke_inputs[site.invoke] = fan.repeat_rows(self.invoke_inputs[site.invoke],
                                                               fan.n_points(self.fan_axes))
-            self._typer = None
+            self._inputs_changed()
         current = self.reread((site, path))
         target = self.fake(current)
         if not is_tensor_like(target):
@@ -430,14 +448,23 @@ class Tracer:
                 user_span(), "this trace did not run compiled, so it has no patched graph",
                 "trace with compile=\"graph\" (or \"inductor\"), then call explain_graph()")
         from compiler.graph_text import explain_graph
-        return explain_graph(graph, self.typed, self.model._root_name)
+        return explain_graph(graph, self.typed, self.engine.root)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine this trace's program runs on."""
+        return self.target.engine
+
+    def batch(self) -> Batch:
+        """The invokes' inputs as one batch (tokenised and padded)."""
+        if self._batch is None:
+            self._batch = self.target.batch(self.invoke_inputs)
+        return self._batch
 
     def typer(self) -> IncrementalTyper:
         """Types the ops as they are recorded, for the current batch of invokes."""
         if self._typer is None:
-            batch, table = self.model._site_table(self.invoke_inputs, self.generation)
-            self._typer = IncrementalTyper(table, self.model._module, self.params, list(batch.rows),
-                                           self.model._root_name)
+            self._typer = self.engine.typer(self.batch(), self.params, self.generation)
         return self._typer
 
     def fake(self, proxy: Proxy) -> Any:
@@ -451,8 +478,8 @@ class Tracer:
         program, ids = self._program()
         typer = self.typer()
         typer.record(self.ops)
-        self.typed, result = self.model._execute(program, self.invoke_inputs, self.params,
-                                                 self.execute, typer, ids, self.compile)
+        self.typed, result = self.engine.run(program, self.batch(), self.params, compile=self.compile,
+                                             execute=self.execute, typer=typer, ids=ids)
         for proxy in self._proxies:
             if proxy._steps is not None and proxy._saved:
                 values = [result.values[ids[i]] for i in proxy._steps if ids.get(i) in result.values]

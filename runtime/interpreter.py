@@ -24,12 +24,14 @@ from runtime.generation import GenerationSpec, StepFn, StepInputs, decode, step_
 
 @dataclass(frozen=True)
 class Batch:
-    """The model's forward arguments, and which rows of the batch belong to each invoke."""
+    """The model's forward arguments, which rows of the batch belong to each invoke, and the token
+    id that pads them (a generation pads finished rows with it too)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     rows: tuple[slice, ...]
     size: int
+    pad_id: int = 0
 
 
 @dataclass

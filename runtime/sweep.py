@@ -5,6 +5,8 @@ so that batches hold prompts of similar length (little padding), and rows are pu
 order before the shard is written. Every batch has exactly `batch_size` prompts (the last one of a
 window repeats its last prompt, and those rows are dropped), so the program recorded once fits
 every batch. Each batch runs once per parameter point; vectorised axes ride inside the batch.
+A save whose shape depends on the prompts' length (a whole sequence) is refused as soon as prompts
+of different lengths meet, whatever the batch size: padded positions are not the prompt's own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SAVE_SEP = "@"  # a save made per vectorised point is named `name@axis=value,...
 
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
 Execute = Callable[[list[InvokeInput], dict[str, Any]], dict[str, Any]]
+Lengths = Callable[[dict[str, str]], tuple[int, ...]]
 
 
 class SweepError(InterventionError):
@@ -43,6 +46,7 @@ class SweepPlan:
     shard_prompts: int
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra forward arguments
     spans: dict[str, Span] = field(default_factory=dict)  # save name -> where it was written
+    length_dependent: frozenset[str] = frozenset()  # saves whose shape follows the prompt length
 
     @property
     def fan_points(self) -> int:
@@ -53,24 +57,40 @@ class SweepPlan:
 
 
 def run_sweep(plan: SweepPlan, rows: Iterator[dict[str, str]], execute: Execute, sink: ShardSink,
-              length: Callable[[dict[str, str]], int], advance: Callable[[int], None] = lambda n: None) -> None:
-    """Run every prompt row after those `sink` already holds; write a shard per window."""
+              lengths: Lengths, advance: Callable[[int], None] = lambda n: None) -> None:
+    """Run every prompt row after those `sink` already holds; write a shard per window.
+    `lengths`: a row's token count per prompt name (batches are sorted by the longest)."""
     start = sink.done
     rows = itertools.islice(rows, start, None)
     sink.start()
     first = start
     shapes: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
     while window := list(itertools.islice(rows, plan.shard_prompts)):
-        tensors = _run_window(plan, window, first, execute, length, advance, shapes)
+        counts = [lengths(row) for row in window]
+        seen.update(n for row in counts for n in row)
+        _refuse_length_dependent(plan, seen)
+        tensors = _run_window(plan, window, first, execute, [max(c) for c in counts], advance, shapes)
         sink.write(tensors, first, first + len(window))
         first += len(window)
     sink.finish()
 
 
+def _refuse_length_dependent(plan: SweepPlan, lengths: set[int]) -> None:
+    if len(lengths) > 1 and plan.length_dependent:
+        name = min(plan.length_dependent)
+        short, long = min(lengths), max(lengths)
+        raise SweepError.at(
+            plan.spans.get(name, Span("<sweep>", 0)),
+            f"save {name} has a value per token, and the prompts have different lengths ({short} and "
+            f"{long} tokens): a sweep's saves must not depend on prompt length",
+            "save per-prompt values, e.g. one position: [:, -1]")
+
+
 def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execute: Execute,
-                length: Callable[[dict[str, str]], int], advance: Callable[[int], None],
+                length: list[int], advance: Callable[[int], None],
                 shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    order = sorted(range(len(window)), key=lambda i: length(window[i]))
+    order = sorted(range(len(window)), key=lambda i: length[i])
     pieces: dict[str, list[torch.Tensor]] = {}
     prompts: list[int] = []
     for at in range(0, len(order), plan.batch_size):

@@ -70,14 +70,14 @@ def test_models_built_for_checking_hold_only_fake_tensors(tiny_dir):
     with spec.scan("the eiffel tower"):
         spec.lm_head(spec.model.norm(spec.model.layers[0].output)).save()
     assert all(isinstance(p, FakeTensor) for p in spec.module.parameters())
-    assert all(isinstance(p, FakeTensor) for p in spec._real.parameters())
+    assert all(isinstance(p, FakeTensor) for p in spec._engine.sites.real().parameters())
 
 
 def test_second_check_uses_the_cached_signature(tiny_dir, monkeypatch):
     import interp_dsl.spec as spec
     check_files([ROOT / "tests" / "ivx_bad" / "index_out_of_range.ivx"], str(tiny_dir))
     monkeypatch.setattr(spec, "record_sites", lambda *a, **k: pytest.fail("no fake forward when cached"))
-    monkeypatch.setattr(spec.SpecModel, "_real_model", lambda self: pytest.fail("no model build when cached"))
+    monkeypatch.setattr(spec, "_build_real", lambda *a: pytest.fail("no model build when cached"))
     report = check_files([ROOT / "tests" / "ivx_bad" / "index_out_of_range.ivx"], str(tiny_dir))
     assert [d.message for d in report.errors] == [
         "index out of range writing model.model.layers[0].output: index 3 on dim 1 of size 3"]
