@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from compiler import ops, shape_rules
-from compiler.errors import CheckError, Diagnostic
+from compiler.errors import CheckError, Diagnostic, did_you_mean
 from compiler.ir import (
     DictType,
     Op,
@@ -27,6 +27,7 @@ from compiler.ir import (
 from compiler.printer import format_type
 from compiler.shape_rules import is_tensor_like, materialize
 from compiler.signatures import GENERATOR, Event, SiteTable, call_count, quiet_fake_mode
+from compiler.validate import problems
 
 BEFORE_FORWARD = -1
 
@@ -216,7 +217,13 @@ class _Checker:
         return True
 
     def _weight(self, op: Op) -> bool:
-        self.fake[op.result] = self.table.mode.from_tensor(_model_tensor(self.model, op.target))  # type: ignore
+        module_path, _, name = op.target.rpartition(".")
+        module = submodule(self.model, module_path)
+        if name not in module._parameters and name not in module._buffers:
+            self.error(op, f"{op.target!r} is not a parameter or buffer of the model",
+                       did_you_mean(name, [*module._parameters, *module._buffers]))
+            return False
+        self.fake[op.result] = self.table.mode.from_tensor(getattr(module, name))  # type: ignore
         return True
 
     def _call(self, op: Op) -> bool:
@@ -269,7 +276,8 @@ class _Checker:
 
     def _module(self, op: Op) -> bool:
         args, kwargs = self._values(op, self.fake)
-        self.fake[op.result] = self.model.get_submodule(op.target)(*materialize(args), **materialize(kwargs))  # type: ignore
+        module = submodule(self.model, op.target)
+        self.fake[op.result] = module(*materialize(args), **materialize(kwargs))  # type: ignore
         return True
 
     def _save(self, op: Op) -> bool:
@@ -357,10 +365,16 @@ def _broadcast_problem(a: torch.Size, b: torch.Size) -> str | None:
     return None
 
 
-def _model_tensor(model: torch.nn.Module, path: str) -> torch.Tensor:
-    module_path, _, name = path.rpartition(".")
-    module = model.get_submodule(module_path)
-    return getattr(module, name)
+def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module at a dotted path, found through registered submodules only (never attributes)."""
+    module = model
+    for part in path.split(".") if path else ():
+        child = module._modules.get(part)
+        if child is None:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r}"
+                                 + (f" ({did_you_mean(part, module._modules)})" if did_you_mean(part, module._modules) else ""))
+        module = child
+    return module
 
 
 @dataclass(frozen=True)
@@ -401,12 +415,16 @@ def index_problem(shape: tuple[int, ...], index: Any) -> str | None:
 
 def check(program: Program, table: SiteTable, model: torch.nn.Module, params: dict[str, Any],
           rows: list[slice], root: str = "model", typed: "IncrementalTyper | None" = None,
-          ids: dict[int, int] | None = None) -> TypedProgram:
+          ids: dict[int, int] | None = None, max_bytes: int | None = None) -> TypedProgram:
     """Schedule and type-check `program`; raise CheckError with every problem, in line order.
 
     `typed` is a typer that already typed the ops `program` was made from (by `ids`: its value
-    id -> the program's); then the ops are not typed again, only scheduled.
+    id -> the program's); then the ops are not typed again, only scheduled. `max_bytes`: the
+    largest tensor one op may allocate (see `allocation_limit`); larger ones are errors.
     """
+    refused = problems(program)
+    if refused:
+        raise CheckError(refused)
     checker = _Checker(program, table, model, params, rows, root)
     checker.schedule()
     if typed is None or ids is None:
@@ -416,10 +434,42 @@ def check(program: Program, table: SiteTable, model: torch.nn.Module, params: di
         prior, diagnostics = typed.finish()
         checker.diags.extend(diagnostics)
         fakes = {ids[k]: v for k, v in prior.items() if k in ids}
+    if max_bytes is not None:
+        checker.diags.extend(_allocation_problems(program, fakes, max_bytes))
     if checker.diags:
         raise CheckError(checker.diags)
     types = {k: type_of(v) for k, v in fakes.items()}
     return TypedProgram(program, types, tuple(checker.when), tuple(table.order), fakes)
+
+
+def allocation_limit(device: torch.device | str = "cpu") -> int:
+    """The most bytes one op of an experiment may allocate: IVX_MAX_OP_BYTES if set, else half
+    the memory free now on `device`."""
+    import os
+
+    setting = os.environ.get("IVX_MAX_OP_BYTES")
+    if setting:
+        return int(float(setting))
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0] // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def _allocation_problems(program: Program, fakes: dict[int, Any], limit: int) -> list[Diagnostic]:
+    found = []
+    for op in program.ops:
+        value = fakes.get(op.result) if op.opcode in ("call", "module") else None  # type: ignore[arg-type]
+        if is_tensor_like(value):
+            size = value.numel() * value.dtype.itemsize
+            if size > limit:
+                found.append(Diagnostic(op.span, f"{op.target} would allocate {_bytes(size)} "
+                                        f"({format_type(type_of(value))}), above the limit of {_bytes(limit)}",
+                                        "make it smaller, or raise the limit: IVX_MAX_OP_BYTES=<bytes>"))
+    return found
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)

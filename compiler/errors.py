@@ -19,7 +19,7 @@ class Diagnostic:
 
     def render(self) -> str:
         lines = [f"{self.span}: {self.severity}: {self.message}"]
-        source = linecache.getline(self.span.file, self.span.line).rstrip("\n") if self.span.line else ""
+        source = linecache.getline(self.span.file, self.span.line).rstrip("\n") if self._quotable() else ""
         if source.strip():
             lines.append(f"    {source}")
             if self.span.col:
@@ -29,6 +29,11 @@ class Diagnostic:
         if self.hint:
             lines.append(f"  hint: {self.hint}")
         return "\n".join(lines)
+
+
+    def _quotable(self) -> bool:
+        """Only experiment sources are quoted: a span from a payload may name any file."""
+        return bool(self.span.line) and self.span.file.endswith((".ivx", ".py", ".md"))
 
 
 class InterventionError(Exception):

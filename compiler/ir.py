@@ -307,8 +307,9 @@ def dumps(program: Program) -> str:
     return json.dumps(to_json(program), indent=1)
 
 
-def loads(text: str) -> Program:
-    program = from_json(json.loads(text))
-    if not isinstance(program, Program):
-        raise ValueError("JSON does not hold a Program")
-    return program
+def loads(text: str | bytes, source: str = "<payload>") -> Program:
+    """Decode a JSON program, validated against the vocabulary op by op (compiler/validate.py);
+    raises PayloadError naming the op index and the reason."""
+    from compiler.validate import load
+
+    return load(text, source)

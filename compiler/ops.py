@@ -1,4 +1,4 @@
-"""What each op name means: the whitelist of callables, and how site values are read and written.
+"""What each op name does (its function, from the vocabulary), and how site values are read and written.
 
 The same table runs on fake tensors (checking) and on real ones (the reference interpreter), so
 the two cannot disagree about what an op does.
@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import einops
 import torch
-import torch.nn.functional as F
 
+from compiler import vocabulary
 from compiler.ir import (
     Arg,
     Const,
@@ -28,104 +26,37 @@ from compiler.ir import (
 )
 from compiler.shape_rules import is_tensor_like
 
-# Python operators, recorded under their `operator` names.
-_OPERATORS = {
-    name: getattr(operator, name)
-    for name in (
-        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos", "abs",
-        "invert", "and_", "or_", "xor", "lshift", "rshift", "lt", "le", "gt", "ge", "eq", "ne",
-        "getitem",
-    )
-}
-
 # The Python operators' spellings, for messages and for printing IR back as source.
 OPERATOR_SYMBOLS = {
     "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
     "matmul": "@", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
 }
 
-# Tensor factories: not overridable (no tensor argument), but pure and needed (noise, masks).
-_FACTORIES = (
-    "randn", "rand", "randint", "zeros", "ones", "full", "arange", "linspace", "eye", "tensor",
-    "randn_like", "rand_like", "randint_like",
-)
 
-_NAMESPACES: tuple[tuple[str, Any], ...] = (
-    ("torch", torch),
-    ("torch.nn.functional", F),
-    ("torch.linalg", torch.linalg),
-    ("torch.special", torch.special),
-    ("torch.fft", torch.fft),
-    ("Tensor", torch.Tensor),
-)
-
-# Overridable, but not pure functions of their inputs, or they leave the graph.
-_DENIED = {
-    "backward", "register_hook", "register_post_accumulate_grad_hook", "retain_grad", "data_ptr",
-    "storage", "untyped_storage", "storage_offset", "numpy", "tolist", "item", "share_memory_",
-    "pin_memory", "record_stream", "set_", "resize_", "resize_as_", "apply_", "map_", "map2_",
-    "requires_grad_", "detach_", "is_shared", "element_size", "new_empty", "new_empty_strided",
-    "empty_like", "dim_order", "to_sparse", "cuda", "cpu",
-}
-
-_PROPERTIES = ("T", "mT", "H", "mH", "real", "imag", "data")
-
-_EINOPS = {f"einops.{n}": getattr(einops, n) for n in ("rearrange", "reduce", "repeat", "einsum")}
-
-
-@functools.cache
 def functions() -> dict[str, Callable[..., Any]]:
-    """The whitelist: op name -> callable."""
-    overridable = {
-        id(f) for fs in torch.overrides.get_overridable_functions().values() for f in fs
-    }
-    table: dict[str, Callable[..., Any]] = dict(_OPERATORS)
-    for prefix, namespace in _NAMESPACES:
-        for name in dir(namespace):
-            if name.startswith("_") or name in _DENIED:
-                continue
-            f = getattr(namespace, name, None)
-            if f is not None and id(f) in overridable:
-                table[f"{prefix}.{name}"] = f
-    for name in _FACTORIES:
-        table[f"torch.{name}"] = getattr(torch, name)
-    for name in _PROPERTIES:
-        table[f"Tensor.{name}"] = operator.attrgetter(name)
-    table.update(_EINOPS)
-    table["setitem"] = functional_setitem
-    table["getattr"] = getattr
-    return table
+    """The vocabulary's callables: op name -> function (see compiler/vocabulary.py)."""
+    return _functions()
 
 
 @functools.cache
-def _names_by_id() -> dict[int, str]:
-    out: dict[int, str] = {}
-    for name, f in functions().items():
-        out.setdefault(id(f), name)
-    return out
+def _functions() -> dict[str, Callable[..., Any]]:
+    return {name: entry.func for name, entry in vocabulary.vocabulary().items()}
 
 
-def name_of(func: Callable[..., Any]) -> str | None:
-    """The whitelist name of a torch function (as seen by `__torch_function__`), if allowed."""
-    return _names_by_id().get(id(func))
-
-
-def is_inplace_method(name: str) -> bool:
-    return name.startswith("Tensor.") and name.endswith("_") and not name.endswith("__")
+name_of = vocabulary.name_of
+is_inplace_method = vocabulary.is_inplace
 
 
 def call(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """Run the op `name`. In-place tensor methods run on a copy: IR values are immutable."""
-    f = functions()[name]
-    if is_inplace_method(name) and args and isinstance(args[0], torch.Tensor):
+    """Run the op `name`. In-place tensor methods run on a copy: IR values are immutable. Python
+    operators on plain numbers are bounded (see `vocabulary.python_operator`)."""
+    entry = vocabulary.vocabulary()[name]
+    if entry.kind == "operator" and name not in ("setitem", "field") \
+            and not any(is_tensor_like(a) for a in args):
+        return vocabulary.python_operator(name, *args)
+    if entry.kind == "inplace" and args and isinstance(args[0], torch.Tensor):
         args = [args[0].clone(), *args[1:]]
-    return f(*args, **kwargs)
-
-
-def functional_setitem(base: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
-    out = base.clone()
-    out[index] = value
-    return out
+    return entry.func(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -144,7 +75,7 @@ def materialize(arg: Arg, values: Mapping[int, Any]) -> Any:
     if isinstance(arg, ListArg):
         return [materialize(a, values) for a in arg.items]
     if isinstance(arg, DTypeArg):
-        return getattr(torch, arg.name)
+        return vocabulary.DTYPES[arg.name]
     raise TypeError(f"not an argument: {arg!r}")
 
 

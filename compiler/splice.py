@@ -317,8 +317,8 @@ class _Splicer:
         """Graph nodes for one whitelisted op, spelled with plain torch and operator targets
         (inductor's caches refuse graphs that call our own functions)."""
         fn = ops.functions()[name]
-        if fn in (getattr, operator.getitem) and not isinstance(args[0], fx.Node):
-            return fn(*args)  # into a site's structure (a tuple, a ModelOutput): known now
+        if name in ("field", "getitem") and not isinstance(args[0], fx.Node):
+            return ops.call(name, list(args), {})  # into a site's structure (a tuple, a ModelOutput): known now
         if name == "setitem":  # functional: a copy, written
             out = self._node("call_function", torch.clone, (args[0],), {})
             self._node("call_function", operator.setitem, (out, args[1], args[2]), {})

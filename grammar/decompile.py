@@ -175,7 +175,7 @@ class _Decompiler:
             return ast.Call(ast.Name("abs"), tuple(args), ())
         if name == "getitem":
             return ast.Index(args[0], self.index_items(op.args[1]))
-        if name == "getattr" and isinstance(op.args[1], Const):
+        if name == "field" and isinstance(op.args[1], Const):
             return ast.Attr(args[0], str(op.args[1].value))
         if name.startswith("Tensor."):
             method = name.removeprefix("Tensor.")

@@ -8,6 +8,7 @@ its proxy-API twin produce the same IR by construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import operator
 from collections.abc import Callable
@@ -17,16 +18,16 @@ from typing import Any
 
 import torch
 
-from compiler import ops
+from compiler import vocabulary
 from compiler.errors import Diagnostic, InterventionError, did_you_mean
 from compiler.ir import Generation, Span
-from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import parse
+from interp_dsl import fan
 from interp_dsl.envoy import Envoy
 from interp_dsl.fan import Fanned
-from interp_dsl.models import LanguageModel, Model
-from interp_dsl.proxy import Proxy
+from interp_dsl.models import GeneratorEnvoy, LanguageModel, Model
+from interp_dsl.proxy import Proxy, record_call
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
 from runtime.datasets import DatasetError, PromptFile
@@ -43,7 +44,8 @@ _NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
                "linalg": "torch.linalg", "special": "torch.special", "fft": "torch.fft"}
 _BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in the proxy API
 _SITE_KINDS = ("output", "input", "inputs")
-_DTYPES = {name: getattr(torch, name) for name in DTYPE_SHORT}  # "float32" -> torch.float32
+_DTYPES = vocabulary.DTYPES  # "float32" -> torch.float32
+_VALUE_ATTRIBUTES = ("shape", "dtype", "ndim", "size", "dim")
 
 
 class ExperimentError(InterventionError):
@@ -348,7 +350,7 @@ class _Lowering:
         if isinstance(target, ast.Name):
             if augmented:
                 current = self.eval(target)
-                value = _INPLACE[s.op](current, self.eval(s.value))
+                value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
             self.env[target.id] = value
         elif isinstance(target, ast.Attr) and target.name in _SITE_KINDS:
             owner = self.eval(target.obj)
@@ -357,7 +359,7 @@ class _Lowering:
             self.current = s.span
             if augmented:
                 current = getattr(owner, target.name)
-                value = _INPLACE[s.op](current, self.eval(s.value))
+                value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
             self.current = s.span
             setattr(owner, target.name, value)
         elif isinstance(target, ast.Index):
@@ -366,7 +368,7 @@ class _Lowering:
             self.current = s.span
             if augmented:
                 current = owner[index]
-                value = _INPLACE[s.op](current, self.eval(s.value))
+                value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
             self.current = s.span
             owner[index] = value
         else:
@@ -427,7 +429,38 @@ class _Lowering:
             if owner.prefix == "torch" and e.name in _DTYPES:
                 return _DTYPES[e.name]
             return self._function(f"{owner.prefix}.{e.name}", e.span)
-        return getattr(owner, e.name)
+        if isinstance(owner, Fanned):
+            return fan.apply(lambda o: self._attribute(o, e.name, e.span), owner)
+        return self._attribute(owner, e.name, e.span)
+
+    def _attribute(self, owner: Any, name: str, span: Span) -> Any:
+        """`owner.name`, for the names the language declares: a module's submodules, parameters,
+        sites and `next`; a value's shape attributes, vocabulary methods and output fields."""
+        if name.startswith("_"):
+            raise _error(span, f"`.{name}`: private and special names are not part of the language",
+                         "use module paths, .output/.input/.inputs, and functions of the vocabulary")
+        if isinstance(owner, GeneratorEnvoy) and name == "output":
+            return owner.output
+        if isinstance(owner, (Envoy, Model)):
+            module = owner._module
+            declared = [*_SITE_KINDS, "next", *module._modules, *module._parameters, *module._buffers,
+                        *(["generator"] if isinstance(owner, LanguageModel) else [])]
+            if name in declared:
+                return getattr(owner, name)
+            raise _error(span, f"{type(module).__name__} has no submodule, parameter or site {name!r}",
+                         did_you_mean(name, declared) or f"its submodules: {', '.join(list(module._modules)[:8]) or 'none'}")
+        if isinstance(owner, Proxy):
+            if name in _VALUE_ATTRIBUTES or not hasattr(Proxy, name):
+                return getattr(owner, name)  # the proxy allows vocabulary methods and output fields only
+        elif isinstance(owner, torch.Tensor):  # a loaded tensor: its methods are recorded like a value's
+            if name in _VALUE_ATTRIBUTES:
+                return getattr(owner, name)
+            entry = vocabulary.vocabulary().get(f"Tensor.{name}")
+            if entry is not None:
+                method = self._function(f"Tensor.{name}", span)
+                return method(owner) if entry.kind == "property" else functools.partial(method, owner)
+        raise _error(span, f"a {_kind(owner)} has no attribute {name!r} in the language",
+                     "tensor methods are listed in docs/vocabulary.md")
 
     def _e_Index(self, e: ast.Index) -> Any:
         owner = self.eval(e.obj)
@@ -440,12 +473,30 @@ class _Lowering:
     def _e_BinOp(self, e: ast.BinOp) -> Any:
         left, right = self.eval(e.left), self.eval(e.right)
         self.current = e.span
-        return _BINARY[e.op](left, right)
+        return self._operator(_BINARY[e.op], left, right)
 
     def _e_Unary(self, e: ast.Unary) -> Any:
         operand = self.eval(e.operand)
         self.current = e.span
-        return _UNARY[e.op](operand)
+        return self._operator(_UNARY[e.op], operand)
+
+    def _operator(self, fn: Callable[..., Any], *operands: Any) -> Any:
+        """Operators on traced values are recorded by the proxies. On loaded tensors with numbers
+        they run now (as in Python: the result is no larger than the tensor); between loaded
+        tensors they are recorded, since broadcasting could allocate without bound; on numbers
+        they are bounded."""
+        if any(isinstance(o, (Proxy, Fanned)) for o in operands):
+            return fn(*operands)
+        name = fn.__name__.removeprefix("i") if fn in _INPLACE.values() else fn.__name__
+        tensors = sum(isinstance(o, torch.Tensor) for o in operands)
+        if tensors == 1 and all(isinstance(o, (torch.Tensor, int, float, bool)) for o in operands):
+            return getattr(operator, name)(*operands)  # `t += 1` on a loaded tensor makes a new one
+        if tensors:
+            return self.tracer.call(name, operands, {})
+        try:
+            return vocabulary.python_operator(name, *operands)
+        except (TypeError, OverflowError, ZeroDivisionError, ValueError) as err:
+            raise _error(self.current, str(err)) from None
 
     def _e_Call(self, e: ast.Call) -> Any:
         if isinstance(e.func, ast.Name) and e.func.id not in self.env:
@@ -462,15 +513,16 @@ class _Lowering:
         return func(*args, **kwargs)
 
     def _function(self, name: str, span: Span, short: str | None = None) -> Callable[..., Any]:
-        table = ops.functions()
-        if name in table:
-            return table[name]
+        """A vocabulary function as a recorder: calling it records an op (a factory included:
+        nothing is computed or allocated while lowering)."""
+        if name in vocabulary.vocabulary() and vocabulary.vocabulary()[name].kind not in ("operator", "property"):
+            return lambda *args, **kwargs: record_call(self.tracer, name, args, kwargs)
         prefix = name.rpartition(".")[0]
-        candidates = [n.rpartition(".")[2] for n in table if n.rpartition(".")[0] == prefix]
+        candidates = [n.rpartition(".")[2] for n in vocabulary.vocabulary() if n.rpartition(".")[0] == prefix]
         hint = did_you_mean(short or name.rpartition(".")[2], candidates)
         raise _error(span, f"unknown function {short or name!r}",
                      hint or "functions are torch's (softmax, topk, ...), torch.nn.functional as F.*, "
-                             "einops.*, and token(\"text\")")
+                             "einops.*, and token(\"text\"); docs/vocabulary.md lists them")
 
     def _token(self, e: ast.Call) -> int:
         tokenizer = getattr(self.model, "tokenizer", None)
@@ -484,6 +536,12 @@ class _Lowering:
             raise _error(e.span, f"{e.args[0].value!r} is {len(ids)} tokens, not one: {pieces}",
                          "use the text of a single token, often with its leading space")
         return ids[0]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "shape" if all(type(v) is int for v in value) else "tuple"
+    return {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(value), type(value).__name__)
 
 
 def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,

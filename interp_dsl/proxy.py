@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from compiler import ops
+from compiler import ops, vocabulary
 from compiler.errors import (
     ProxyControlFlowError,
     UnsupportedOperationError,
     ValueUnavailableError,
+    did_you_mean,
 )
 from compiler.ir import Arg, Site
 from compiler.shape_rules import Abstract, is_tensor_like, materialize
@@ -110,8 +111,7 @@ class Proxy:
     def _inplace(self, name: str, other: Any) -> "Proxy":
         if not self._live:
             raise ProxyControlFlowError.at(user_span(), "in-place operation on a value after the trace")
-        result = self._tracer.call(name, (self, other), {})
-        return self._write_through(result)
+        return self._inplace_result(name, self._tracer.call(name, (self, other), {}))
 
     def _write_through(self, result: "Proxy") -> "Proxy":
         if self._origin is not None:
@@ -126,7 +126,7 @@ class Proxy:
         tracer = _find_tracer((args, kwargs))
         if tracer is None or not tracer.recording:
             return func(*_unwrap(args), **_unwrap(kwargs))
-        name = ops.name_of(func)
+        name = vocabulary.name_of(func)
         dunder = getattr(func, "__name__", "")
         if name is None and dunder in _DUNDERS:
             name = _DUNDERS[dunder]
@@ -135,33 +135,41 @@ class Proxy:
         if name is None:
             qual = f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__qualname__', func)}"
             raise UnsupportedOperationError.at(
-                user_span(), f"{qual} is not an op interp_dsl can record",
-                "use a pure torch function, a tensor method or an einops function")
-        if ops.is_inplace_method(name) and isinstance(args[0], Proxy):
-            return args[0]._write_through(tracer.call(name, args, kwargs))
-        return tracer.call(name, args, kwargs)
+                user_span(), f"{qual} is not in interp_dsl's vocabulary",
+                "use a function listed in docs/vocabulary.md (torch, F, linalg, einops, tensor methods)")
+        return record_call(tracer, name, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("_"):
             raise AttributeError(name)
         if not self._live:
             return getattr(self.value, name)
         if name in _GRADIENT_ATTRS:
             raise UnsupportedOperationError.at(
                 user_span(), f"`.{name}`: gradients are not supported yet", "run without gradients")
-        if hasattr(torch.Tensor, name) and self._is_tensor():
-            full = f"Tensor.{name}"
-            if full not in ops.functions():
-                raise UnsupportedOperationError.at(
-                    user_span(), f"tensor method .{name}() is not an op interp_dsl can record",
-                    "values inside a trace are symbolic; use .save() and call it after the block"
-                    if name in ("item", "tolist", "numpy") else "")
-            if not callable(getattr(torch.Tensor, name)):
-                return self._tracer.call(full, (self,), {})
-            if ops.is_inplace_method(full):
-                return lambda *a, **k: self._write_through(self._tracer.call(full, (self, *a), k))
-            return lambda *a, **k: self._tracer.call(full, (self, *a), k)
-        return self._tracer.call("getattr", (self, name), {})
+        if not self._is_tensor():
+            return self._tracer.call("field", (self, name), {})
+        full = f"Tensor.{name}"
+        entry = vocabulary.vocabulary().get(full)
+        if entry is None:
+            known = [n.removeprefix("Tensor.") for n in vocabulary.vocabulary() if n.startswith("Tensor.")]
+            raise UnsupportedOperationError.at(
+                user_span(), f"tensor method .{name} is not in interp_dsl's vocabulary",
+                "values inside a trace are symbolic; use .save() and call it after the block"
+                if name in ("item", "tolist", "numpy") else
+                did_you_mean(name, known) or "docs/vocabulary.md lists the tensor methods")
+        if entry.kind == "property":
+            return self._tracer.call(full, (self,), {})
+        return lambda *a, **k: record_call(self._tracer, full, (self, *a), k)
+
+    def _inplace_result(self, name: str, result: "Proxy") -> "Proxy":
+        """An in-place op: a write when this is a module's value; refused on a weight; otherwise
+        the new value of this (the experiment's own) value."""
+        if any(op.result == self._id and op.opcode == "weight" for op in self._tracer.ops):
+            raise UnsupportedOperationError.at(
+                user_span(), f"{name} would change a weight of the model in place",
+                "weights are read-only here: compute a new value (w = w * 2) and use it")
+        return self._write_through(result)
 
     def _is_tensor(self) -> bool:
         """Whether the value is a tensor (not a tuple such as topk's (values, indices))."""
@@ -326,6 +334,22 @@ for _op in ("lt", "le", "gt", "ge", "eq", "ne"):
     setattr(Proxy, f"__{_op}__", _binary(_op))
 for _op in ("neg", "pos", "abs", "invert"):
     setattr(Proxy, f"__{_op}__", _unary(_op))
+
+
+def record_call(tracer: "Tracer", name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Record a call of vocabulary function `name`, its keyword arguments checked first. An
+    in-place method, or `inplace=True`, on a module's value is recorded as the call and a write."""
+    inplace = vocabulary.is_inplace(name)
+    if name in vocabulary.INPLACE_FLAG and "inplace" in kwargs:
+        kwargs = dict(kwargs)
+        inplace = bool(kwargs.pop("inplace"))
+    problem = vocabulary.keyword_problem(name, list(kwargs))
+    if problem:
+        raise UnsupportedOperationError.at(user_span(), problem)
+    result = tracer.call(name, args, kwargs)
+    if inplace and args and isinstance(args[0], Proxy):
+        return args[0]._inplace_result(name, result)
+    return result
 
 
 def _find_tracer(obj: Any) -> "Tracer | None":

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compiler.check import IncrementalTyper, TypedProgram, check
+from compiler.check import IncrementalTyper, TypedProgram, allocation_limit, check
 from compiler.errors import InterventionError
 from compiler.ir import NO_SPAN, Generation, Program, Span
 from compiler.signatures import SiteTable, generation_table, module_paths, record_sites
@@ -120,13 +120,20 @@ class Engine:
         return IncrementalTyper(table, self.module, params, list(batch.rows), self.root)
 
     def check(self, program: Program, batch: Batch, params: dict[str, Any],
-              typer: IncrementalTyper | None = None, ids: dict[int, int] | None = None) -> TypedProgram:
+              typer: IncrementalTyper | None = None, ids: dict[int, int] | None = None,
+              max_bytes: int | None = None) -> TypedProgram:
         """`program` scheduled and typed on fake tensors for `batch`; a CheckError lists every
-        problem. `typer` already typed the ops `program` was made from (`ids` maps their values)."""
+        problem. `typer` already typed the ops `program` was made from (`ids` maps their values);
+        `max_bytes` bounds what one op may allocate."""
         table = self.site_table(batch, program.generation)
         if typer is not None and typer.table is not table:
             typer = None  # typed against another batch
-        return check(program, table, self.module, params, list(batch.rows), self.root, typer, ids)
+        return check(program, table, self.module, params, list(batch.rows), self.root, typer, ids, max_bytes)
+
+    def _device(self) -> torch.device:
+        """Where the model's weights live (the memory an op's allocation is measured against)."""
+        weight = next(self.module.parameters(), None)
+        return weight.device if weight is not None else torch.device("cpu")
 
     def run(self, program: Program, batch: Batch, params: dict[str, Any], *, compile: str = "off",
             execute: bool = True, typer: IncrementalTyper | None = None,
@@ -137,7 +144,8 @@ class Engine:
         (see runtime/compiled.py); where compiled execution is not possible the reference runs and
         a `CompileFallbackWarning` says why. Without `execute`, only checks: the result's values
         are the saved values' fake tensors."""
-        typed = self.check(program, batch, params, typer, ids)
+        limit = allocation_limit(self._device()) if execute and self.fake_mode is None else None
+        typed = self.check(program, batch, params, typer, ids, limit)
         if not execute:
             saved = {r for op in program.ops if op.opcode == "save" for r in op.refs()}
             return typed, RunResult(values={i: typed.fakes[i] for i in saved if i in typed.fakes})

@@ -68,8 +68,9 @@ def programs(draw):
             ops.append(Op("param", len(ops), target=f"p{len(ops)}", type=draw(tensor_types), span=span))
         elif kind in ("call", "module"):
             args = tuple(draw(st.lists(args_over(ids), max_size=3)))
-            kwargs = tuple((f"k{i}", a) for i, a in enumerate(draw(st.lists(args_over(ids), max_size=2))))
             target = draw(st.sampled_from(["add", "torch.softmax", "getitem"])) if kind == "call" else "lm_head"
+            names = {"add": [], "getitem": [], "torch.softmax": ["dim", "dtype"]}.get(target, ["k0", "k1"])
+            kwargs = tuple(zip(names, draw(st.lists(args_over(ids), max_size=len(names))), strict=False))
             ops.append(Op(kind, len(ops), target=target, args=args, kwargs=kwargs, span=span))
         elif kind == "write" and ids:
             path = tuple(draw(st.lists(args_over(ids), max_size=2)))
@@ -128,8 +129,10 @@ def test_constructors_refuse_nonsense(make, message):
 
 
 def test_loads_refuses_unknown_records():
-    with pytest.raises(ValueError, match="unknown IR record"):
+    with pytest.raises(ValueError, match="not a Program record"):
         loads('{"$": "Pickle", "x": 1}')
+    with pytest.raises(ValueError, match="op 0: unknown IR record 'Pickle'"):
+        loads('{"$": "Program", "ops": [{"$": "Pickle"}]}')
 
 
 def test_printed_program_golden(net):
