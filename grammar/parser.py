@@ -302,4 +302,29 @@ def _diagnostic(e: UnexpectedInput, file: str, lines: list[str]) -> Diagnostic:
 
 def parse_file(path: str | Path) -> ast.Module:
     path = Path(path)
-    return parse(path.read_text(), str(path))
+    return parse(read_source(path), str(path))
+
+
+def read_source(path: Path) -> str:
+    """The text of an `.ivx` file, newlines made `\\n`; a binary or non-UTF-8 file is an
+    IvxSyntaxError naming the first bad byte's line and offset."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _unreadable(path, data, e.start, f"byte 0x{data[e.start]:02x} is not UTF-8") from None
+    if "\0" in text:
+        raise _unreadable(path, data, data.index(b"\0"), "a NUL byte: this is a binary file")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _unreadable(path: Path, data: bytes, offset: int, found: str) -> IvxSyntaxError:
+    """The error at byte `offset`, its line shown with undecodable bytes replaced."""
+    start = data.rfind(b"\n", 0, offset) + 1
+    line = data.count(b"\n", 0, offset) + 1
+    col = len(data[start:offset].decode("utf-8", "replace")) + 1
+    shown = data.decode("utf-8", "replace").replace("\0", "\ufffd")
+    linecache.cache[str(path)] = (len(shown), None, shown.splitlines(True), str(path))
+    return IvxSyntaxError.at(Span(str(path), line, col, line, col + 1),
+                             f"cannot read this file as .ivx text: {found} (byte offset {offset})",
+                             "save it as UTF-8 text")

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import InterventionError
+from compiler.errors import Diagnostic, InterventionError
+from compiler.ir import Span
 from grammar import ast
-from grammar.parser import IvxSyntaxError, parse_file
+from grammar.parser import IvxSyntaxError, parse, parse_file, read_source
 from grammar.printer import format_module
 from runtime.modes import MODES
 
@@ -91,23 +93,22 @@ def _bindings(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Any]]
         name, sep, value = item.partition("=")
         if not sep:
             raise _usage(f"--param expects NAME=VALUE, got {item!r}")
-        params[name] = _param_value(value)
+        params[name] = _param_value(name, value)
     return prompts, params
 
 
-def _param_value(text: str) -> Any:
+def _param_value(name: str, text: str) -> Any:
+    """A number, or a tensor of a safetensors file (`FILE[:KEY]`)."""
     try:
         return float(text)
     except ValueError:
         pass
-    from safetensors.torch import load_file
+    from interp_dsl.experiment import read_tensor
     file, _, key = text.partition(":")
-    tensors = load_file(file)
-    if not key and len(tensors) == 1:
-        return next(iter(tensors.values()))
-    if key not in tensors:
-        raise _usage(f"{file} has no tensor {key!r}; keys: {', '.join(sorted(tensors))}")
-    return tensors[key]
+    if not Path(file).is_file():
+        raise _usage(f"--param {name}={text}: expected a number or FILE.safetensors[:KEY], "
+                     f"and there is no file {file!r}")
+    return read_tensor(Path(file), key or None, Span(f"--param {name}", 0))
 
 
 class _UsageError(Exception):
@@ -155,16 +156,34 @@ def _check(args: argparse.Namespace) -> int:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise _usage(f"no such file: {missing[0]}")
-    report = check_files(paths, args.model)
+    unreadable = _unreadable(paths)
+    report = check_files([p for p in paths if p not in unreadable], args.model)
+    if unreadable:
+        report.files += len(unreadable)
+        report.syntax_error = True
+        report.diagnostics = sorted(report.diagnostics + list(unreadable.values()),
+                                    key=lambda d: (d.span.file, d.span.line, d.span.col))
     print(render(report, args.format))
     return report.exit_code()
 
 
+def _unreadable(paths: list[Path]) -> dict[Path, Diagnostic]:
+    """The files that are not UTF-8 text, each with its error (reported with the others)."""
+    out = {}
+    for path in paths:
+        try:
+            read_source(path)
+        except IvxSyntaxError as e:
+            out[path] = e.diagnostics[0]
+    return out
+
+
 def _fmt(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    text = format_module(parse_file(path))
+    source = read_source(path)
+    text = format_module(parse(source, str(path)))
     if args.check:
-        return EXIT_OK if text == path.read_text() else EXIT_INVALID
+        return EXIT_OK if text == source else EXIT_INVALID
     if args.write:
         path.write_text(text)
     else:
@@ -211,14 +230,33 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / exp.path.stem)
     if exp.generate is not None:
         return _run_generation(args, exp, model, out)
-    run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
-                shard_size=args.shard_size, progress=False if args.quiet else None)
+    started = time.time_ns()
+    try:
+        run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
+                    shard_size=args.shard_size, progress=False if args.quiet else None)
+    except InterventionError as e:
+        if not _kept_shards(e, out, started):
+            raise
+        return EXIT_INVALID
     if not args.quiet:
         from interp_dsl.summary import summarise
         print(summarise(run.results, getattr(model, "tokenizer", None)))
         done = "already complete; nothing ran" if not run.ran else f"ran {run.ran} prompts"
         print(f"{done}; results in {out}/ (interp_dsl.load_results, ivx show)")
     return EXIT_OK
+
+
+def _kept_shards(e: InterventionError, out: Path, started: int) -> bool:
+    """A sweep that failed part way (a bad record in a prompt file): its complete shards stay,
+    and its manifest records where and why it stopped. False when it had written nothing."""
+    from runtime.shards import record_stop
+    done = record_stop(out, [f"{d.span}: {d.message}" for d in e.diagnostics], started)
+    if done is None:
+        return False
+    print(e, file=sys.stderr)
+    print(f"ivx: the sweep stopped after {done} prompts; their shards stay in {out}/ (its manifest says "
+          "where it stopped): fix the input and rerun with the same --out to resume", file=sys.stderr)
+    return True
 
 
 def _run_generation(args: argparse.Namespace, exp: Any, model: Any, out: Path) -> int:

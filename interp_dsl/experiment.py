@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import itertools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from compiler import vocabulary
 from compiler.errors import Diagnostic, InterventionError, did_you_mean
 from compiler.ir import Generation, Span
 from grammar import ast
-from grammar.parser import parse
+from grammar.parser import parse, read_source
 from interp_dsl import fan
 from interp_dsl.envoy import Envoy
 from interp_dsl.fan import Fanned
@@ -66,7 +66,7 @@ class Experiment:
     model_source: str | None = None
     prompts: dict[str, list[str]] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # loaded and `param` values
-    sweeps: dict[str, list[Any]] = field(default_factory=dict)
+    sweeps: dict[str, Sequence[Any]] = field(default_factory=dict)  # a range stays a range
     given: dict[str, Any] = field(default_factory=dict)  # prompts and params given at run time
     sources: dict[str, PromptFile] = field(default_factory=dict)  # prompts read from files, as streams
     zipped: list[tuple[str, ...]] = field(default_factory=list)  # sweep axes declared with zip(...)
@@ -95,7 +95,7 @@ def load_experiment(path: str | Path, prompts: dict[str, Any] | None = None,
     """Parse `path` and resolve its declarations; raises IvxSyntaxError or ExperimentError.
     `prompts` and `params` give values to `prompt name` and `param name: type` declarations."""
     path = Path(path)
-    return experiment_from_text(path.read_text(), path, prompts, params)
+    return experiment_from_text(read_source(path), path, prompts, params)
 
 
 def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | None = None,
@@ -111,6 +111,7 @@ def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | 
             _declare(experiment, decl)
         except InterventionError as e:
             diagnostics.extend(e.diagnostics)
+    diagnostics.extend(_sweep_size(experiment))
     if experiment.generate is not None:
         diagnostics.extend(Diagnostic(d.span, f"prompt {d.name} streams a file, and a generation takes its prompts "
                                       "in one batch", "list the prompts in the file (prompt p = [\"...\", ...]); "
@@ -168,13 +169,37 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
         exp.zipped.append(decl.names)
 
 
-def _sweep_values(name: str, values: ast.Range | ast.ListLit, span: Span) -> list[Any]:
+MAX_SWEEP_POINTS = 1_000_000  # every combination of sweep values: beyond this a sweep is a mistake
+
+
+def _sweep_values(name: str, values: ast.Range | ast.ListLit, span: Span) -> Sequence[Any]:
+    """A range stays a `range` (checking reads only its ends)."""
     if isinstance(values, ast.Range):
         if values.stop <= values.start:
             raise _error(span, f"sweep {name} is empty: {values.start}..{values.stop}",
                          "a range a..b runs from a up to b-1")
-        return list(range(values.start, values.stop))
+        if values.stop - values.start > MAX_SWEEP_POINTS:
+            raise _too_many(span, f"sweep {name} has {values.stop - values.start:,} values")
+        return range(values.start, values.stop)
     return [_constant(item) for item in values.items]
+
+
+def _sweep_size(exp: Experiment) -> list[Diagnostic]:
+    """An error at the sweep line where the number of points (the product of the axes so far)
+    passes MAX_SWEEP_POINTS."""
+    points = 1
+    for decl in exp.module.body:
+        if isinstance(decl, (ast.SweepDecl, ast.ZipSweepDecl)):
+            first = decl.name if isinstance(decl, ast.SweepDecl) else decl.names[0]
+            points *= len(exp.sweeps.get(first, ()))  # an axis in error has no values yet
+            if points > MAX_SWEEP_POINTS:
+                return _too_many(decl.span, f"the sweep has {points:,} points with this axis").diagnostics
+    return []
+
+
+def _too_many(span: Span, found: str) -> ExperimentError:
+    return _error(span, f"{found}; an experiment sweeps at most {MAX_SWEEP_POINTS:,} points",
+                  "sweep fewer values (a coarser range, or fewer axes), or split the sweep over several runs")
 
 
 def _given_param(exp: Experiment, decl: ast.ParamDecl) -> Any:
@@ -247,24 +272,34 @@ def _first_row(source: PromptFile, span: Span) -> str:
 
 
 def _load_tensor(value: ast.Expr, base: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "load"):
         raise _error(value.span, "a tensor is declared with load(\"file.safetensors\", key=\"name\")")
-    path = base / _string_arg(value, 0, "load(...)")
-    if not path.exists():
-        raise _error(value.span, f"tensor file {path} does not exist")
-    tensors = load_file(str(path))
-    key = _kwarg(value, "key")
+    return read_tensor(base / _string_arg(value, 0, "load(...)"), _kwarg(value, "key"), value.span)
+
+
+def read_tensor(path: Path, key: str | None, span: Span) -> torch.Tensor:
+    """Tensor `key` of a safetensors file (its only one when `key` is None), read alone; a file
+    that is missing, truncated or not safetensors is an error at `span`."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise _error(span, f"tensor file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(_tensor_key(path, list(f.keys()), key, span))
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        raise _error(span, f"cannot read {path} as safetensors: {e}",
+                     "the file is truncated or not a safetensors file (write one with safetensors.torch.save_file)") from None
+
+
+def _tensor_key(path: Path, keys: list[str], key: str | None, span: Span) -> str:
     if key is None:
-        if len(tensors) != 1:
-            raise _error(value.span, f"{path} holds {len(tensors)} tensors; say which with key=...",
-                         f"keys: {', '.join(sorted(tensors))}")
-        return next(iter(tensors.values()))
-    if key not in tensors:
-        raise _error(value.span, f"{path} has no tensor {key!r}",
-                     did_you_mean(key, tensors) or f"keys: {', '.join(sorted(tensors))}")
-    return tensors[key]
+        if len(keys) != 1:
+            raise _error(span, f"{path} holds {len(keys)} tensors; say which one", f"keys: {', '.join(sorted(keys))}")
+        return keys[0]
+    if key not in keys:
+        raise _error(span, f"{path} has no tensor {key!r}", did_you_mean(key, keys) or f"keys: {', '.join(sorted(keys))}")
+    return key
 
 
 # --------------------------------------------------------------------------------------- lowering

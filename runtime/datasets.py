@@ -50,21 +50,34 @@ class PromptFile:
         if self.kind == "csv":
             yield from self._csv()
             return
-        with self.path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if self.kind == "lines":
-                    yield line.rstrip("\r\n")
-                else:
-                    yield self._field(line, number)
+        for number, line in self._lines():
+            if line.strip():
+                yield line.rstrip("\r\n") if self.kind == "lines" else self._field(line, number)
 
     def count(self) -> int:
-        """How many prompts the file holds (one streaming pass; records are checked when read)."""
-        with self.path.open(newline="", encoding="utf-8") as f:
-            if self.kind == "csv":
-                return sum(1 for _ in csv.reader(f)) - 1
-            return sum(1 for line in f if line.strip())
+        """How many prompts the file holds (one streaming pass, which finds any byte that is not
+        UTF-8 before a sweep starts; records are checked when read)."""
+        lines = (line for _, line in self._lines())
+        if self.kind == "csv":
+            return sum(1 for record in self._records(csv.reader(lines)) if record) - 1
+        return sum(1 for line in lines if line.strip())
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        """(line number, text with its line ending) in file order; a byte that is not UTF-8 is
+        an error at its line. A leading byte-order mark is dropped."""
+        offset = 0
+        with self.path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    col = len(raw[:e.start].decode("utf-8")) + 1
+                    raise DatasetError.at(Span(str(self.path), number, col),
+                                          f"not UTF-8 text: byte 0x{raw[e.start]:02x} "
+                                          f"(byte offset {offset + e.start} of the file)",
+                                          "save the file as UTF-8") from None
+                offset += len(raw)
+                yield number, text.removeprefix("\ufeff") if number == 1 else text
 
     def describe(self) -> dict[str, Any]:
         return {"file": str(self.path), "kind": self.kind, "field": self.field}
@@ -73,8 +86,9 @@ class PromptFile:
         span = Span(str(self.path), number)
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError.at(span, f"not a JSON record: {e.msg}", "one JSON object per line") from None
+        except (ValueError, RecursionError) as e:  # also a number too long, or nesting too deep
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise DatasetError.at(span, f"not a JSON record: {reason}", "one JSON object per line") from None
         if not isinstance(record, dict):
             raise DatasetError.at(span, f"expected a JSON object, found {type(record).__name__}")
         if self.field not in record:
@@ -82,18 +96,36 @@ class PromptFile:
                                   did_you_mean(self.field, record) or f"its fields: {', '.join(record)}")
         value = record[self.field]
         if not isinstance(value, str):
-            raise DatasetError.at(span, f"field {self.field!r} holds a {type(value).__name__}, not text")
+            raise DatasetError.at(span, f"field {self.field!r} holds {_short(value)}, expected a string")
         return value
 
     def _csv(self) -> Iterator[str]:
-        with self.path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if self.field not in (reader.fieldnames or ()):
-                raise DatasetError.at(Span(str(self.path), 1), f"{self.path.name} has no column {self.field!r}",
-                                      did_you_mean(self.field, reader.fieldnames or ())
-                                      or f"its columns: {', '.join(reader.fieldnames or ())}")
-            for row in reader:
-                yield row[self.field]
+        reader = csv.reader(line for _, line in self._lines())
+        records = self._records(reader)
+        columns = next(records, [])
+        if self.field not in columns:
+            raise DatasetError.at(Span(str(self.path), 1), f"{self.path.name} has no column {self.field!r}",
+                                  did_you_mean(self.field, columns) or f"its columns: {', '.join(columns)}")
+        at = columns.index(self.field)
+        for record in filter(None, records):
+            if at >= len(record):
+                raise DatasetError.at(Span(str(self.path), reader.line_num),
+                                      f"the row has {len(record)} of the {len(columns)} columns: "
+                                      f"no value for {self.field!r}", "one value per column on every row")
+            yield record[at]
+
+    def _records(self, reader: Any) -> Iterator[list[str]]:
+        """A csv reader's records; a malformed one (a field over csv's size limit) is an error at its line."""
+        try:
+            yield from reader
+        except csv.Error as e:
+            raise DatasetError.at(Span(str(self.path), reader.line_num), f"not a CSV record: {e}") from None
+
+
+def _short(value: Any) -> str:
+    """A JSON value as a user wrote it, cut to one short line."""
+    text = json.dumps(value)
+    return f"{text[:37]}..." if len(text) > 40 else text
 
 
 Source = PromptFile | list[str]

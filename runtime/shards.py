@@ -49,8 +49,7 @@ class ShardSink:
     @property
     def done(self) -> int:
         """Prompts already written (a rerun starts there)."""
-        shards = self.manifest["shards"]
-        return shards[-1]["prompts"][1] if shards else 0
+        return _prompts_done(self.manifest)
 
     @property
     def complete(self) -> bool:
@@ -78,8 +77,32 @@ class ShardSink:
         self._save_manifest()
 
     def _save_manifest(self) -> None:
-        text = json.dumps(self.manifest, indent=1)
-        atomic_write(self.out / MANIFEST, lambda p: Path(p).write_text(text))
+        _write_manifest(self.out, self.manifest)
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / MANIFEST, lambda p: Path(p).write_text(text))
+
+
+def _prompts_done(manifest: dict[str, Any]) -> int:
+    shards = manifest["shards"]
+    return shards[-1]["prompts"][1] if shards else 0
+
+
+def record_stop(out: Path, errors: list[str], since_ns: int) -> int | None:
+    """Note in the manifest of a sweep that failed part way why it stopped; return how many
+    prompts its complete shards hold. None when no sweep claimed `out` since `since_ns` (the
+    failure came before any shard, or the directory holds another experiment) or it completed."""
+    path = out / MANIFEST
+    if not path.is_file() or path.stat().st_mtime_ns < since_ns:
+        return None
+    manifest = _read_manifest(out)
+    if manifest["complete"]:
+        return None
+    manifest["stopped"] = {"after_prompts": _prompts_done(manifest), "errors": errors}
+    _write_manifest(out, manifest)
+    return _prompts_done(manifest)
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
@@ -118,8 +141,7 @@ class Results:
 
     @property
     def n_prompts(self) -> int:
-        shards = self.manifest["shards"]
-        return shards[-1]["prompts"][1] if shards else 0
+        return _prompts_done(self.manifest)
 
     @property
     def dims(self) -> list[tuple[str, int]]:
