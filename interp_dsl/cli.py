@@ -228,6 +228,8 @@ def _run(args: argparse.Namespace) -> int:
         raise _usage("--batch-size and --shard-size are positive")
     model = resolve_model(exp, args.model)
     out = Path(args.out or Path("runs") / exp.path.stem)
+    if out.exists() and not out.is_dir():
+        raise _usage(f"--out {out} is a file; results go in a directory")
     if exp.generate is not None:
         return _run_generation(args, exp, model, out)
     started = time.time_ns()

@@ -30,7 +30,7 @@ from interp_dsl.models import GeneratorEnvoy, LanguageModel, Model
 from interp_dsl.proxy import Proxy, record_call
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Tracer
-from runtime.datasets import DatasetError, PromptFile
+from runtime.datasets import DatasetError, PromptFile, not_a_file
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
@@ -111,7 +111,7 @@ def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | 
             _declare(experiment, decl)
         except InterventionError as e:
             diagnostics.extend(e.diagnostics)
-    diagnostics.extend(_sweep_size(experiment))
+    diagnostics.extend(_sweep_size(experiment) + _undeclared(experiment))
     if experiment.generate is not None:
         diagnostics.extend(Diagnostic(d.span, f"prompt {d.name} streams a file, and a generation takes its prompts "
                                       "in one batch", "list the prompts in the file (prompt p = [\"...\", ...]); "
@@ -120,6 +120,14 @@ def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | 
     if diagnostics:
         raise ExperimentError(diagnostics)
     return experiment
+
+
+def _undeclared(exp: Experiment) -> list[Diagnostic]:
+    """Values given for names the file declares no `prompt` or `param` for (a misspelt --param)."""
+    declared = [d.name for d in exp.module.body if isinstance(d, (ast.PromptDecl, ast.ParamDecl))]
+    return [Diagnostic(Span(str(exp.path), 0), f"a value is given for {name!r}, which is not a prompt or param "
+                       "of this experiment", did_you_mean(name, declared) or f"it declares: {', '.join(declared) or 'none'}")
+            for name in exp.given if name not in declared]
 
 
 def _declare(exp: Experiment, decl: ast.Decl) -> None:
@@ -252,8 +260,8 @@ def _prompt_rows(value: ast.Expr, base: Path) -> list[str] | PromptFile:
             and value.func.id in ("lines", "jsonl", "csv"):
         kind = value.func.id
         path = base / _string_arg(value, 0, f"{kind}(...)")
-        if not path.exists():
-            raise _error(value.span, f"prompt file {path} does not exist")
+        if not path.is_file():
+            raise _error(value.span, not_a_file(path))
         return PromptFile(path, kind, _kwarg(value, "column" if kind == "csv" else "field", "text") or "text")
     raise _error(value.span, "a prompt is a string, a list of strings, a list of token ids, or "
                              "lines(\"f.txt\"), jsonl(\"f.jsonl\", field=\"text\"), csv(\"f.csv\", column=\"text\")")

@@ -42,7 +42,7 @@ class PromptFile:
             raise DatasetError.at(Span(str(path), 0), f"cannot tell how to read {path.name}",
                                   "prompt files end in .txt (one per line), .jsonl or .csv")
         if not path.is_file():
-            raise DatasetError.at(Span(str(path), 0), f"prompt file {path} does not exist")
+            raise DatasetError.at(Span(str(path), 0), not_a_file(path))
         return cls(path, kind, field or "text")
 
     def rows(self) -> Iterator[str]:
@@ -126,6 +126,11 @@ def _short(value: Any) -> str:
     """A JSON value as a user wrote it, cut to one short line."""
     text = json.dumps(value)
     return f"{text[:37]}..." if len(text) > 40 else text
+
+
+def not_a_file(path: Path) -> str:
+    """Why a prompt file cannot be opened."""
+    return f"prompt file {path} is a directory" if path.is_dir() else f"prompt file {path} does not exist"
 
 
 Source = PromptFile | list[str]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compiler.errors import InterventionError
@@ -27,6 +28,7 @@ FORMAT = "interp_dsl.sweep/1"
 INDEX = ("__prompt__", "__point__", "__fan__")
 # What makes two runs the same experiment: a directory holding another is not resumed.
 IDENTITY = ("ir_hash", "model", "weights", "prompts", "points", "fan_axes", "batch_size", "shard_prompts")
+_REQUIRED = ("shards", "complete", "points", "fan_axes", "dims")  # what reading results needs
 
 
 class ResultsDirError(InterventionError):
@@ -108,12 +110,16 @@ def record_stop(out: Path, errors: list[str], since_ns: int) -> int | None:
 def _read_manifest(out: Path) -> dict[str, Any]:
     path = out / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # not JSON, or not UTF-8
         raise ResultsDirError.at(Span(str(path), 0), f"cannot read the manifest: {e}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ResultsDirError.at(Span(str(path), 0), f"{out} does not hold sweep results",
                                  "give ivx run --out a new directory")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise ResultsDirError.at(Span(str(path), 0), f"the manifest is damaged: it has no {', '.join(missing)}",
+                                 "delete the directory and run the sweep again")
     return manifest
 
 
@@ -169,7 +175,16 @@ def load_results(out: str | Path) -> Results:
         raise ResultsDirError.at(Span(str(out), 0), f"{out} has no {MANIFEST}",
                                  "give the --out directory of an `ivx run` or `model.sweep`")
     manifest = _read_manifest(out)
-    return _results([load_file(str(out / shard["file"])) for shard in manifest["shards"]], manifest)
+    return _results([_load_shard(out / shard["file"]) for shard in manifest["shards"]], manifest)
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ResultsDirError.at(Span(str(path), 0), f"cannot read this shard: {e}",
+                                 "it was changed or cut short after it was written; delete the directory "
+                                 "and run the sweep again") from None
 
 
 def _results(parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any]) -> Results:

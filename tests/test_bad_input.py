@@ -208,3 +208,54 @@ def test_sweep_too_large(tmp_path, tiny_dir, capsys, sweeps, line, found):
 def test_largest_sweep_is_a_range_not_a_list():
     exp = experiment_from_text(f"sweep i in 0..{MAX_SWEEP_POINTS}\n", "exp.ivx")
     assert exp.sweeps["i"] == range(MAX_SWEEP_POINTS)
+
+
+# ------------------------------------------------------------------------- other CLI input
+def test_undeclared_prompt_or_param_is_an_error(tmp_path, tiny_dir, capsys):
+    path = experiment(tmp_path, tiny_dir, f' = "{GOOD}"', "param coef: float\n")
+    code, out = ivx(capsys, "run", path, "--out", tmp_path / "out", "--param", "coef=1", "--param", "cof=2")
+    assert code == 1 and f"{path}: error: a value is given for 'cof', which is not a prompt or param" in out
+    assert "did you mean 'coef'" in out
+
+
+@pytest.mark.parametrize("decl, given", [(' = lines("d.txt")', ()), ("", ("--prompts", "d.txt"))])
+def test_prompt_file_that_is_a_directory(tmp_path, tiny_dir, capsys, monkeypatch, decl, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.txt").mkdir()
+    path = experiment(tmp_path, tiny_dir, decl)
+    code, out = ivx(capsys, "run", path, *given, "--out", tmp_path / "out", "--quiet")
+    assert code == 1 and "d.txt is a directory" in out and (not decl or f"{path}:2:12" in out)
+
+
+def test_out_is_a_file(tmp_path, tiny_dir, capsys):
+    (tmp_path / "out").write_text("")
+    code, out = ivx(capsys, "run", experiment(tmp_path, tiny_dir, f' = "{GOOD}"'), "--out", tmp_path / "out")
+    assert code == 2 and f"--out {tmp_path / 'out'} is a file" in out
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (b"[]", "{out} does not hold sweep results"),
+    (b'{"format": "interp_dsl.sweep/1"}', "the manifest is damaged: it has no shards, complete, points"),
+    (b'{"a": "\xff"}', "cannot read the manifest: 'utf-8' codec"),
+])
+def test_damaged_manifest(tmp_path, tiny_dir, capsys, manifest, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(manifest)
+    code, text = ivx(capsys, "run", experiment(tmp_path, tiny_dir, f' = "{GOOD}"'), "--out", out)
+    assert code == 1 and f"{out / 'manifest.json'}: error: {message.format(out=out)}" in text
+
+
+def test_show_damaged_manifest(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"format": "interp_dsl.sweep/1", "shards": []}')
+    code, text = ivx(capsys, "show", tmp_path)
+    assert code == 1 and f"{tmp_path / 'manifest.json'}: error: the manifest is damaged: it has no complete" in text
+
+
+def test_truncated_shard(tmp_path, tiny_dir, capsys):
+    path, out = experiment(tmp_path, tiny_dir, f' = "{GOOD}"'), tmp_path / "out"
+    assert ivx(capsys, "run", path, "--out", out, "--quiet")[0] == 0
+    shard = out / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    code, text = ivx(capsys, "show", out)
+    assert code == 1 and f"{shard}: error: cannot read this shard: " in text and "not fully covered" in text
