@@ -282,7 +282,7 @@ def _texts(data: Any) -> list[str] | None:
     texts = [data] if isinstance(data, str) else data
     for i, text in enumerate(texts):
         if not text:
-            where = "" if isinstance(data, str) else f" (item {i} of {len(texts)})"
+            where = f" (item {i} of {len(texts)})" if len(texts) > 1 else ""
             raise InterventionError.at(user_span(), f"an empty prompt{where}: expected text, found \"\"",
                                        "give the prompt at least one token of text")
     return texts

@@ -154,6 +154,8 @@ class Sweep:
         """The saves whose shape changes with the prompts' length: checked on the first batch and on
         it one (padding) token longer. A program that does not check longer tells nothing here."""
         engine, batch, params = self.tracer.engine, self.tracer.batch(), self.tracer.params
+        if "input_ids" not in batch.kwargs:
+            return frozenset()  # not token inputs: a module with no prompt length
         try:
             first, longer = (engine.run(program, b, params, execute=False)[1].values
                              for b in (batch, _one_token_longer(batch)))

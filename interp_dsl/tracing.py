@@ -43,7 +43,7 @@ class Target:
 
     engine: Engine
     batch: Callable[[list[InvokeInput]], Batch]
-    open: "Tracer | None" = None
+    open: Tracer | None = None
 
 
 class Invoker:
@@ -208,7 +208,11 @@ class Tracer:
         return Invoker(self, self._add_invoke((args, kwargs)))
 
     def _add_invoke(self, inputs: InvokeInput) -> int:
-        self.target.batch([inputs])  # a bad input is an error here, at the line that gives it
+        try:
+            self.target.batch([inputs])  # a bad input is an error here, where it is given
+        except InterventionError as e:
+            span = self.span_source()
+            raise type(e)([dataclasses.replace(d, span=span) for d in e.diagnostics]) from None
         self.invoke_inputs.append(inputs)
         self._inputs_changed()
         return len(self.invoke_inputs) - 1
