@@ -486,11 +486,11 @@ class _Lowering:
             return owner.output
         if isinstance(owner, (Envoy, Model)):
             module = owner._module
-            declared = [*_SITE_KINDS, "next", *module._modules, *module._parameters, *module._buffers,
-                        *(["generator"] if isinstance(owner, LanguageModel) else [])]
-            if name in declared:
+            if name in _SITE_KINDS or name == "next" or name in module._modules or name in module._parameters \
+                    or name in module._buffers or (name == "generator" and isinstance(owner, LanguageModel)):
                 return getattr(owner, name)
-            raise _error(span, f"{type(module).__name__} has no submodule, parameter or site {name!r}",
+            declared = [*_SITE_KINDS, "next", *module._modules, *module._parameters, *module._buffers]
+            raise _error(span, f"{owner._display} ({type(module).__name__}) has no submodule, parameter or site {name!r}",
                          did_you_mean(name, declared) or f"its submodules: {', '.join(list(module._modules)[:8]) or 'none'}")
         if isinstance(owner, Proxy):
             if name in _VALUE_ATTRIBUTES or not hasattr(Proxy, name):

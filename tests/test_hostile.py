@@ -91,7 +91,7 @@ HOSTILE_SPECS = [
     ('  let g = model.__class__.__init__.__globals__\n  let s = g["__builtins__"]["__import__"]("os").system("touch PWNED")',
      "exp.ivx:4:", "private and special names are not part of the language"),
     ('  let t = model.tokenizer.save_pretrained("stolen")', "exp.ivx:4:",
-     "has no submodule, parameter or site 'tokenizer'"),
+     "model (LlamaForCausalLM) has no submodule, parameter or site 'tokenizer'"),
     ("  let f = model.model.layers[0].forward", "exp.ivx:4:", "has no submodule, parameter or site 'forward'"),
     ("  let h = model.model.layers[0].output._tracer", "exp.ivx:4:", "private and special names"),
     ("  let h = model.model.layers[0].output.data_ptr()", "exp.ivx:4:", "not in interp_dsl's vocabulary"),
