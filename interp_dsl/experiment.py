@@ -212,12 +212,19 @@ def _too_many(span: Span, found: str) -> ExperimentError:
 
 def _given_param(exp: Experiment, decl: ast.ParamDecl) -> Any:
     from compiler.check import type_of
-    from compiler.printer import format_type
+    from compiler.printer import DTYPE_SHORT, format_type
 
+    kinds = ("int", "float", "bool") if decl.shape is None else tuple(DTYPE_SHORT.values())
+    if decl.kind not in kinds:
+        raise _error(decl.span, f"param {decl.name} has the unknown type {decl.kind!r}",
+                     did_you_mean(decl.kind, kinds) or f"types: {', '.join(kinds)}"
+                     + ("" if decl.shape is not None else "; a tensor type has a shape, e.g. f32[576]"))
     if decl.name not in exp.given:
         raise _error(decl.span, f"param {decl.name} has no value",
                      f"give it when running: --param {decl.name}=FILE.safetensors[:KEY] or a number")
     value = exp.given[decl.name]
+    if decl.kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # `--param n=3` arrives as a number
     declared = decl.kind + (f"[{', '.join(map(str, decl.shape))}]" if decl.shape is not None else "")
     found = format_type(type_of(value))
     if found != declared:

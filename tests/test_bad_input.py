@@ -259,3 +259,23 @@ def test_truncated_shard(tmp_path, tiny_dir, capsys):
     shard.write_bytes(shard.read_bytes()[:-8])
     code, text = ivx(capsys, "show", out)
     assert code == 1 and f"{shard}: error: cannot read this shard: " in text and "not fully covered" in text
+
+
+def test_param_types(tmp_path, tiny_dir, capsys):
+    """An unknown param type is an error at its line; an int param takes a whole number."""
+    bogus = experiment(tmp_path, tiny_dir, ' = "the tower"', "param k: bogus\n")
+    code, out = ivx(capsys, "check", bogus)
+    assert code == 1 and f"{bogus}:3:1: error: param k has the unknown type 'bogus'" in out
+    layer = tmp_path / "layer.ivx"
+    layer.write_text(f'model "{tiny_dir}"\nprompt p = "the tower"\nparam n: int\n'
+                     "invoke p {\n    save h = model.model.layers[n].output[:, -1, :]\n}\n")
+    code, out = ivx(capsys, "run", layer, "--param", "n=2", "--out", tmp_path / "out", "--quiet")
+    assert code == 0, out
+    saved = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    seen = []
+    reference.model.layers[2].register_forward_hook(lambda m, a, o: seen.append(o[:, -1, :]))
+    with torch.no_grad():
+        reference(**AutoTokenizer.from_pretrained(tiny_dir)("the tower", return_tensors="pt"))
+    torch.testing.assert_close(saved["h"].reshape(seen[0].shape), seen[0])
