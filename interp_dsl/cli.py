@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=1024, help="prompts per results shard (default 1024)")
     run.add_argument("--model", help="model name or path, overriding the file's `model` line")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--restart", action="store_true",
+                     help="discard the results already in --out (manifest.json and its shards) and start over")
     run.add_argument("--compile", choices=MODES,
                      help="execution: off (reference interpreter), graph (spliced fx graph), inductor, "
                           "cudagraphs (GPU), auto (compiled where it pays; the default, or $IVX_COMPILE)")
@@ -235,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.time_ns()
     try:
         run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
-                    shard_size=args.shard_size, progress=False if args.quiet else None)
+                    shard_size=args.shard_size, progress=False if args.quiet else None, restart=args.restart)
     except InterventionError as e:
         if not _kept_shards(e, out, started):
             raise
@@ -292,8 +294,17 @@ def _show(args: argparse.Namespace) -> int:
     from interp_dsl.generations import describe_generation_dir, is_generation_dir
     from interp_dsl.summary import describe_dir
     out = Path(args.dir)
-    print(describe_generation_dir(out) if is_generation_dir(out) else describe_dir(out))
-    return EXIT_OK
+    if is_generation_dir(out):
+        print(describe_generation_dir(out))
+        return EXIT_OK
+    text, whole = describe_dir(out)
+    print(text)
+    return EXIT_OK if whole else EXIT_INVALID
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from interp_dsl.server import serve_command
+    return serve_command(args)
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -674,7 +674,7 @@ def _as_tensor(value: Any) -> torch.Tensor:
 
 def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = None, batch_size: int = 32,
           out: str | Path | None = None, compile: str | None = None, shard_size: int = 1024,
-          progress: bool | None = None) -> Sweep:
+          progress: bool | None = None, restart: bool = False) -> Sweep:
     """Run `exp` over every row of its prompts (files stream; a single prompt repeats for every
     row; `prompts` replaces sources by name) and every point of its sweeps, as `model.sweep` does.
     Integer sweeps are vectorised into the batch; the others run the same graph per value."""
@@ -686,7 +686,7 @@ def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = Non
     sources = {n: s for n, s in sources.items() if n in invoked} or sources
     describe = {"experiment": str(exp.path), "text": exp.text}
     run = Sweep(model, sources, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                progress=progress, describe=describe)
+                progress=progress, describe=describe, restart=restart)
     with run:
         values: dict[str, Any] = {}
         for group in exp.axes():

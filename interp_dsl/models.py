@@ -61,19 +61,22 @@ class Model:
         return Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile)
 
     def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
-              compile: str | None = None, shard_size: int = 1024, progress: bool | None = None) -> Sweep:
+              compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
+              restart: bool = False) -> Sweep:
         """`with model.sweep(prompts, batch_size=32, out="runs/x") as sweep:` run the body (a trace
         body; `sweep.param(name, values)` declares swept values) over every prompt and grid point.
 
         `prompts`: a list of strings, a `PromptFile` (or a Path to .txt/.jsonl/.csv, streamed), or a
         dict name -> those, zipped row by row and used with `sweep.invoke(name)`. With `out`,
-        results go to safetensors shards and a manifest there (a rerun resumes); afterwards
-        `sweep.results` holds them. `compile` as in `trace`; `progress`: a bar (default: on a TTY)."""
+        results go to safetensors shards and a manifest there (a rerun resumes, recomputing any
+        damaged shard; a directory holding another experiment is refused unless `restart` discards
+        it); afterwards `sweep.results` holds them. `compile` as in `trace`; `progress`: a bar
+        (default: on a TTY)."""
         if self._engine.fake_mode is not None:
             raise InterventionError.at(user_span(), "this model has no weights (built from a config for checking)",
                                        "load real weights to run a sweep")
         return Sweep(self, prompts, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                     progress=progress)
+                     progress=progress, restart=restart)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""

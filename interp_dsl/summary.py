@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from compiler.errors import InterventionError
 from compiler.ir import Span
-from runtime.shards import Results, load_results
+from runtime.shards import DamagedResultsWarning, Results, load_results
 
 
 def summarise(results: Results, tokenizer: Any = None) -> str:
@@ -30,20 +31,25 @@ def summarise(results: Results, tokenizer: Any = None) -> str:
     return "\n".join(lines)
 
 
-def describe_dir(out: Path) -> str:
-    """`ivx show`: what the directory holds, how far the run got, and its saves."""
-    results = load_results(out)
+def describe_dir(out: Path) -> tuple[str, bool]:
+    """`ivx show`: what the directory holds, how far the run got, and its saves; and whether every
+    shard it lists is whole."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedResultsWarning)  # said below, in the listing
+        results = load_results(out)
     m = results.manifest
     total = m.get("n_prompts")
-    state = "(complete)" if m["complete"] else f"(incomplete: {results.n_prompts} of {total} prompts written; " \
-                                                "rerun the same command to resume)"
+    state = "(complete)" if results.complete else f"(incomplete: {results.n_prompts} of {total} prompts readable; " \
+                                                  "rerun the same command to resume)"
     lines = [f"{out}: {m.get('experiment', '<python>')} on {m['model']} {state}",
+             *(f"damaged: {d['file']} (prompts {d['prompts'][0]}..{d['prompts'][1] - 1}) {d['reason']}"
+               for d in results.missing),
              f"shards: {len(m['shards'])}; batch size {m['batch_size']}; passes: {', '.join(m.get('passes', []))}",
              "prompts: " + ", ".join(f"{n} <- {_source_text(s)}" for n, s in m["prompts"].items())]
     for name, size in results.dims:
         lines.append(f"axis {name} ({size}): {_short(_tick_labels(results, name))}")
     lines.append(summarise(results))
-    return "\n".join(lines)
+    return "\n".join(lines), not results.missing
 
 
 def _source_text(source: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,7 @@ from runtime.engine import Engine
 from runtime.interpreter import Batch
 from runtime.modes import MODES
 from runtime.results import versions
-from runtime.shards import MemorySink, Results, ShardSink, load_results
+from runtime.shards import DamagedResultsWarning, MemorySink, Results, ShardSink, load_results, value_digest
 from runtime.sweep import SAVE_SEP, SweepPlan, run_sweep
 
 IMPLICIT = "prompts"  # the prompt name of `model.sweep(list_of_prompts)`
@@ -48,13 +49,14 @@ class Sweep:
 
     def __init__(self, model: Scannable, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
                  compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
-                 describe: dict[str, Any] | None = None):
+                 describe: dict[str, Any] | None = None, restart: bool = False):
         if batch_size < 1 or shard_size < 1:
             raise InterventionError.at(user_span(), "batch_size and shard_size are positive")
         self.model = model
         self.sources = _sources(prompts)
         self.batch_size = batch_size
         self.out = Path(out) if out is not None else None
+        self.restart = restart
         self.compile = compile or os.environ.get("IVX_COMPILE") or "auto"
         if self.compile not in MODES:
             raise InterventionError.at(user_span(), f"compile must be one of {', '.join(MODES)}, "
@@ -145,10 +147,18 @@ class Sweep:
             {op.target.partition(SAVE_SEP)[0]: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))
         header = self._header(plan)
-        sink = ShardSink(self.out, header) if self.out is not None else MemorySink(header)
-        if not sink.complete:
+        if self.out is None:
+            memory = MemorySink(header)
+            self._execute(plan, memory)
+            self.results = memory.results()
+            return
+        with ShardSink(self.out, header, restart=self.restart) as sink:
+            if sink.damaged:
+                warnings.warn(DamagedResultsWarning(
+                    "recomputing " + "; ".join(f"{d['file']} (it {d['reason']})" for d in sink.damaged)),
+                    stacklevel=3)
             self._execute(plan, sink)
-        self.results = load_results(self.out) if self.out is not None else sink.results()  # type: ignore[attr-defined]
+            self.results = load_results(self.out)
 
     def _length_dependent(self, program: Program) -> frozenset[str]:
         """The saves whose shape changes with the prompts' length: checked on the first batch and on
@@ -182,14 +192,17 @@ class Sweep:
             def advance(n: int) -> None:
                 self.ran += n
                 bar.update(n)
-            run_sweep(plan, zip_rows(self.sources), execute, sink, lengths, advance)
+            run_sweep(plan, lambda: zip_rows(self.sources), execute, sink, lengths, advance,
+                      ", ".join(_source_text(s) for s in self.sources.values()))
 
     def _header(self, plan: SweepPlan) -> dict[str, Any]:
         dims = [("+".join(names), len(values)) for names, values in self.groups]
         dims += [(name, len(values)) for name, values in plan.fan_axes.items()]
         return {
             **self.describe,
-            "ir_hash": plan.program.structural_hash(), "model": self.tracer.engine.name,
+            "ir_hash": plan.program.structural_hash(),
+            "values": {name: value_digest(value) for name, value in sorted(plan.params.items())},
+            "model": self.tracer.engine.name,
             "weights": weights_fingerprint(self.tracer.engine.module),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
@@ -208,6 +221,10 @@ def _describe_source(source: Source) -> dict[str, Any]:
         return {"literal": source}
     digest = hashlib.sha256("\0".join(source).encode()).hexdigest()[:16]
     return {"literal": source[:2], "rows": len(source), "sha256": digest}
+
+
+def _source_text(source: Source) -> str:
+    return str(source.path) if isinstance(source, PromptFile) else "the prompts given as a list"
 
 
 def _plain(value: Any) -> Any:
@@ -257,12 +274,18 @@ def _shape(value: Any) -> Any:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap hash of the weights: names, shapes, dtypes and the first values of every tensor."""
+    """A hash of the weights that reads each tensor once without copying it: names, shapes and
+    dtypes, each tensor's sum and sum of squares, and 64 values spread over it (a fine-tuned or
+    edited model differs in these; hashing every byte would cost seconds on a large model)."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        if tensor.device.type != "meta":
-            h.update(repr(tensor.detach().reshape(-1)[:16].double().tolist()).encode())
+        if tensor.device.type != "meta" and tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()].double()
+            stats = (flat.double().sum(), flat.double().square().sum()) if flat.is_floating_point() \
+                else (flat.long().sum(), flat.long().square().sum())
+            h.update(repr([*sample.tolist(), *(float(x) for x in stats)]).encode())
     return h.hexdigest()[:16]
 
 

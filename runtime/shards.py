@@ -1,72 +1,159 @@
-"""Sweep results on disk: safetensors shards of rows, and `manifest.json` naming the complete ones.
+"""Sweep results on disk: safetensors shards of rows, and `manifest.json` naming the whole ones.
 
-Each shard covers a contiguous range of prompts. A shard is written to a temporary file and renamed,
-then the manifest is rewritten the same way, so a kill at any moment leaves every listed shard
-whole and the manifest valid; a rerun resumes after the last listed shard. Rows are ordered by
-prompt, then parameter point, then vectorised point; `__prompt__`, `__point__` and `__fan__` hold
-those indices for each row.
+Shard k covers prompts [k * shard_prompts, (k + 1) * shard_prompts). A shard is written to a
+temporary file and renamed, then the manifest is rewritten the same way, so a kill at any moment
+leaves every listed shard whole and the manifest valid. The manifest records each shard's sha256,
+its prompt range and a digest of the prompt rows it was computed from; readers verify the files,
+and a rerun recomputes exactly the shards that are missing or damaged. The manifest's identity
+fields say what determines the numbers (the program and its parameter values, the model and its
+weights, the prompt sources, the grid): a directory holding another experiment is never resumed.
+One process writes a directory at a time (runtime/results.py `DirectoryLock`).
+
+Rows are ordered by prompt, then parameter point, then vectorised point; `__prompt__`,
+`__point__` and `__fan__` hold those indices for each row.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from compiler.errors import InterventionError
 from compiler.ir import Span
-from runtime.results import atomic_write
+from runtime.results import DirectoryLock, atomic_write
 
 MANIFEST = "manifest.json"
-FORMAT = "interp_dsl.sweep/1"
+FORMAT = "interp_dsl.sweep/2"
+READABLE = ("interp_dsl.sweep/1", FORMAT)  # sweep/1: no digests, read without verifying
 INDEX = ("__prompt__", "__point__", "__fan__")
-# What makes two runs the same experiment: a directory holding another is not resumed.
-IDENTITY = ("ir_hash", "model", "weights", "prompts", "points", "fan_axes", "batch_size", "shard_prompts")
+# What makes two runs the same experiment, and how a difference is named.
+IDENTITY = {
+    "ir_hash": "the program", "values": "parameter values", "model": "the model",
+    "weights": "the model's weights", "prompts": "the prompt sources", "n_prompts": "the number of prompts",
+    "points": "the parameter grid", "fan_axes": "the vectorised axes", "batch_size": "the batch size",
+    "shard_prompts": "the shard size",
+}
 _REQUIRED = ("shards", "complete", "points", "fan_axes", "dims")  # what reading results needs
+RESTART = "use another --out, or rerun with --restart (restart=True in model.sweep) to discard these results"
 
 
 class ResultsDirError(InterventionError):
     """An output directory holds something else, or results cannot be read."""
 
 
-class ShardSink:
-    """Writes shards into `out` under a manifest that starts as `header` (identity and description)."""
+class DamagedResultsWarning(UserWarning):
+    """`load_results` read a directory with shards missing or damaged (see `Results.missing`)."""
 
-    def __init__(self, out: Path, header: dict[str, Any]):
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def value_digest(value: Any) -> str:
+    """A content hash of a parameter value: a tensor's dtype, shape and bytes; a number's repr."""
+    h = hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(f"{type(value).__name__} {value!r}".encode())
+    return h.hexdigest()[:16]
+
+
+def rows_digest(rows: list[dict[str, str]]) -> str:
+    """A digest of the prompt rows one shard is computed from."""
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ShardSink:
+    """Writes shards into `out` under a manifest that starts as `header` (identity and description).
+    Use as a context manager: it holds the directory's lock, and on entry reads what a previous run
+    left (refusing another experiment, and setting aside shards that fail verification)."""
+
+    def __init__(self, out: Path, header: dict[str, Any], restart: bool = False):
         self.out = out
-        self.manifest = {"format": FORMAT, **header, "shards": [], "complete": False}
-        existing = _read_manifest(out) if (out / MANIFEST).exists() else None
-        if existing is not None:
-            _refuse_other(out, existing, self.manifest)
-            self.manifest["shards"] = existing["shards"]
-            self.manifest["complete"] = existing["complete"]
-            self.manifest["saves"] = existing.get("saves", {})
+        self.manifest: dict[str, Any] = {"format": FORMAT, **header, "shards": [], "complete": False}
+        self.recorded: dict[int, dict[str, Any]] = {}  # the previous run's shards, damaged ones included
+        self.damaged: list[dict[str, Any]] = []  # {"file", "prompts", "reason"} of shards to recompute
+        self._restart = restart
+        self._lock = DirectoryLock(out)
+
+    def __enter__(self) -> "ShardSink":
+        self._lock.__enter__()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.__exit__()
+
+    def _open(self) -> None:
+        for stale in (*self.out.glob(".shard-*.safetensors.*"), *self.out.glob(f".{MANIFEST}.*")):
+            stale.unlink(missing_ok=True)  # the temporary file of a killed write
+        if not (self.out / MANIFEST).exists():
+            return
+        if self._restart:
+            for path in (*self.out.glob("shard-*.safetensors"), self.out / MANIFEST):
+                path.unlink(missing_ok=True)
+            return
+        existing = _read_manifest(self.out)
+        _refuse_other(self.out, existing, self.manifest)
+        self.recorded = {s["index"]: s for s in existing["shards"]}
+        self.damaged = [d for s in existing["shards"] if (d := _damage(self.out, s))]
+        bad = {d["file"] for d in self.damaged}
+        self.manifest["shards"] = [s for s in existing["shards"] if s["file"] not in bad]
+        self.manifest["saves"] = existing.get("saves", {})
+        self.manifest["complete"] = existing["complete"] and not self.damaged
 
     @property
     def done(self) -> int:
-        """Prompts already written (a rerun starts there)."""
-        return _prompts_done(self.manifest)
+        """Prompts already written and verified."""
+        return _prompts_held(self.manifest["shards"])
 
     @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
 
-    def write(self, tensors: dict[str, torch.Tensor], first: int, stop: int) -> None:
-        """Add the shard of prompts [first, stop): the file first, then the manifest naming it."""
-        if first != self.done:
-            raise ValueError(f"shards are contiguous: expected prompt {self.done}, got {first}")
-        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+    def has(self, index: int) -> bool:
+        """Whether shard `index` is written and verified."""
+        return any(s["index"] == index for s in self.manifest["shards"])
+
+    def check_inputs(self, index: int, digest: str, sources: str) -> None:
+        """Refuse when the prompt rows of a shard the previous run wrote have changed since."""
+        recorded = self.recorded.get(index)
+        if recorded is not None and recorded["inputs"] != digest:
+            first, stop = recorded["prompts"]
+            raise ResultsDirError.at(
+                Span(str(self.out / MANIFEST), 0),
+                f"prompts {first}..{stop - 1} ({sources}) differ from those {recorded['file']} in {self.out} "
+                "was computed from", RESTART)
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor], first: int, stop: int, inputs: str) -> None:
+        """Add shard `index` (prompts [first, stop)): the file first, then the manifest naming it."""
+        name = shard_name(index)
         data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        atomic_write(self.out / name, lambda p: save_file(data, p, metadata={"format": "pt"}))
+        blob = save_bytes(data, metadata={"format": "pt"})
+        atomic_write(self.out / name, lambda p: Path(p).write_bytes(blob))
         self.manifest["saves"] = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
                                   for k, v in data.items() if k not in INDEX}
-        self.manifest["shards"].append({"file": name, "prompts": [first, stop], "rows": int(data[INDEX[0]].shape[0])})
+        entry = {"index": index, "file": name, "prompts": [first, stop], "rows": int(data[INDEX[0]].shape[0]),
+                 "sha256": hashlib.sha256(blob).hexdigest(), "inputs": inputs}
+        others = [s for s in self.manifest["shards"] if s["index"] != index]
+        self.manifest["shards"] = sorted([*others, entry], key=lambda s: s["index"])
         self._save_manifest()
 
     def finish(self) -> None:
@@ -87,9 +174,30 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     atomic_write(out / MANIFEST, lambda p: Path(p).write_text(text))
 
 
-def _prompts_done(manifest: dict[str, Any]) -> int:
-    shards = manifest["shards"]
-    return shards[-1]["prompts"][1] if shards else 0
+def _prompts_held(shards: list[dict[str, Any]]) -> int:
+    return sum(s["prompts"][1] - s["prompts"][0] for s in shards)
+
+
+def _verified_bytes(out: Path, shard: dict[str, Any]) -> tuple[bytes | None, dict[str, Any] | None]:
+    """A listed shard's bytes, or None and why it cannot be used (missing, or not the bytes that
+    were written)."""
+    try:
+        blob = (out / shard["file"]).read_bytes()
+    except FileNotFoundError:
+        return None, _damaged(shard, "is missing")
+    except OSError as e:
+        return None, _damaged(shard, f"is unreadable ({e.strerror})")
+    if "sha256" in shard and hashlib.sha256(blob).hexdigest() != shard["sha256"]:
+        return None, _damaged(shard, "was changed or cut short after it was written (its sha256 differs)")
+    return blob, None
+
+
+def _damaged(shard: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {"file": shard["file"], "prompts": shard["prompts"], "reason": reason}
+
+
+def _damage(out: Path, shard: dict[str, Any]) -> dict[str, Any] | None:
+    return _verified_bytes(out, shard)[1]
 
 
 def record_stop(out: Path, errors: list[str], since_ns: int) -> int | None:
@@ -102,9 +210,10 @@ def record_stop(out: Path, errors: list[str], since_ns: int) -> int | None:
     manifest = _read_manifest(out)
     if manifest["complete"]:
         return None
-    manifest["stopped"] = {"after_prompts": _prompts_done(manifest), "errors": errors}
+    held = _prompts_held(manifest["shards"])
+    manifest["stopped"] = {"after_prompts": held, "errors": errors}
     _write_manifest(out, manifest)
-    return _prompts_done(manifest)
+    return held
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
@@ -113,23 +222,34 @@ def _read_manifest(out: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # not JSON, or not UTF-8
         raise ResultsDirError.at(Span(str(path), 0), f"cannot read the manifest: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ResultsDirError.at(Span(str(path), 0), f"{out} does not hold sweep results",
-                                 "give ivx run --out a new directory")
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE:
+        raise ResultsDirError.at(Span(str(path), 0), f"{out} does not hold sweep results", RESTART)
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise ResultsDirError.at(Span(str(path), 0), f"the manifest is damaged: it has no {', '.join(missing)}",
-                                 "delete the directory and run the sweep again")
+                                 RESTART)
     return manifest
 
 
 def _refuse_other(out: Path, existing: dict[str, Any], new: dict[str, Any]) -> None:
-    differ = [k for k in IDENTITY if existing.get(k) != new.get(k)]
+    if existing["format"] != new["format"]:
+        raise ResultsDirError.at(Span(str(out / MANIFEST), 0),
+                                 f"{out} holds results written by an older interp_dsl ({existing['format']}), "
+                                 "which cannot be checked against this run", RESTART)
+    differ = [_difference(k, existing.get(k), new.get(k)) for k in IDENTITY if existing.get(k) != new.get(k)]
     if differ:
-        details = "; ".join(f"{k}: {_short(existing.get(k))} there, {_short(new.get(k))} now" for k in differ)
-        raise ResultsDirError.at(
-            Span(str(out / MANIFEST), 0), f"{out} holds results of a different experiment ({details})",
-            "use another --out, or delete the directory to start again")
+        raise ResultsDirError.at(Span(str(out / MANIFEST), 0),
+                                 f"{out} holds results of a different experiment: " + "; ".join(differ), RESTART)
+
+
+def _difference(key: str, there: Any, now: Any) -> str:
+    what = IDENTITY[key]
+    if isinstance(there, dict) and isinstance(now, dict):
+        names = sorted(n for n in {*there, *now} if there.get(n) != now.get(n))
+        return f"{what} differ ({', '.join(names)})"
+    if key in ("ir_hash", "weights"):
+        return f"{what} differs"
+    return f"{what}: {_short(there)} there, {_short(now)} now"
 
 
 def _short(value: Any) -> str:
@@ -139,15 +259,25 @@ def _short(value: Any) -> str:
 
 @dataclass
 class Results:
-    """Sweep results: `saves[name]` has one row per (prompt, point); `index` says which."""
+    """Sweep results: `saves[name]` has one row per (prompt, point); `index` says which.
+    `missing` lists shards that could not be read (each with its file, prompt range and reason):
+    their prompts are absent from the rows."""
 
     saves: dict[str, torch.Tensor]
     index: dict[str, torch.Tensor]  # "prompt", and each axis's value, per row
     manifest: dict[str, Any]
+    missing: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_prompts(self) -> int:
-        return _prompts_done(self.manifest)
+        """The prompts whose rows are here."""
+        per_prompt = max(1, len(self.manifest["points"])) * _fan_points(self.manifest["fan_axes"])
+        return len(self.index["prompt"]) // per_prompt
+
+    @property
+    def complete(self) -> bool:
+        """Every prompt of the run is here: it finished and no shard is missing or damaged."""
+        return bool(self.manifest["complete"]) and not self.missing
 
     @property
     def dims(self) -> list[tuple[str, int]]:
@@ -165,29 +295,55 @@ class Results:
 
     def __repr__(self) -> str:
         saves = ", ".join(f"{k}{list(v.shape)}" for k, v in self.saves.items())
-        return f"Results({self.n_prompts} prompts, dims={self.dims}, saves: {saves})"
+        gaps = f", {len(self.missing)} shard(s) missing" if self.missing else ""
+        return f"Results({self.n_prompts} prompts, dims={self.dims}, saves: {saves}{gaps})"
+
+
+def _fan_points(fan_axes: dict[str, list[Any]]) -> int:
+    out = 1
+    for values in fan_axes.values():
+        out *= len(values)
+    return out
 
 
 def load_results(out: str | Path) -> Results:
-    """Read every complete shard of a sweep directory (a sweep still running or killed included)."""
+    """Read every whole shard of a sweep directory (a sweep still running or killed included),
+    verifying each against the manifest. A missing or damaged shard is listed in
+    `Results.missing` (with a `DamagedResultsWarning`) and the others are read."""
     out = Path(out)
     if not (out / MANIFEST).exists():
         raise ResultsDirError.at(Span(str(out), 0), f"{out} has no {MANIFEST}",
                                  "give the --out directory of an `ivx run` or `model.sweep`")
     manifest = _read_manifest(out)
-    return _results([_load_shard(out / shard["file"]) for shard in manifest["shards"]], manifest)
+    parts, missing = [], []
+    for shard in manifest["shards"]:
+        tensors, damage = _load_shard(out, shard)
+        if damage is None:
+            parts.append(tensors)
+        else:
+            missing.append(damage)
+    if missing:
+        warnings.warn(DamagedResultsWarning(
+            f"{out}: " + "; ".join(f"{d['file']} (prompts {d['prompts'][0]}..{d['prompts'][1] - 1}) {d['reason']}"
+                                   for d in missing)
+            + ": their rows are left out; rerun the same command with the same --out to recompute them"),
+            stacklevel=2)
+    return _results(parts, manifest, missing)
 
 
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+def _load_shard(out: Path, shard: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A shard's tensors, or why it cannot be used."""
+    blob, damage = _verified_bytes(out, shard)
+    if blob is None:
+        return {}, damage
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ResultsDirError.at(Span(str(path), 0), f"cannot read this shard: {e}",
-                                 "it was changed or cut short after it was written; delete the directory "
-                                 "and run the sweep again") from None
+        return load_bytes(blob), None
+    except SafetensorError as e:
+        return {}, _damaged(shard, f"is not a safetensors file ({e})")
 
 
-def _results(parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any]) -> Results:
+def _results(parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any],
+             missing: list[dict[str, Any]] | None = None) -> Results:
     names = [n for n in (parts[0] if parts else manifest.get("saves", {})) if n not in INDEX]
     cat = {n: torch.cat([p[n] for p in parts]) if parts else torch.empty(0) for n in (*INDEX, *names)}
     index = {"prompt": cat["__prompt__"].long() if parts else torch.empty(0, dtype=torch.long)}
@@ -197,23 +353,29 @@ def _results(parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any]) -> 
     fan_points = list(itertools.product(*fan_axes.values()))
     for k, axis in enumerate(fan_axes):
         index[axis] = torch.tensor([fan_points[int(f)][k] for f in cat["__fan__"]]) if parts else torch.empty(0)
-    return Results({n: cat[n] for n in names}, index, manifest)
+    return Results({n: cat[n] for n in names}, index, manifest, list(missing or []))
 
 
 class MemorySink(ShardSink):
     """A sink that keeps shards in memory (a sweep without an output directory)."""
 
     def __init__(self, header: dict[str, Any]):
-        self.out = Path("<memory>")
-        self.manifest = {"format": FORMAT, **header, "shards": [], "complete": False}
+        super().__init__(Path("<memory>"), header)
         self.parts: list[dict[str, torch.Tensor]] = []
+
+    def __enter__(self) -> "MemorySink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
     def start(self) -> None:
         pass
 
-    def write(self, tensors: dict[str, torch.Tensor], first: int, stop: int) -> None:
+    def write(self, index: int, tensors: dict[str, torch.Tensor], first: int, stop: int, inputs: str) -> None:
         self.parts.append({k: v.detach().cpu() for k, v in tensors.items()})
-        self.manifest["shards"].append({"file": None, "prompts": [first, stop], "rows": int(tensors[INDEX[0]].shape[0])})
+        self.manifest["shards"].append({"index": index, "file": None, "prompts": [first, stop],
+                                        "rows": int(tensors[INDEX[0]].shape[0])})
 
     def _save_manifest(self) -> None:
         pass

@@ -20,7 +20,7 @@ import torch
 
 from compiler.errors import InterventionError
 from compiler.ir import Program, Span
-from runtime.shards import ShardSink
+from runtime.shards import ShardSink, rows_digest
 
 SAVE_SEP = "@"  # a save made per vectorised point is named `name@axis=value,...`
 
@@ -56,24 +56,38 @@ class SweepPlan:
         return out
 
 
-def run_sweep(plan: SweepPlan, rows: Iterator[dict[str, str]], execute: Execute, sink: ShardSink,
-              lengths: Lengths, advance: Callable[[int], None] = lambda n: None) -> None:
-    """Run every prompt row after those `sink` already holds; write a shard per window.
-    `lengths`: a row's token count per prompt name (batches are sorted by the longest)."""
-    start = sink.done
-    rows = itertools.islice(rows, start, None)
+def run_sweep(plan: SweepPlan, rows: Callable[[], Iterator[dict[str, str]]], execute: Execute,
+              sink: ShardSink, lengths: Lengths, advance: Callable[[int], None] = lambda n: None,
+              sources: str = "the prompts") -> None:
+    """Run every window of prompt rows whose shard `sink` does not hold whole; write a shard per
+    window. `rows()` streams the rows from the start (a resumed run first checks that the rows of
+    the shards it keeps are unchanged); `lengths`: a row's token count per prompt name (batches
+    are sorted by the longest); `sources` names the prompts in messages."""
+    size = plan.shard_prompts
+    if sink.recorded:
+        last = max(sink.recorded)
+        for index, window in enumerate(_windows(rows(), size)):
+            if index > last:
+                break
+            sink.check_inputs(index, rows_digest(window), sources)
     sink.start()
-    first = start
     shapes: dict[str, tuple[int, ...]] = {}
     seen: set[int] = set()
-    while window := list(itertools.islice(rows, plan.shard_prompts)):
+    for index, window in enumerate(_windows(rows(), size)):
+        if sink.has(index):
+            continue
+        first = index * size
         counts = [lengths(row) for row in window]
         seen.update(n for row in counts for n in row)
         _refuse_length_dependent(plan, seen)
         tensors = _run_window(plan, window, first, execute, [max(c) for c in counts], advance, shapes)
-        sink.write(tensors, first, first + len(window))
-        first += len(window)
+        sink.write(index, tensors, first, first + len(window), rows_digest(window))
     sink.finish()
+
+
+def _windows(rows: Iterator[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:
+    while window := list(itertools.islice(rows, size)):
+        yield window
 
 
 def _refuse_length_dependent(plan: SweepPlan, lengths: set[int]) -> None:

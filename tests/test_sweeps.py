@@ -205,7 +205,7 @@ def test_cli_sweep_equals_python_and_refuses_another_experiment(tmp_path, tiny_d
     exp.write_text(EXPERIMENT.format(model=tiny_dir).replace("[:, 5]", "[:, 6]"))
     assert main([*args, "--out", str(tmp_path / "a")]) == 1
     err = capsys.readouterr().err
-    assert "holds results of a different experiment (ir_hash" in err and "use another --out" in err
+    assert "holds results of a different experiment: the program differs" in err and "use another --out" in err
     assert main(["show", str(tmp_path / "a")]) == 0
     shown = capsys.readouterr().out
     assert "(complete)" in shown and "axis layer (3): [0, 1, 2]" in shown and "p: float32[rows]" in shown
