@@ -282,7 +282,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         if tensor.device.type != "meta" and tensor.numel():
             flat = tensor.detach().reshape(-1)
-            sample = flat[torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()].double()
+            spread = torch.arange(64, device=flat.device) * (flat.numel() - 1) // 63  # exact in int64
+            sample = flat[spread].double()
             stats = (flat.double().sum(), flat.double().square().sum()) if flat.is_floating_point() \
                 else (flat.long().sum(), flat.long().square().sum())
             h.update(repr([*sample.tolist(), *(float(x) for x in stats)]).encode())

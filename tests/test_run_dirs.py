@@ -110,6 +110,18 @@ def test_other_weights_are_refused(tmp_path):
         run()
 
 
+def test_the_weight_fingerprint_samples_inside_a_large_tensor():
+    """2**24 + 4 elements: float32 spacing there is 2, so a float sample position would round past
+    the last element (SmolLM2's 49152 x 576 embedding hit this)."""
+    from interp_dsl.sweeps import weights_fingerprint
+
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.zeros(2**24 + 4, dtype=torch.uint8))
+    before = weights_fingerprint(module)
+    module.w[-1] = 1  # the last element is always sampled
+    assert weights_fingerprint(module) != before
+
+
 def test_a_damaged_shard_is_named_skipped_by_readers_and_recomputed(steer, tmp_path, capsys):
     _, args = steer
     assert ivx(capsys, *args)[0] == 0
