@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 IR_VERSION = 1
 
@@ -154,6 +154,37 @@ class Site:
 
 OPCODES = ("read", "write", "call", "module", "weight", "param", "save", "stop")
 
+Point = tuple[tuple[str, int], ...]  # vectorised sweep axis name -> index into that axis's values
+
+
+class SaveKey(NamedTuple):
+    """Which value a save keeps: its name, the generation step of a step block's save, and the
+    point of the vectorised sweep axes it was made at."""
+
+    name: str
+    step: int | None = None
+    point: Point = ()
+
+
+def tensor_name(key: SaveKey) -> str:
+    """A save's tensor name in a results file: its name, or `name@step` for one step of a steps
+    block kept apart (the one place that flat form is made)."""
+    return key.name if key.step is None else f"{key.name}@{key.step}"
+
+
+def by_name(saved: dict[SaveKey, Any]) -> dict[str, Any]:
+    """Saves as users read them, by name: a step block's save is a list of its values in step
+    order (the steps that ran), a vectorised sweep's save a dict from point to value."""
+    out: dict[str, Any] = {}
+    for key in sorted(saved, key=lambda k: (k.step is not None, k.step or 0, k.point)):
+        if key.step is not None:
+            out.setdefault(key.name, []).append(saved[key])
+        elif key.point:
+            out.setdefault(key.name, {})[key.point] = saved[key]
+        else:
+            out[key.name] = saved[key]
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class Op:
@@ -165,7 +196,8 @@ class Op:
     module  result = submodule `target`(*args, **kwargs), called ad hoc
     weight  result = parameter or buffer `target` of the model
     param   result = user value named `target`, of type `type`
-    save    keep args[0] after the run under the name `target`
+    save    keep args[0] after the run under the name `target` (an identifier), made at generation
+            `step` (a step block's save) and vectorised sweep `point` (one save per point)
     stop    end the forward once everything before it has run (args[0]: at this value's site)
     """
 
@@ -177,11 +209,17 @@ class Op:
     site: Site | None = None
     path: tuple[Arg, ...] = ()
     type: Type | None = None
+    step: int | None = None
+    point: Point = ()
     span: Span = field(default=NO_SPAN, compare=False)
 
     def __post_init__(self) -> None:
         if self.opcode not in OPCODES:
             raise ValueError(f"unknown opcode {self.opcode!r}")
+        if self.opcode != "save" and (self.step is not None or self.point):
+            raise ValueError(f"a {self.opcode} has no step or point: only a save carries them")
+        if self.opcode == "save" and not (isinstance(self.target, str) and self.target.isidentifier()):
+            raise ValueError(f"a save's name is an identifier (letters, digits, _), not {self.target!r}")
         needs_site = self.opcode in ("read", "write")
         if needs_site != (self.site is not None):
             raise ValueError(f"{self.opcode} {'needs' if needs_site else 'takes no'} site")
@@ -192,6 +230,11 @@ class Op:
             raise ValueError("a param declares its type")
         if self.opcode == "write" and len(self.args) != 1:
             raise ValueError("a write takes exactly one value")
+
+    @property
+    def save_key(self) -> SaveKey:
+        """A save's name, step and point."""
+        return SaveKey(self.target, self.step, self.point)
 
     def refs(self) -> list[int]:
         """Ids of the values this op reads."""
@@ -272,6 +315,11 @@ _RECORDS = {
 }
 
 
+# Fields added after programs were first stored: omitted at their defaults, so that a program
+# without them reads (and hashes) as it did before they existed.
+_OPTIONAL = ("generation", "step", "point")
+
+
 def to_json(obj: Any, spans: bool = True) -> Any:
     """Encode IR records as JSON-compatible data (`{"$": "Op", ...}`)."""
     if isinstance(obj, tuple(_RECORDS.values())):
@@ -279,8 +327,8 @@ def to_json(obj: Any, spans: bool = True) -> Any:
         for f in dataclasses.fields(obj):
             if f.name == "span" and not spans:
                 continue
-            if f.name == "generation" and obj.generation is None:  # type: ignore[union-attr]
-                continue  # a forward's program reads (and hashes) as before generation existed
+            if f.name in _OPTIONAL and getattr(obj, f.name) == f.default:
+                continue
             out[f.name] = to_json(getattr(obj, f.name), spans)
         return out
     if isinstance(obj, (tuple, list)):

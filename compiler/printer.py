@@ -79,6 +79,14 @@ def format_index(path: tuple[Arg, ...]) -> str:
     return out
 
 
+def format_save_place(op: Op) -> str:
+    """Where a save was made, when it says more than its name: ` step 2`, ` at layer=#0, pos=#1`
+    (`#i`: the i-th value of the vectorised sweep axis)."""
+    step = "" if op.step is None else f" step {op.step}"
+    point = f" at {', '.join(f'{axis}=#{i}' for axis, i in op.point)}" if op.point else ""
+    return step + point
+
+
 def format_op(op: Op, types: dict[int, Type] | None = None) -> str:
     lhs = f"%{op.result} = " if op.result is not None else ""
     args = [format_arg(a) for a in op.args] + [f"{k}={format_arg(v)}" for k, v in op.kwargs]
@@ -89,7 +97,7 @@ def format_op(op: Op, types: dict[int, Type] | None = None) -> str:
     elif op.opcode == "param":
         body = f"param {op.target!r}: {format_type(op.type)}"
     elif op.opcode == "save":
-        body = f"save {args[0]} as {op.target!r}"
+        body = f"save {args[0]} as {op.target!r}{format_save_place(op)}"
     elif op.opcode == "weight":
         body = f"weight {op.target}"
     elif op.opcode == "stop":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from compiler import vocabulary
@@ -150,7 +151,40 @@ def op_problem(op: Op) -> str | None:
         return _site_problem(op.site)
     if not isinstance(op.span, Span):
         return "bad span"
-    return _target_problem(op)
+    return _save_fields_problem(op) or _target_problem(op)
+
+
+def _save_fields_problem(op: Op) -> str | None:
+    """A save's step and point: only saves carry them; a step is a small non-negative integer, a
+    point (axis name, index into its values) pairs with distinct axis names."""
+    if op.opcode != "save":
+        return None if op.step is None and op.point == () else "only a save has a step or a point"
+    if not (op.step is None or (type(op.step) is int and 0 <= op.step < MAX_NEW_TOKENS)):
+        return f"a save's step is an integer from 0 to {MAX_NEW_TOKENS - 1}, not {op.step!r}"
+    pairs = op.point if isinstance(op.point, tuple) else (None,)
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[0].isidentifier()
+               and len(p[0]) <= MAX_TEXT and type(p[1]) is int and 0 <= p[1] < MAX_INDEX for p in pairs):
+        return "a save's point is a list of [axis name, index] pairs (indices from 0)"
+    if len({axis for axis, _ in pairs}) != len(pairs):
+        return "a save's point names each axis once"
+    return None
+
+
+def _save_problems(ops: tuple[Op, ...], generation: Generation | None) -> Iterator[tuple[int, str]]:
+    """Saves whose step is not in the generation, or whose name is also used for a save of
+    another kind (once, per step, per point): results keep one kind per name."""
+    kinds: dict[str, str] = {}
+    for i, op in enumerate(ops):
+        if op.opcode != "save":
+            continue
+        kind = "per step" if op.step is not None else "per point" if op.point else "once"
+        first = kinds.setdefault(op.target, kind)
+        if op.step is not None and generation is None:
+            yield i, f"a save at step {op.step} in a program that does not generate"
+        elif op.step is not None and op.step >= generation.max_new_tokens:  # type: ignore[union-attr]
+            yield i, f"a save at step {op.step} of a generation of {generation.max_new_tokens} steps"  # type: ignore
+        elif kind != first:
+            yield i, f"the name {op.target} is saved {first} and {kind}: give one of them another name"
 
 
 def _target_problem(op: Op) -> str | None:
@@ -192,6 +226,9 @@ def problems(program: Program) -> list[Diagnostic]:
         problem = op_problem(op)
         if problem:
             found.append(Diagnostic(op.span, f"op {i} ({op.opcode} {op.target}): {problem}".replace(" )", ")")))
+    if not found:
+        found = [Diagnostic(program.ops[i].span, f"op {i} (save {program.ops[i].target}): {problem}")
+                 for i, problem in _save_problems(program.ops, program.generation)]
     return found
 
 
@@ -226,6 +263,8 @@ def load(text: str | bytes, source: str = "<payload>") -> Program:
         problem = _generation_problem(generation)
         if problem:
             raise _payload(source, f"generation: {problem}")
+    for i, problem in _save_problems(tuple(ops), generation):
+        raise _payload(source, f"op {i} (save {ops[i].target}): {problem}")
     n_invokes, version = data.get("n_invokes", 1), data.get("version", 1)
     if type(n_invokes) is not int or not 1 <= n_invokes <= MAX_INVOKES:
         raise _payload(source, f"n_invokes is an integer from 1 to {MAX_INVOKES}")

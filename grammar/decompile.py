@@ -3,6 +3,8 @@ the same IR again (given the same model, prompts and parameter values)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from compiler.errors import InterventionError
 from compiler.ir import (
     NO_SPAN,
@@ -10,6 +12,7 @@ from compiler.ir import (
     Const,
     DTypeArg,
     EllipsisArg,
+    Generation,
     ListArg,
     Op,
     Program,
@@ -43,6 +46,8 @@ class _Decompiler:
         self.names: dict[int, str] = {}
         self.calls: dict[str, int] = {}
         self.header: list[ast.Decl] = [ast.PromptDecl(prompt_name(i), None) for i in range(program.n_invokes)]
+        if program.generation is not None:
+            self.header.append(_generate(program.generation))
         self.blocks: list[ast.Decl] = []
         self.invoke: int | None = None
         self.opened = 0  # invokes are numbered in the order their blocks open
@@ -153,7 +158,12 @@ class _Decompiler:
         self._emit(ast.Assign(self._name(op), "=", call))
 
     def _save(self, op: Op) -> None:
-        self._emit(ast.Save(op.target, self.arg(op.args[0])))
+        """A save at a generation step is a one-step `steps [k] { save ... }` block."""
+        if op.point:
+            raise NotPrintable.at(op.span, f"save {op.target} is one point of a vectorised sweep, which "
+                                  "has no .ivx spelling of its own", "decompile the program before the sweep fans it out")
+        save = ast.Save(op.target, self.arg(op.args[0]))
+        self._emit(save if op.step is None else ast.Steps((ast.Literal(op.step),), (save,)))
 
     def _stop(self, op: Op) -> None:
         if op.args:
@@ -187,6 +197,12 @@ class _Decompiler:
             return ast.Call(ast.Attr(ast.Name(_NAMESPACES[prefix]), function), tuple(args), kwargs)
         raise NotPrintable.at(op.span or NO_SPAN, f"the op {name!r} has no .ivx spelling",
                               "the language has no bitwise operators or functional setitem")
+
+
+def _generate(generation: Generation) -> ast.Generate:
+    """The `generate` line: every setting that differs from its default."""
+    return ast.Generate(tuple(ast.Kwarg(f.name, ast.Literal(getattr(generation, f.name)))
+                              for f in dataclasses.fields(generation) if getattr(generation, f.name) != f.default))
 
 
 def to_ivx(program: Program) -> ast.Module:

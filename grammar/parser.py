@@ -42,7 +42,8 @@ _EXAMPLES: dict[str, list[str]] = {
         "x = a = b\n", "save s = a = b\n",
     ],
     "the invoke block is not closed: add `}` on its own line": ["invoke p {\n x = 1\n"],
-    "`save` needs a name: `save name = expression`": ["save a.b\n", "save f(x)\n", "save = x\n"],
+    "`save` needs a name of letters, digits and _: `save name = expression`": [
+        "save a.b\n", "save f(x)\n", "save = x\n"],
     "a sweep takes a range `a..b` or a list `[v1, v2]`": ["sweep x in 3\n", "sweep x in a\n", "sweep x = [1]\n"],
 }
 

@@ -232,8 +232,6 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / exp.path.stem)
     if out.exists() and not out.is_dir():
         raise _usage(f"--out {out} is a file; results go in a directory")
-    if exp.generate is not None:
-        return _run_generation(args, exp, model, out)
     started = time.time_ns()
     try:
         run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
@@ -263,15 +261,6 @@ def _kept_shards(e: InterventionError, out: Path, started: int) -> bool:
     return True
 
 
-def _run_generation(args: argparse.Namespace, exp: Any, model: Any, out: Path) -> int:
-    from interp_dsl.generations import run_generation, summarise_generations
-    done = run_generation(exp, model, out, args.compile)
-    if not args.quiet:
-        print(summarise_generations(done))
-        print(f"results in {out}/ (ids and saves per point: point<i>.safetensors; texts: generations.jsonl)")
-    return EXIT_OK
-
-
 def _prompt_files(args: argparse.Namespace, declared: list[str]) -> dict[str, Any]:
     from runtime.datasets import PromptFile
     out = {}
@@ -291,12 +280,8 @@ def _prompt_files(args: argparse.Namespace, declared: list[str]) -> dict[str, An
 
 
 def _show(args: argparse.Namespace) -> int:
-    from interp_dsl.generations import describe_generation_dir, is_generation_dir
     from interp_dsl.summary import describe_dir
     out = Path(args.dir)
-    if is_generation_dir(out):
-        print(describe_generation_dir(out))
-        return EXIT_OK
     text, whole = describe_dir(out)
     print(text)
     return EXIT_OK if whole else EXIT_INVALID

@@ -112,11 +112,6 @@ def experiment_from_text(text: str, path: str | Path, prompts: dict[str, Any] | 
         except InterventionError as e:
             diagnostics.extend(e.diagnostics)
     diagnostics.extend(_sweep_size(experiment) + _undeclared(experiment))
-    if experiment.generate is not None:
-        diagnostics.extend(Diagnostic(d.span, f"prompt {d.name} streams a file, and a generation takes its prompts "
-                                      "in one batch", "list the prompts in the file (prompt p = [\"...\", ...]); "
-                                      "streaming files is for experiments without `generate`")
-                           for d in module.body if isinstance(d, ast.PromptDecl) and d.name in experiment.sources)
     if diagnostics:
         raise ExperimentError(diagnostics)
     return experiment
@@ -164,7 +159,8 @@ def _declare(exp: Experiment, decl: ast.Decl) -> None:
                 raise _error(kwarg.span, f"generate takes no argument {kwarg.name!r}",
                              did_you_mean(kwarg.name, GENERATE_ARGUMENTS) or
                              f"its arguments: {', '.join(GENERATE_ARGUMENTS)}")
-            exp.generate[kwarg.name] = _constant(kwarg.value)
+            exp.generate[kwarg.name] = _constant(kwarg.value, f"generate's {kwarg.name} is a number or True/False",
+                                                 "e.g. generate max_new_tokens=8, do_sample=True, seed=0")
     elif isinstance(decl, ast.ZipSweepDecl):
         if len(decl.names) != len(decl.values):
             raise _error(decl.span, f"sweep names {len(decl.names)} axes but zips {len(decl.values)} value lists",
@@ -232,12 +228,13 @@ def _given_param(exp: Experiment, decl: ast.ParamDecl) -> Any:
     return value
 
 
-def _constant(e: ast.Expr) -> Any:
+def _constant(e: ast.Expr, what: str = "sweep values are numbers",
+              hint: str = "write them as a list: [0.5, 1.0, 2.0]") -> Any:
     if isinstance(e, ast.Literal) and not isinstance(e.value, str):
         return e.value
     if isinstance(e, ast.Unary) and e.op == "-" and isinstance(e.operand, ast.Literal):
         return -e.operand.value  # type: ignore[operator]
-    raise _error(e.span, "sweep values are numbers", "write them as a list: [0.5, 1.0, 2.0]")
+    raise _error(e.span, what, hint)
 
 
 def _string_arg(call: ast.Call, index: int, what: str) -> str:
@@ -685,8 +682,10 @@ def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = Non
     invoked = [d.prompt for d in exp.module.body if isinstance(d, ast.Invoke)]
     sources = {n: s for n, s in sources.items() if n in invoked} or sources
     describe = {"experiment": str(exp.path), "text": exp.text}
+    if exp.generate is not None:
+        _generation_settings(exp, model)  # a bad argument is an error at the `generate` line
     run = Sweep(model, sources, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                progress=progress, describe=describe, restart=restart)
+                progress=progress, describe=describe, restart=restart, generate=exp.generate)
     with run:
         values: dict[str, Any] = {}
         for group in exp.axes():

@@ -20,7 +20,6 @@ import torch
 
 from compiler.errors import InterventionError
 from interp_dsl.spans import user_span
-from runtime.sweep import SAVE_SEP
 
 if TYPE_CHECKING:
     from interp_dsl.tracing import Tracer
@@ -62,11 +61,10 @@ class Fanned:
         return apply(func, *args, **(kwargs or {}))
 
     def save(self, name: str | None = None) -> "Fanned":
-        """Save the value at every point: `name@axis=value` per point, joined back into rows by the sweep."""
+        """Save the value at every point: one save named `name` per point (the save records its
+        point), joined back into rows by the sweep."""
         name = name or f"save{len(self._tracer._saved)}"
-        for key, item in self._items.items():
-            labels = ",".join(f"{a}={self._tracer.fan_axes[a][i]}" for a, i in zip(self._axes, key, strict=True))
-            item.save(f"{name}{SAVE_SEP}{labels}")
+        apply(lambda item: item.save(name), self)
         return self
 
     def __index__(self) -> int:

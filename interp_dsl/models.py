@@ -62,7 +62,7 @@ class Model:
 
     def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
               compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
-              restart: bool = False) -> Sweep:
+              restart: bool = False, generate: dict[str, Any] | None = None) -> Sweep:
         """`with model.sweep(prompts, batch_size=32, out="runs/x") as sweep:` run the body (a trace
         body; `sweep.param(name, values)` declares swept values) over every prompt and grid point.
 
@@ -71,12 +71,14 @@ class Model:
         results go to safetensors shards and a manifest there (a rerun resumes, recomputing any
         damaged shard; a directory holding another experiment is refused unless `restart` discards
         it); afterwards `sweep.results` holds them. `compile` as in `trace`; `progress`: a bar
-        (default: on a TTY)."""
+        (default: on a TTY). `generate`: the arguments of `model.generate` (`{"max_new_tokens": 8}`):
+        each batch generates, `sweep.all()` / `sweep.iter[...]` are step blocks, and the results
+        hold each row's new tokens (`results["__ids__:prompts"]`) and text (`results.texts`)."""
         if self._engine.fake_mode is not None:
             raise InterventionError.at(user_span(), "this model has no weights (built from a config for checking)",
                                        "load real weights to run a sweep")
         return Sweep(self, prompts, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                     progress=progress, restart=restart)
+                     progress=progress, restart=restart, generate=generate)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""

@@ -10,10 +10,13 @@ from compiler.errors import InterventionError
 from compiler.ir import Span
 from runtime.shards import DamagedResultsWarning, Results, load_results
 
+SHOWN_TEXTS = 20  # generated texts printed by `ivx run` and `ivx show`; the rest are in the shards
+
 
 def summarise(results: Results, tokenizer: Any = None) -> str:
-    """One line per save: dtype, rows x value shape, and a glimpse of the values."""
-    lines = [f"{results.n_prompts} prompts" + "".join(f" x {name}[{size}]" for name, size in results.dims)
+    """A generation's texts (the first few), then one line per save: dtype, rows x value shape,
+    and a glimpse of the values."""
+    lines = [*_texts(results), f"{results.n_prompts} prompts" + "".join(f" x {name}[{size}]" for name, size in results.dims)
              + f" = {len(results.index['prompt'])} rows"]
     for name, value in results.saves.items():
         line = f"{name}: {str(value.dtype).removeprefix('torch.')}[rows, {', '.join(map(str, value.shape[1:]))}]"
@@ -44,12 +47,29 @@ def describe_dir(out: Path) -> tuple[str, bool]:
     lines = [f"{out}: {m.get('experiment', '<python>')} on {m['model']} {state}",
              *(f"damaged: {d['file']} (prompts {d['prompts'][0]}..{d['prompts'][1] - 1}) {d['reason']}"
                for d in results.missing),
-             f"shards: {len(m['shards'])}; batch size {m['batch_size']}; passes: {', '.join(m.get('passes', []))}",
-             "prompts: " + ", ".join(f"{n} <- {_source_text(s)}" for n, s in m["prompts"].items())]
+             f"shards: {len(m['shards'])}; batch size {m['batch_size']}; passes: {', '.join(m.get('passes', [])) or 'none'}",
+             "prompts: " + ", ".join(f"{n} <- {_source_text(s)}" for n, s in m["prompts"].items()),
+             *([f"generation: {', '.join(f'{k}={v}' for k, v in m['generate'].items())}"] if "generate" in m else [])]
     for name, size in results.dims:
         lines.append(f"axis {name} ({size}): {_short(_tick_labels(results, name))}")
     lines.append(summarise(results))
     return "\n".join(lines), not results.missing
+
+
+def _texts(results: Results) -> list[str]:
+    """`[axis=value, ...] 'prompt' -> 'text'` per row of a generation."""
+    texts, prompts = results.texts, results.annotations
+    lines = []
+    for name, rows in texts.items():
+        label = f"{name}: " if len(texts) > 1 else ""
+        for row, text in list(enumerate(rows))[:SHOWN_TEXTS]:
+            where = ", ".join(f"{axis}={values[row].item()}" for axis, values in results.index.items()
+                              if axis != "prompt")
+            prompt = prompts[f"prompt:{name}"][row]
+            lines.append(f"{f'[{where}] ' if where else ''}{label}{prompt!r} -> {text!r}")
+        if len(rows) > SHOWN_TEXTS:
+            lines.append(f"... and {len(rows) - SHOWN_TEXTS} more (Results.texts)")
+    return lines
 
 
 def _source_text(source: dict[str, Any]) -> str:

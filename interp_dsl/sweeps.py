@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import os
 import sys
@@ -20,18 +21,26 @@ from typing import Any, Protocol
 import torch
 
 from compiler.errors import InterventionError, did_you_mean
-from compiler.ir import Program, to_json
+from compiler.ir import Generation, Program, SaveKey, tensor_name, to_json
 from compiler.passes import reads_last_position_only, stop_after_last_site
 from interp_dsl import fan
 from interp_dsl.spans import user_span
-from interp_dsl.tracing import Invoker, Tracer
+from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
 from runtime.engine import Engine
 from runtime.interpreter import Batch
 from runtime.modes import MODES
 from runtime.results import versions
-from runtime.shards import DamagedResultsWarning, MemorySink, Results, ShardSink, load_results, value_digest
-from runtime.sweep import SAVE_SEP, SweepPlan, run_sweep
+from runtime.shards import (
+    Annotate,
+    DamagedResultsWarning,
+    MemorySink,
+    Results,
+    ShardSink,
+    load_results,
+    value_digest,
+)
+from runtime.sweep import SweepPlan, run_sweep
 
 IMPLICIT = "prompts"  # the prompt name of `model.sweep(list_of_prompts)`
 
@@ -49,7 +58,8 @@ class Sweep:
 
     def __init__(self, model: Scannable, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
                  compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
-                 describe: dict[str, Any] | None = None, restart: bool = False):
+                 describe: dict[str, Any] | None = None, restart: bool = False,
+                 generate: dict[str, Any] | None = None):
         if batch_size < 1 or shard_size < 1:
             raise InterventionError.at(user_span(), "batch_size and shard_size are positive")
         self.model = model
@@ -57,6 +67,7 @@ class Sweep:
         self.batch_size = batch_size
         self.out = Path(out) if out is not None else None
         self.restart = restart
+        self.generate = generate
         self.compile = compile or os.environ.get("IVX_COMPILE") or "auto"
         if self.compile not in MODES:
             raise InterventionError.at(user_span(), f"compile must be one of {', '.join(MODES)}, "
@@ -80,6 +91,8 @@ class Sweep:
         self.invokes: list[str] = [IMPLICIT] if implicit else []
         self.tracer = self.model.scan([r[IMPLICIT] for r in self._first]) if implicit else self.model.scan()
         self.tracer.fan_rows = self.batch
+        if self.generate is not None:
+            self.tracer.generation = _generation(self.model, self.generate)
         self.tracer.__enter__()
         return self
 
@@ -96,6 +109,15 @@ class Sweep:
                                        did_you_mean(name, self.sources) or f"prompts: {', '.join(self.sources)}")
         self.invokes.append(name)
         return self.tracer.invoke([r[name] for r in self._first])
+
+    def all(self) -> StepBlock:
+        """In a generating sweep: `with sweep.all():` applies its body at every step."""
+        return self.tracer.all()
+
+    @property
+    def iter(self) -> StepSelector:
+        """In a generating sweep: `with sweep.iter[a:b]:` applies its body at the chosen steps."""
+        return self.tracer.iter
 
     def param(self, name: str, values: Iterable[Any]) -> Any:
         """A swept value. Integers (layer indices, positions) are vectorised: their points ride in
@@ -134,8 +156,11 @@ class Sweep:
 
     # -------------------------------------------------------------------------------- running
     def _run(self) -> None:
-        program = stop_after_last_site(self.tracer.program())
-        kwargs = {"logits_to_keep": 1} if _head_reads_last_only(self.tracer.engine, program) else {}
+        program = self.tracer.program()
+        if program.generation is None:  # a generation computes the logits itself, and runs to its end
+            program = stop_after_last_site(program)
+        kwargs = {"logits_to_keep": 1} if program.generation is None and \
+            _head_reads_last_only(self.tracer.engine, program) else {}
         axis_names = {n for names, _ in self.groups for n in names}
         points = [dict(itertools.chain.from_iterable(zip(names, combo, strict=True) for (names, _), combo
                                                      in zip(self.groups, combos, strict=True)))
@@ -144,21 +169,36 @@ class Sweep:
             program, {k: v for k, v in self.tracer.params.items() if k not in axis_names}, points,
             dict(self.tracer.fan_axes), [(n, i in self.tracer.expanded) for i, n in enumerate(self.invokes)],
             self.batch, self.shard_size, kwargs,
-            {op.target.partition(SAVE_SEP)[0]: op.span for op in program.ops if op.opcode == "save"},
+            {op.target: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))
         header = self._header(plan)
         if self.out is None:
-            memory = MemorySink(header)
+            memory = MemorySink(header, annotate=self._texts())
             self._execute(plan, memory)
             self.results = memory.results()
             return
-        with ShardSink(self.out, header, restart=self.restart) as sink:
+        with ShardSink(self.out, header, restart=self.restart, annotate=self._texts()) as sink:
             if sink.damaged:
                 warnings.warn(DamagedResultsWarning(
                     "recomputing " + "; ".join(f"{d['file']} (it {d['reason']})" for d in sink.damaged)),
                     stacklevel=3)
             self._execute(plan, sink)
             self.results = load_results(self.out)
+
+    def _texts(self) -> Annotate | None:
+        """For a generation: each row's generated text, per invoke (decoded from its ids)."""
+        if self.generate is None:
+            return None
+        tokenizer = getattr(self.model, "tokenizer", None)
+
+        def texts(tensors: dict[str, torch.Tensor], rows: list[dict[str, str]]) -> dict[str, Any]:
+            per_prompt = len(tensors["__prompt__"]) // len(rows)  # rows: prompt, then grid point
+            notes = {}
+            for name in dict.fromkeys(self.invokes):
+                notes[f"prompt:{name}"] = [row[name] for row in rows for _ in range(per_prompt)]
+                notes[f"text:{name}"] = [_decode(tokenizer, ids) for ids in tensors[GENERATED + name]]
+            return notes
+        return texts
 
     def _length_dependent(self, program: Program) -> frozenset[str]:
         """The saves whose shape changes with the prompts' length: checked on the first batch and on
@@ -171,7 +211,7 @@ class Sweep:
                              for b in (batch, _one_token_longer(batch)))
         except InterventionError:
             return frozenset()
-        return frozenset(op.target.partition(SAVE_SEP)[0] for op in program.ops if op.opcode == "save"
+        return frozenset(op.target for op in program.ops if op.opcode == "save"
                          and _shape(first.get(op.refs()[0])) != _shape(longer.get(op.refs()[0])))
 
     def _execute(self, plan: SweepPlan, sink: ShardSink) -> None:
@@ -184,8 +224,13 @@ class Sweep:
                 return (0,)
             return tuple(len(tokenizer(row[n], add_special_tokens=True)["input_ids"]) for n in names)
 
-        def execute(invokes: list[Any], params: dict[str, Any]) -> dict[str, Any]:
-            return engine.run(plan.program, batch_of(invokes), params, compile=self.compile)[1].saves
+        def execute(invokes: list[Any], params: dict[str, Any]) -> dict[SaveKey, Any]:
+            batch = batch_of(invokes)
+            result = engine.run(plan.program, batch, params, compile=self.compile)[1]
+            if plan.program.generation is None:
+                return result.saved
+            return {**steps_as_columns(result.saved),
+                    **_generated_ids(result.output, batch, plan.program.generation.max_new_tokens, self.invokes)}
 
         start = sink.done
         with _Progress(self.total, start, self.progress) as bar:
@@ -209,9 +254,62 @@ class Sweep:
             "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
             "fan_axes": plan.fan_axes, "dims": dims, "batch_size": plan.batch_size,
             "shard_prompts": plan.shard_prompts,
-            "passes": ["stop_after_last_site"] + (["logits_to_keep=1"] if plan.model_kwargs else []),
+            "passes": (["stop_after_last_site"] if plan.program.generation is None else [])
+            + (["logits_to_keep=1"] if plan.model_kwargs else []),
+            **({"generate": self.generate} if self.generate is not None else {}),
             "versions": versions(), "ir": to_json(plan.program, spans=False),
         }
+
+
+def _generation(model: Any, generate: dict[str, Any]) -> Generation:
+    """`generate=` of `model.sweep`: the keyword arguments of `model.generate`, checked."""
+    settings = getattr(model, "generation_settings", None)
+    if settings is None:
+        raise InterventionError.at(user_span(), "only a language model generates",
+                                   "drop generate=, or load the model with LanguageModel")
+    allowed = list(inspect.signature(settings).parameters)
+    unknown = sorted(set(generate) - set(allowed))
+    if unknown:
+        raise InterventionError.at(user_span(), f"generate= got unexpected argument(s) {', '.join(unknown)}",
+                                   did_you_mean(unknown[0], allowed) or f"it takes {', '.join(allowed)}")
+    return settings(**generate)
+
+
+GENERATED = "__ids__:"  # + prompt name: a generation's new token ids per row, [rows, max_new_tokens]
+
+
+def _generated_ids(output: torch.Tensor | None, batch: Batch, steps: int,
+                   invokes: list[str]) -> dict[SaveKey, torch.Tensor]:
+    """The tokens a generation added, per invoke, padded to `steps` (rows that all ended early)."""
+    if output is None:  # a `stop` ended the generation
+        return {}
+    new = output[:, batch.kwargs["input_ids"].shape[1]:]
+    new = torch.nn.functional.pad(new, (0, steps - new.shape[1]), value=batch.pad_id)
+    return {SaveKey(GENERATED + name): new[rows] for name, rows in zip(invokes, batch.rows, strict=True)}
+
+
+def steps_as_columns(saved: dict[SaveKey, Any]) -> dict[SaveKey, Any]:
+    """A generation's saves as sweep columns: a steps block's save is stacked into one value
+    [rows, steps, ...] when every step's value has one shape, else kept as a column per step."""
+    groups: dict[tuple[str, Any], list[SaveKey]] = {}
+    for key in saved:
+        groups.setdefault((key.name, key.point), []).append(key)
+    out: dict[SaveKey, Any] = {}
+    for (name, point), keys in groups.items():
+        values = [saved[k] for k in sorted(keys, key=lambda k: k.step or 0)]
+        stackable = all(isinstance(v, torch.Tensor) and v.dim() for v in values) and \
+            len({v.shape for v in values}) == 1
+        if keys[0].step is not None and stackable:
+            out[SaveKey(name, None, point)] = torch.stack(values, dim=1)
+        else:
+            out.update((SaveKey(tensor_name(k), None, k.point), saved[k]) for k in keys)
+    return out
+
+
+def _decode(tokenizer: Any, ids: torch.Tensor) -> str:
+    if tokenizer is None:
+        return " ".join(map(str, ids.tolist()))
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _describe_source(source: Source) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from compiler.ir import (
     Ref,
     Site,
     SliceArg,
+    Span,
     TupleArg,
 )
 from compiler.passes import drop_dead_reads, remap
@@ -91,7 +93,7 @@ class StepBlock:
 
     def __iter__(self) -> Iterator[int]:
         """`for step in tracer.iter[...]:` (nnsight 0.5+): Python runs the body once per step, and
-        module values in it refer to that step; a save names its step (`name@step`)."""
+        module values in it refer to that step; a save there is made at that step."""
         tracer = self.tracer
         if tracer._block is not None:
             raise InterventionError.at(user_span(), "step blocks do not nest",
@@ -133,6 +135,22 @@ class StepSelector:
             raise InterventionError.at(user_span(), f"tracer.iter[{_show(key)}] selects no step of {n}",
                                        f"steps run from 0 to {n - 1}")
         return StepBlock(self.tracer, steps)
+
+
+def _refuse_save_name(name: Any, span: Span) -> None:
+    """A save's name is an identifier: results and files are keyed by it, and a step's or a
+    sweep point's saves are told apart by the save, not by its name."""
+    if isinstance(name, str) and name.isidentifier():
+        return
+    if not isinstance(name, str):
+        raise InterventionError.at(span, f"a save's name is a string, not a {type(name).__name__}",
+                                   "write .save(\"name\") or .save()")
+    fixed = re.sub(r"\W", "_", name)
+    fixed = fixed if fixed.isidentifier() else f"s_{fixed}"
+    raise InterventionError.at(
+        span, f"the save name {name!r} is not an identifier",
+        f"use letters, digits and _, not starting with a digit, e.g. {fixed!r}; a save in a step loop or a "
+        "sweep is told apart by its step and point, not by its name")
 
 
 def _show(key: Any) -> str:
@@ -275,14 +293,14 @@ class Tracer:
                     result = ids[op.result] = self._next_id
                     self._next_id += 1
                     per_step[op.result].append(result)
-                target = f"{op.target}@{step}" if op.opcode == "save" else op.target
                 self.ops.append(dataclasses.replace(
-                    op, result=result, site=site, target=target, args=tuple(remap(a, ids) for a in op.args),
+                    op, result=result, site=site, step=step if op.opcode == "save" else None,
+                    args=tuple(remap(a, ids) for a in op.args),
                     kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs),
                     path=tuple(remap(a, ids) for a in op.path)))
         for index in range(block.start, block.start + len(body)):  # the first step's saves too
             if self.ops[index].opcode == "save":
-                self.ops[index] = dataclasses.replace(self.ops[index], target=f"{self.ops[index].target}@{first}")
+                self.ops[index] = dataclasses.replace(self.ops[index], step=first)
         for proxy in proxies:
             if proxy._id in per_step:
                 object.__setattr__(proxy, "_steps", per_step[proxy._id])
@@ -417,14 +435,16 @@ class Tracer:
         return self._proxy(self._emit("weight", True, target=path))  # type: ignore[arg-type]
 
     def save(self, proxy: Proxy, name: str | None = None) -> None:
+        """Keep `proxy`'s value as `name`, at the step of a `for step in tracer.iter[...]` loop and
+        the point of the vectorised sweep axes a fanned save is being made at."""
         if name is None:
             name = proxy._save_name or f"save{len(self._saved)}"
-        if self._loop_step is not None and not name.endswith(f"@{self._loop_step}"):
-            name = f"{name}@{self._loop_step}"  # `for step in tracer.iter[...]`: one save per step
+        _refuse_save_name(name, self.span_source())
         object.__setattr__(proxy, "_saved", True)
         object.__setattr__(proxy, "_save_name", name)
         self._saved.append(proxy)
-        self._emit("save", target=name, args=(Ref(proxy._id),))
+        self._emit("save", target=name, args=(Ref(proxy._id),), step=self._loop_step,
+                   point=tuple(self.fan_point.items()))
 
     def site(self, module_path: str, kind: str) -> Site:
         if self.current_invoke is None:

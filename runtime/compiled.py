@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from compiler.check import TypedProgram
+from compiler.ir import SaveKey, by_name
 from compiler.markers import Markers
 from compiler.signatures import SiteTable
 from compiler.splice import Spliced, extra_inputs, site_keys, splice
@@ -242,16 +243,19 @@ def _result(typed: TypedProgram, spliced: Spliced, leaves: list[Any], output: An
             extra: list[Any]) -> RunResult:
     stops = [at for op, at in zip(typed.program.ops, typed.schedule, strict=True) if op.opcode == "stop"]
     stop_at = min(stops) if stops else None
-    at_of = {op.target: at for op, at in zip(typed.program.ops, typed.schedule, strict=True)
-             if op.opcode == "save"}
+    saves: dict[tuple[str, int], list[tuple[SaveKey, int]]] = {}  # (name, value id) -> each save's key, event
+    for op, at in zip(typed.program.ops, typed.schedule, strict=True):
+        if op.opcode == "save":
+            saves.setdefault((op.target, op.args[0].id), []).append((op.save_key, at))  # type: ignore[union-attr]
     result = RunResult(output=None if stops else output, stopped=bool(stops), graph=spliced)
     for name, vid, value in spliced.unflatten_saves(leaves):
-        if stop_at is not None and at_of[name] > stop_at:
-            continue  # the reference interpreter stops before computing it
         value = torch.utils._pytree.tree_map_only(
             torch.Tensor, lambda t: t.clone() if any(t is e for e in extra) else t, value)
-        result.saves[name] = value
-        result.values[vid] = value
+        for key, at in saves[(name, vid)]:
+            if stop_at is None or at <= stop_at:  # else the reference interpreter stops before computing it
+                result.saved[key] = value
+                result.values[vid] = value
+    result.saves = by_name(result.saved)
     return result
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from compiler.check import BEFORE_FORWARD, TypedProgram, check
-from compiler.ir import Op, Program
+from compiler.ir import Op, Program, SaveKey
 from compiler.passes import remap
 from compiler.signatures import SiteTable, step_of
 from runtime.compiled import CompiledRunner
@@ -37,7 +37,7 @@ class StepProgram:
 
     program: Program
     params: dict[str, str]  # positional name -> the generation's param name
-    saves: dict[str, str]  # positional name -> the generation's save name
+    saves: dict[str, SaveKey]  # positional name -> the generation's save
     ids: dict[int, int]  # step value id -> the generation's value id
 
 
@@ -78,26 +78,26 @@ def _step_program(typed: TypedProgram, table: SiteTable, step: int, indices: lis
                 todo.append(defining[r])
     ids: dict[int, int] = {}
     params: dict[str, str] = {}
-    saves: dict[str, str] = {}
+    saves: dict[str, SaveKey] = {}
     out: list[Op] = []
     own = set(indices)  # shared values first, so that every step orders its program alike
     for i in sorted(needed - own) + sorted(own):
         op = ops[i]
-        site, target = op.site, op.target
+        site, target, save_step = op.site, op.target, op.step
         if site is not None:
             per = table.calls_per_step.get(f"{site.module}/{site.phase}", 0)
             site = dataclasses.replace(site, call=site.call - step * per)
         if op.opcode == "param":
             target = next((k for k, v in params.items() if v == op.target), f"_p{len(params)}")
             params[target] = op.target
-        elif op.opcode == "save":
-            target = f"_s{len(saves)}"
-            saves[target] = op.target
+        elif op.opcode == "save":  # named by position, at no step: steps that do the same share a graph
+            target, save_step = f"_s{len(saves)}", None
+            saves[target] = op.save_key
         result = None
         if op.result is not None:
             result = ids[op.result] = len(ids)
         out.append(dataclasses.replace(
-            op, result=result, site=site, target=target, args=tuple(remap(a, ids) for a in op.args),
+            op, result=result, site=site, target=target, step=save_step, args=tuple(remap(a, ids) for a in op.args),
             kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs), path=tuple(remap(a, ids) for a in op.path)))
     back = {new: old for old, new in ids.items()}
     return StepProgram(Program(tuple(out), typed.program.n_invokes), params, saves, back)
@@ -173,8 +173,8 @@ def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typ
         result = runner.run(mode, step_typed, step_table, step_batch, step_params, static=True)
         if result is None:
             raise _Abandon()
-        for name, value in result.saves.items():
-            run.result.saves[plan.saves[name]] = value
+        for key, value in result.saved.items():
+            run.result.saved[plan.saves[key.name]] = value
         for vid, value in result.values.items():
             run.result.values[plan.ids[vid]] = value
         return result.output.logits[:, -1]

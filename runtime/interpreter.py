@@ -17,7 +17,7 @@ import torch
 from compiler import ops
 from compiler.check import BEFORE_FORWARD, TypedProgram
 from compiler.errors import ExecutionError
-from compiler.ir import Op, Site
+from compiler.ir import Op, SaveKey, Site, by_name
 from compiler.signatures import GENERATOR
 from runtime.generation import GenerationSpec, StepFn, StepInputs, decode, step_kwargs
 
@@ -36,8 +36,9 @@ class Batch:
 
 @dataclass
 class RunResult:
-    saves: dict[str, Any] = field(default_factory=dict)  # save name -> value
+    saves: dict[str, Any] = field(default_factory=dict)  # what users read: `by_name(saved)`
     values: dict[int, Any] = field(default_factory=dict)  # value id -> value, for saved ids
+    saved: dict[SaveKey, Any] = field(default_factory=dict)  # each save's (name, step, point) -> value
     output: Any = None  # the model's return value (None when stopped)
     stopped: bool = False
     graph: Any = None  # the patched graph (compiler.splice.Spliced) when the run was compiled
@@ -78,6 +79,7 @@ class HookedRun:
                 self.result.stopped = True
         finally:
             self.remove_hooks()
+        self.result.saves = by_name(self.result.saved)
         return self.result
 
     def remove_hooks(self) -> None:
@@ -182,7 +184,7 @@ class HookedRun:
             self.values[op.result] = self.params[op.target]  # type: ignore[index]
         elif code == "save":
             value = _snapshot(args[0])
-            self.result.saves[op.target] = value
+            self.result.saved[op.save_key] = value
             self.result.values[op.args[0].id] = value  # type: ignore[union-attr]
         elif code == "stop":
             self.stop_requested = True

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ MANIFEST = "manifest.json"
 FORMAT = "interp_dsl.sweep/2"
 READABLE = ("interp_dsl.sweep/1", FORMAT)  # sweep/1: no digests, read without verifying
 INDEX = ("__prompt__", "__point__", "__fan__")
+ANNOTATIONS = "interp_dsl.annotations"  # the shard metadata key of `ShardSink.annotate`'s facts
 # What makes two runs the same experiment, and how a difference is named.
 IDENTITY = {
     "ir_hash": "the program", "values": "parameter values", "model": "the model",
@@ -76,13 +79,19 @@ def rows_digest(rows: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
+Annotate = Callable[[dict[str, torch.Tensor], list[dict[str, str]]], dict[str, Any]]
+
+
 class ShardSink:
     """Writes shards into `out` under a manifest that starts as `header` (identity and description).
     Use as a context manager: it holds the directory's lock, and on entry reads what a previous run
-    left (refusing another experiment, and setting aside shards that fail verification)."""
+    left (refusing another experiment, and setting aside shards that fail verification).
+    `annotate(tensors, prompt rows)` gives JSON-able facts about a shard's rows (the decoded text of
+    a generation) kept in the shard file's metadata and read back into `Results.annotations`."""
 
-    def __init__(self, out: Path, header: dict[str, Any], restart: bool = False):
+    def __init__(self, out: Path, header: dict[str, Any], restart: bool = False, annotate: Annotate | None = None):
         self.out = out
+        self.annotate = annotate
         self.manifest: dict[str, Any] = {"format": FORMAT, **header, "shards": [], "complete": False}
         self.recorded: dict[int, dict[str, Any]] = {}  # the previous run's shards, damaged ones included
         self.damaged: list[dict[str, Any]] = []  # {"file", "prompts", "reason"} of shards to recompute
@@ -142,19 +151,25 @@ class ShardSink:
                 f"prompts {first}..{stop - 1} ({sources}) differ from those {recorded['file']} in {self.out} "
                 "was computed from", RESTART)
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor], first: int, stop: int, inputs: str) -> None:
-        """Add shard `index` (prompts [first, stop)): the file first, then the manifest naming it."""
+    def write(self, index: int, tensors: dict[str, torch.Tensor], first: int, stop: int,
+              rows: list[dict[str, str]]) -> None:
+        """Add shard `index` (prompts [first, stop), computed from prompt `rows`): the file first,
+        then the manifest naming it."""
         name = shard_name(index)
         data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        blob = save_bytes(data, metadata={"format": "pt"})
+        blob = save_bytes(data, metadata=self._metadata(data, rows))
         atomic_write(self.out / name, lambda p: Path(p).write_bytes(blob))
         self.manifest["saves"] = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
                                   for k, v in data.items() if k not in INDEX}
         entry = {"index": index, "file": name, "prompts": [first, stop], "rows": int(data[INDEX[0]].shape[0]),
-                 "sha256": hashlib.sha256(blob).hexdigest(), "inputs": inputs}
+                 "sha256": hashlib.sha256(blob).hexdigest(), "inputs": rows_digest(rows)}
         others = [s for s in self.manifest["shards"] if s["index"] != index]
         self.manifest["shards"] = sorted([*others, entry], key=lambda s: s["index"])
         self._save_manifest()
+
+    def _metadata(self, data: dict[str, torch.Tensor], rows: list[dict[str, str]]) -> dict[str, str]:
+        notes = self.annotate(data, rows) if self.annotate is not None else {}
+        return {"format": "pt", **({ANNOTATIONS: json.dumps(notes, ensure_ascii=False)} if notes else {})}
 
     def finish(self) -> None:
         self.manifest["complete"] = True
@@ -267,12 +282,19 @@ class Results:
     index: dict[str, torch.Tensor]  # "prompt", and each axis's value, per row
     manifest: dict[str, Any]
     missing: list[dict[str, Any]] = field(default_factory=list)
+    annotations: dict[str, list[Any]] = field(default_factory=dict)  # per row, e.g. "texts" of a generation
 
     @property
     def n_prompts(self) -> int:
         """The prompts whose rows are here."""
         per_prompt = max(1, len(self.manifest["points"])) * _fan_points(self.manifest["fan_axes"])
         return len(self.index["prompt"]) // per_prompt
+
+    @property
+    def texts(self) -> dict[str, list[str]]:
+        """A generation's text per row, by prompt name (empty for a forward sweep)."""
+        return {key.removeprefix("text:"): values for key, values in self.annotations.items()
+                if key.startswith("text:")}
 
     @property
     def complete(self) -> bool:
@@ -331,20 +353,31 @@ def load_results(out: str | Path) -> Results:
     return _results(parts, manifest, missing)
 
 
-def _load_shard(out: Path, shard: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """A shard's tensors, or why it cannot be used."""
+def _load_shard(out: Path, shard: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A shard's tensors (and its annotations under ANNOTATIONS), or why it cannot be used."""
     blob, damage = _verified_bytes(out, shard)
     if blob is None:
         return {}, damage
     try:
-        return load_bytes(blob), None
-    except SafetensorError as e:
+        return {**load_bytes(blob), ANNOTATIONS: _annotations(blob)}, None
+    except (SafetensorError, ValueError) as e:
         return {}, _damaged(shard, f"is not a safetensors file ({e})")
 
 
-def _results(parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any],
+def _annotations(blob: bytes) -> dict[str, list[Any]]:
+    """The annotations in a safetensors file's header metadata (the header: an 8-byte length, then JSON)."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    metadata = json.loads(blob[8:8 + length]).get("__metadata__") or {}
+    return json.loads(metadata.get(ANNOTATIONS, "{}"))
+
+
+def _results(parts: list[dict[str, Any]], manifest: dict[str, Any],
              missing: list[dict[str, Any]] | None = None) -> Results:
-    names = [n for n in (parts[0] if parts else manifest.get("saves", {})) if n not in INDEX]
+    notes: dict[str, list[Any]] = {}
+    for part in parts:
+        for key, values in part.get(ANNOTATIONS, {}).items():
+            notes.setdefault(key, []).extend(values)
+    names = [n for n in (parts[0] if parts else manifest.get("saves", {})) if n not in (*INDEX, ANNOTATIONS)]
     cat = {n: torch.cat([p[n] for p in parts]) if parts else torch.empty(0) for n in (*INDEX, *names)}
     index = {"prompt": cat["__prompt__"].long() if parts else torch.empty(0, dtype=torch.long)}
     points, fan_axes = manifest["points"], manifest["fan_axes"]
@@ -353,14 +386,14 @@ def _results(parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any],
     fan_points = list(itertools.product(*fan_axes.values()))
     for k, axis in enumerate(fan_axes):
         index[axis] = torch.tensor([fan_points[int(f)][k] for f in cat["__fan__"]]) if parts else torch.empty(0)
-    return Results({n: cat[n] for n in names}, index, manifest, list(missing or []))
+    return Results({n: cat[n] for n in names}, index, manifest, list(missing or []), notes)
 
 
 class MemorySink(ShardSink):
     """A sink that keeps shards in memory (a sweep without an output directory)."""
 
-    def __init__(self, header: dict[str, Any]):
-        super().__init__(Path("<memory>"), header)
+    def __init__(self, header: dict[str, Any], annotate: Annotate | None = None):
+        super().__init__(Path("<memory>"), header, annotate=annotate)
         self.parts: list[dict[str, torch.Tensor]] = []
 
     def __enter__(self) -> "MemorySink":
@@ -372,8 +405,11 @@ class MemorySink(ShardSink):
     def start(self) -> None:
         pass
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor], first: int, stop: int, inputs: str) -> None:
-        self.parts.append({k: v.detach().cpu() for k, v in tensors.items()})
+    def write(self, index: int, tensors: dict[str, torch.Tensor], first: int, stop: int,
+              rows: list[dict[str, str]]) -> None:
+        data = {k: v.detach().cpu() for k, v in tensors.items()}
+        notes = self.annotate(data, rows) if self.annotate is not None else {}
+        self.parts.append({**data, ANNOTATIONS: notes})
         self.manifest["shards"].append({"index": index, "file": None, "prompts": [first, stop],
                                         "rows": int(tensors[INDEX[0]].shape[0])})
 

@@ -19,13 +19,11 @@ from typing import Any
 import torch
 
 from compiler.errors import InterventionError
-from compiler.ir import Program, Span
+from compiler.ir import Program, SaveKey, Span
 from runtime.shards import ShardSink, rows_digest
 
-SAVE_SEP = "@"  # a save made per vectorised point is named `name@axis=value,...`
-
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
-Execute = Callable[[list[InvokeInput], dict[str, Any]], dict[str, Any]]
+Execute = Callable[[list[InvokeInput], dict[str, Any]], dict[SaveKey, Any]]  # a run's saves, by key
 Lengths = Callable[[dict[str, str]], tuple[int, ...]]
 
 
@@ -81,7 +79,7 @@ def run_sweep(plan: SweepPlan, rows: Callable[[], Iterator[dict[str, str]]], exe
         seen.update(n for row in counts for n in row)
         _refuse_length_dependent(plan, seen)
         tensors = _run_window(plan, window, first, execute, [max(c) for c in counts], advance, shapes)
-        sink.write(index, tensors, first, first + len(window), rows_digest(window))
+        sink.write(index, tensors, first, first + len(window), window)
     sink.finish()
 
 
@@ -98,7 +96,8 @@ def _refuse_length_dependent(plan: SweepPlan, lengths: set[int]) -> None:
             plan.spans.get(name, Span("<sweep>", 0)),
             f"save {name} has a value per token, and the prompts have different lengths ({short} and "
             f"{long} tokens): a sweep's saves must not depend on prompt length",
-            "save per-prompt values, e.g. one position: [:, -1]")
+            "save per-prompt values, e.g. one position: [:, -1]"
+            + ("; the new tokens are kept for you as __ids__:<prompt name>" if plan.program.generation else ""))
 
 
 def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execute: Execute,
@@ -132,19 +131,14 @@ def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execu
     return out
 
 
-def _as_rows(plan: SweepPlan, saves: dict[str, Any], real: int,
+def _as_rows(plan: SweepPlan, saves: dict[SaveKey, Any], real: int,
              shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """One run's saves as [fan points, prompts, ...] per save name (padding rows dropped)."""
+    """One run's saves as [fan points, prompts, ...] per save name (padding rows dropped); a save
+    made per point of some vectorised axes fills the rows of every full point that agrees."""
     axes = list(plan.fan_axes)
-    labels_of = {a: {str(v): i for i, v in enumerate(vs)} for a, vs in plan.fan_axes.items()}
     grouped: dict[str, list[tuple[dict[str, int], Any]]] = {}
     for key, value in saves.items():
-        base, _, labels = key.partition(SAVE_SEP)
-        point = {}
-        for label in filter(None, labels.split(",")):
-            axis, _, text = label.partition("=")
-            point[axis] = labels_of[axis][text]
-        grouped.setdefault(base, []).append((point, value))
+        grouped.setdefault(key.name, []).append((dict(key.point), value))
     b, k = plan.batch_size, plan.fan_points
     out = {}
     for base, items in grouped.items():

@@ -172,11 +172,14 @@ def test_ivx_run_on_every_example(smollm, name, monkeypatch, tmp_path, capsys):
     from interp_dsl.cli import main
     monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
     assert main(["run", str(EXAMPLES / f"{name}.ivx"), "--out", str(tmp_path)]) == 0
-    if load_experiment(EXAMPLES / f"{name}.ivx").generate is not None:
-        points = load_experiment(EXAMPLES / f"{name}.ivx").points()
-        assert [load_file(str(tmp_path / f"point{i}.safetensors"))["ids"].shape[0] for i in range(len(points))] \
-            == [1] * len(points)
-        assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == len(points)
+    exp = load_experiment(EXAMPLES / f"{name}.ivx")
+    if exp.generate is not None:  # one row per point; the texts are those of the single runs
+        results = load_results(tmp_path)
+        new = results.grid("__ids__:stadium")[0]  # [points, max_new_tokens]
+        assert new.shape == (len(exp.points()), exp.generate["max_new_tokens"])
+        for point, ids, text in zip(exp.points(), new, results.texts["stadium"], strict=True):
+            alone = lower(exp, smollm, point).result.output[0, -len(ids):]
+            assert torch.equal(ids, alone) and text == smollm.tokenizer.decode(ids, skip_special_tokens=True)
         return
     results = load_results(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())

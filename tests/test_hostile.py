@@ -147,6 +147,11 @@ def _op(opcode: str, result: int | None = 0, target: str = "", args=(), kwargs=(
             "kwargs": [list(kv) for kv in kwargs], "path": [], "site": None, "type": None, **extra}
 
 
+def _generating(*ops: dict) -> str:
+    return json.dumps({"$": "Program", "ops": list(ops), "n_invokes": 1, "version": 1,
+                       "generation": {"$": "Generation", "max_new_tokens": 4}})
+
+
 def _c(value) -> dict:
     return {"$": "Const", "value": value}
 
@@ -179,6 +184,29 @@ HOSTILE_PAYLOADS = [
     ('{"$": "Program", "ops": ' + "[" * 5000 + "]" * 5000 + "}", "not JSON"),
     ("x" * (65 * 2**20), "the payload is 68157440 bytes"),
     (json.dumps({"$": "Program", "ops": [], "n_invokes": 10**9}), "n_invokes is an integer from 1 to 65536"),
+    # saves: an identifier name; a step and a point on saves only, typed and bounded
+    (_payload(READ, _op("save", None, "h@1", [{"$": "Ref", "id": 0}])), "op 1: a save's name is an identifier"),
+    (_payload(READ, _op("save", None, "../../x", [{"$": "Ref", "id": 0}])), "not '../../x'"),
+    (_payload(_op("read", 0, step=1, site=READ["site"])), "op 0: a read has no step or point"),
+    (_payload(READ, _op("call", 1, "add", [{"$": "Ref", "id": 0}, _c(1)], point=[["layer", 0]])),
+     "op 1: a call has no step or point"),
+    (_generating(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], step="1")), "a save's step is an integer from 0"),
+    (_generating(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], step=-1)), "a save's step is an integer from 0"),
+    (_generating(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], step=True)), "a save's step is an integer from 0"),
+    (_generating(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], step=4)),
+     "op 1 (save h): a save at step 4 of a generation of 4 steps"),
+    (_payload(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], step=0)),
+     "op 1 (save h): a save at step 0 in a program that does not generate"),
+    (_payload(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], point=[["layer", -1]])),
+     "a save's point is a list of [axis name, index] pairs"),
+    (_payload(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], point=[["__class__.x", 0]])),
+     "a save's point is a list of [axis name, index] pairs"),
+    (_payload(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], point="layer=0")),
+     "a save's point is a list of [axis name, index] pairs"),
+    (_payload(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], point=[["layer", 0], ["layer", 1]])),
+     "a save's point names each axis once"),
+    (_generating(READ, _op("save", None, "h", [{"$": "Ref", "id": 0}], step=1), _op("save", None, "h", [{"$": "Ref", "id": 0}])),
+     "op 2 (save h): the name h is saved per step and once"),
 ]
 
 

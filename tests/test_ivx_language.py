@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler.ir import SaveKey
 from grammar import ast
 from grammar.parser import IvxSyntaxError, parse
 from grammar.printer import format_module
-from interp_dsl import CheckError, LanguageModel
+from interp_dsl import CheckError, LanguageModel, load_results
 from interp_dsl.cli import main
 from interp_dsl.experiment import ExperimentError, load_experiment, lower
 
@@ -423,29 +425,32 @@ def test_generate_block_lowers_to_the_proxy_twin(tmp_path, tiny, tiny_dir):
             ids = tiny.generator.output.save("ids")
     assert dsl.program() == tracer.program()
     assert torch.equal(dsl.result.saves["ids"], ids.value)
-    assert [dsl.result.saves[f"top@{k}"] for k in range(4)] == top.value
-    assert set(dsl.result.saves) == {"ids", "top@0", "top@1", "top@2", "top@3", "h@1", "h@2"}
+    assert dsl.result.saves["top"] == top.value  # a steps block's save: a list, one value per step
+    assert set(dsl.result.saved) == {SaveKey("ids"), *(SaveKey("top", k) for k in range(4)),
+                                     SaveKey("h", 1), SaveKey("h", 2)}
 
 
 def test_cli_runs_a_generation(tmp_path, tiny_dir, capsys):
-    import json
-
-    from safetensors.torch import load_file
     path = write(tmp_path, GENERATE.format(model=tiny_dir).replace(
         "generate max_new_tokens=4, seed=0", "sweep scale in [0.5, 1.0]\ngenerate max_new_tokens=4, seed=0"
     ).replace("*= 0.5", "*= scale"))
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out), "--compile", "off"]) == 0
     printed = capsys.readouterr().out
-    assert "[scale=0.5] 'the eiffel tower is in the city of' -> " in printed and "[scale=1.0]" in printed
-    saves = load_file(str(out / "point1.safetensors"))
-    assert saves["ids"].shape == (1, 8 + 4) and saves["top"].shape == (4, 1)  # stacked over steps
-    assert saves["h"].shape == (2, 1, 1, 32)
-    assert torch.equal(saves["top"][:, 0], saves["ids"][0, 8:])
-    texts = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert [t["point"] for t in texts] == [{"scale": 0.5}, {"scale": 1.0}]
+    results = load_results(out)
+    assert results.dims == [("scale", 2)]
+    top, ids, h, new = (results.grid(name)[0] for name in ("top", "ids", "h", "__ids__:a"))  # [scale, ...]
+    assert ids.shape == (2, 8 + 4) and top.shape == (2, 4) and h.shape == (2, 2, 1, 32)  # steps stacked
+    assert torch.equal(top, ids[:, 8:]) and torch.equal(new, ids[:, 8:])  # greedy: the argmax is the token
+    for scale, text in zip([0.5, 1.0], results.texts["a"], strict=True):
+        assert text == word_tokenizer().decode(new[[0.5, 1.0].index(scale)], skip_special_tokens=True)
+        assert f"[scale={scale}] 'the eiffel tower is in the city of' -> {text!r}" in printed
+    for scale in (0.5, 1.0):  # each point equals its own one-prompt run
+        alone = lower(load_experiment(path), LanguageModel(str(tiny_dir)), {"scale": scale}, compile="off")
+        assert torch.equal(alone.result.saves["ids"][0], ids[[0.5, 1.0].index(scale)])
     assert main(["show", str(out)]) == 0
-    assert "generation: max_new_tokens=4, seed=0" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "generation: max_new_tokens=4, seed=0" in shown and "[scale=1.0] 'the eiffel tower" in shown
     assert main(["check", str(path), "--model", str(tiny_dir)]) == 0
     assert main(["explain", str(path)]) == 0
     assert "model.layers.1.call3.output" in capsys.readouterr().out  # step 3 of a once-per-step module
@@ -467,24 +472,43 @@ def test_generation_errors_point_at_the_line(tmp_path, tiny_dir, capsys, text, m
     assert message in err and f"{path}:" in err
 
 
-def test_generation_refuses_a_streamed_prompt_file(tmp_path, tiny_dir, capsys):
-    (tmp_path / "rows.txt").write_text("the eiffel tower\nparis is\n")
+def test_a_generation_streams_a_prompt_file(tmp_path, tiny_dir, capsys):
+    rows = ["the eiffel tower", "paris is", "rome"]
+    (tmp_path / "rows.txt").write_text("\n".join(rows) + "\n")
+    path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = lines("rows.txt")\ngenerate max_new_tokens=2\n'
+                           'invoke a {\n    save last = model.generator.output[:, -1]\n}\n')
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--batch-size", "2"]) == 0
+    results = load_results(out)
+    assert results.annotations["prompt:a"] == rows and len(results.texts["a"]) == 3
+    model = LanguageModel(str(tiny_dir))
+    for i, row in enumerate(rows):
+        with model.generate(row, max_new_tokens=2, compile="off"):
+            ids = model.generator.output.save()
+        assert results["__ids__:a"][i].tolist() == ids.value[0, -2:].tolist()
+        assert results["last"][i] == ids.value[0, -1]
+    (tmp_path / "rows.txt").write_text("\n".join(rows) + "\nnew york\n")
+    assert main(["run", str(path), "--out", str(out)]) == 1  # the prompts changed: refused, named
+    assert "the number of prompts: 3 there, 4 now" in capsys.readouterr().err
+
+
+def test_a_per_token_save_over_prompts_of_two_lengths_is_refused_at_its_line(tmp_path, tiny_dir, capsys):
+    (tmp_path / "rows.txt").write_text("the eiffel tower\nrome\n")
     path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = lines("rows.txt")\ngenerate max_new_tokens=2\n'
                            'invoke a {\n    save ids = model.generator.output\n}\n')
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
-    assert f"{path}:2:1: error: prompt a streams a file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{path}:5:5: error: save ids has a value per token" in err and "kept for you as __ids__:" in err
 
 
-def test_a_failing_generation_point_keeps_the_points_before_it(tmp_path, tiny_dir, capsys):
+def test_a_bad_generation_point_is_refused_before_any_point_runs(tmp_path, tiny_dir, capsys):
     path = write(tmp_path, f'model "{tiny_dir}"\nprompt a = "the eiffel tower"\nsweep layer in [0, 1, 7]\n'
                            'generate max_new_tokens=2\ninvoke a {\n    steps all {\n'
                            '        model.model.layers[layer].output[:, -1, :] *= 0.5\n    }\n}\n')
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out)]) == 1
-    assert "index 7 is out of range" in capsys.readouterr().err
-    assert (out / "point0.safetensors").exists() and (out / "point1.safetensors").exists()
-    assert main(["show", str(out)]) == 0
-    assert "incomplete: 2 point(s) ran" in capsys.readouterr().out
+    assert f"{path}:7:9: error: model.model.layers has 3 modules; index 7 is out of range" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_bad_step_selector_is_a_syntax_error(tmp_path, capsys):

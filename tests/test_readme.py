@@ -45,6 +45,8 @@ def test_readme_python_blocks_run(smollm, monkeypatch):
     assert "index 12 on dim 1 of size 9" in out and "found f32[1, 9, 64]" in out
     assert f"{README}:" in out  # errors name README's own lines
     assert namespace["width"] == 1536 and namespace["early"].shape == (1, 9, 576)
+    rome, paris = namespace["generated"][:2]  # the steered generation sweep, coef 0.0 and 2.0
+    assert rome.startswith(" Rome") and paris.startswith(" Paris"), namespace["generated"]
 
 
 @pytest.mark.e2e

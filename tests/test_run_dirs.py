@@ -211,7 +211,7 @@ def test_a_stop_at_any_write_resumes_bit_identical(interrupted, monkeypatch, wri
     """Stop the sweep at its n-th file write (a manifest or a shard), before or after the
     temporary file is written: a rerun gives exactly the uninterrupted rows."""
     model, data, whole = interrupted
-    out = Path(tempfile.mkdtemp(dir="/tmp/t"))
+    out = Path(tempfile.mkdtemp(prefix="ivx-stop-"))
     real, calls = runtime.shards.atomic_write, []
 
     def dying(path: Path, write_file) -> None:
@@ -248,7 +248,7 @@ _sweep(LanguageModel({model!r}), Path({data!r}), Path({out!r}))
 def test_kill_9_at_any_moment_resumes_bit_identical(interrupted, tiny_dir, shards, delay):
     """A real SIGKILL, once `shards` shards are listed and `delay` seconds later."""
     model, data, whole = interrupted
-    out = Path(tempfile.mkdtemp(dir="/tmp/t"))
+    out = Path(tempfile.mkdtemp(prefix="ivx-stop-"))
     script = SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_dir), data=str(data), out=str(out))
     process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
     deadline = time.time() + 120
