@@ -14,6 +14,9 @@ from compiler.errors import UnknownModuleError as UnknownModuleError
 from compiler.errors import UnsupportedOperationError as UnsupportedOperationError
 from compiler.errors import ValueUnavailableError as ValueUnavailableError
 from interp_dsl import einops_backend as _einops_backend  # noqa: F401  (registers proxies with einops)
+from interp_dsl.client import Remote as Remote
+from interp_dsl.client import RemoteError as RemoteError
+from interp_dsl.client import remote as remote
 from interp_dsl.models import CompileFallbackWarning as CompileFallbackWarning
 from interp_dsl.models import LanguageModel as LanguageModel
 from interp_dsl.models import Model as Model

@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--graph", action="store_true",
                          help="run once compiled and print the patched graph around each site")
     _add_bindings(explain)
+    serve = sub.add_parser("serve", help="serve a model over HTTP: run IR jobs sent by remote clients",
+                           description="Serve one model over HTTP (FastAPI + uvicorn): clients send "
+                                       "experiments as IR, never code. Ctrl-C or SIGTERM stops it.")
+    from interp_dsl.server import add_arguments
+    add_arguments(serve)
     return p
 
 
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the command prints its own summary; keep stderr for errors
     try:
-        commands = {"run": _run, "fmt": _fmt, "explain": _explain, "check": _check, "show": _show, "plot": _plot}
+        commands = {"run": _run, "fmt": _fmt, "explain": _explain, "check": _check, "show": _show, "plot": _plot,
+                    "serve": _serve}
         return commands[args.command](args)
     except IvxSyntaxError as e:
         print(e, file=sys.stderr)

@@ -40,7 +40,7 @@ class Model:
         object.__setattr__(self, "_envoy", Envoy(self, engine.module, "", engine.root))
 
     # -------------------------------------------------------------------------- user surface
-    def trace(self, *args: Any, compile: str | None = None, **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, compile: str | None = None, remote: Any = False, **kwargs: Any) -> Tracer:
         """`with model.trace(input):` record interventions, then check and run them on exit.
         Without an input, add inputs with `tracer.invoke(...)`; they run as one batch.
 
@@ -48,17 +48,28 @@ class Model:
         the captured forward graph), "inductor" (that graph compiled), "cudagraphs" (inductor
         with CUDA graphs), or "auto": compiled only where it pays (an experiment repeated on a
         GPU); a one-off trace on a CPU runs the reference interpreter. The default is "auto", or
-        the environment variable IVX_COMPILE."""
+        the environment variable IVX_COMPILE.
+
+        `remote`: True runs the trace on the `ivx serve` named by IVX_REMOTE_URL (key:
+        IVX_API_KEY), or pass `interp_dsl.remote(url, api_key)`. It is checked here first, so a
+        model built from its config (`weights="fake"`) is enough."""
+        from interp_dsl.client import resolve
+        server = resolve(remote)
+        if server is not None and compile not in (None, "auto", "off"):
+            raise InterventionError.at(user_span(), f"compile={compile!r} chooses how a local run executes",
+                                       "drop it: a remote job runs as its server runs it")
         compile = compile or os.environ.get("IVX_COMPILE") or "auto"
-        if self._engine.fake_mode is not None:
+        if self._engine.fake_mode is not None and server is None:
             raise InterventionError.at(
                 user_span(), "this model has no weights (built from a config for checking)",
-                "use model.scan(...) to check shapes, or load real weights to run")
+                "use model.scan(...) to check shapes, run remotely (remote=True), or load real weights to run")
         if compile not in MODES:
             raise InterventionError.at(
                 user_span(), f"compile must be one of {', '.join(map(repr, MODES))}, got {compile!r}",
                 did_you_mean(str(compile), MODES))
-        return Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile)
+        tracer = Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile)
+        tracer.remote = server
+        return tracer
 
     def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
               compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
@@ -150,7 +161,8 @@ class LanguageModel(Model):
     `source` may be the embedded default `"smollm2-135m"` (or its hub id), a local HF directory,
     a `.gguf` file, a loaded `PreTrainedModel` (pass `tokenizer=`), or a config: a
     `PretrainedConfig` or a `config.json` path (random weights, or `weights="fake"` for checking
-    without any weight memory; a tokenizer saved beside the file is used). An `Engine` whose
+    without any weight memory; a tokenizer saved beside the file is used). A name, directory or
+    `.gguf` file with `weights="fake"` reads only its config (to check, or to trace remotely). An `Engine` whose
     module has a `config` is used as it is (`ivx check` builds one from a config alone).
     """
 
@@ -158,6 +170,10 @@ class LanguageModel(Model):
                  dtype: torch.dtype = torch.float32, **ignored: Any):
         if isinstance(source, Engine):
             engine = source
+        elif weights == "fake" and isinstance(source, (str, Path)) and not str(source).endswith(".json"):
+            from interp_dsl.spec import spec_model  # a name, directory or .gguf: read its config only
+            built = spec_model(str(source))
+            engine, tokenizer = built._engine, tokenizer or built.tokenizer
         else:
             module, fake_mode, tokenizer = _load(source, tokenizer, weights, dtype)
             module.eval()
@@ -181,18 +197,18 @@ class LanguageModel(Model):
         A save inside a step block is a list with one value per step. `model.generator.output`
         is the prompt and generated ids. Greedy unless `do_sample=True` (then `temperature`,
         `top_k`, `top_p`; `seed` makes it reproducible). `compile` as in `trace`: a compiled
-        generation runs every decode step as one graph with a static KV cache."""
-        if kwargs.pop("remote", False):
-            raise InterventionError.at(user_span(), "remote execution is not supported", "drop remote=True")
+        generation runs every decode step as one graph with a static KV cache. `remote` as in
+        `trace`."""
+        remote = kwargs.pop("remote", False)
         unknown = sorted(kwargs)
         if unknown:
             raise InterventionError.at(
                 user_span(), f"generate() got unexpected argument(s) {', '.join(unknown)}",
                 did_you_mean(unknown[0], ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                                          "seed", "compile"]) or
-                "it takes max_new_tokens, do_sample, temperature, top_k, top_p, seed and compile")
+                                          "seed", "compile", "remote"]) or
+                "it takes max_new_tokens, do_sample, temperature, top_k, top_p, seed, compile and remote")
         settings = self.generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        tracer = self.trace(*args, compile=compile)
+        tracer = self.trace(*args, compile=compile, remote=remote)
         tracer.generation = settings
         return tracer
 

@@ -196,6 +196,7 @@ class Tracer:
         self.saved_lists: list[Any] = []  # interp_dsl.list()s appended to in this trace
         self._loop_step: int | None = None  # inside `for step in tracer.iter[...]`: that step
         self._result: RunResult | None = None
+        self.remote: Any = None  # an interp_dsl.client.Remote: the program runs on that server
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -502,8 +503,9 @@ class Tracer:
         program, ids = self._program()
         typer = self.typer()
         typer.record(self.ops)
-        self.typed, result = self.engine.run(program, self.batch(), self.params, compile=self.compile,
-                                             execute=self.execute, typer=typer, ids=ids)
+        run = self.engine.run if self.remote is None else self.remote.runner(self.engine)
+        self.typed, result = run(program, self.batch(), self.params, compile=self.compile,
+                                 execute=self.execute, typer=typer, ids=ids)
         for proxy in self._proxies:
             if proxy._steps is not None and proxy._saved:
                 values = [result.values[ids[i]] for i in proxy._steps if ids.get(i) in result.values]

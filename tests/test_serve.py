@@ -1,0 +1,311 @@
+"""`ivx serve` and `remote=`: a real server in a subprocess on 127.0.0.1, checked against local runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler.errors import ExecutionError, InterventionError
+from interp_dsl import LanguageModel
+from interp_dsl.client import Remote, RemoteError, remote
+from interp_dsl.keys import KeyFileError, digest, new_key, read_keys
+from interp_dsl.wire import encode_job
+
+ROOT = Path(__file__).resolve().parent.parent
+TIGHT_KEY = "tight-key-for-tests"
+MAX_REQUEST = 4 * 2**20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`ivx serve` in a subprocess; stopped by its pid."""
+
+    def __init__(self, model_dir: Path, keys: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "interp_dsl.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
+             "--keys", str(keys), "--max-request-bytes", str(MAX_REQUEST)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ivx serve exited: {self.proc.communicate()[1]}")
+            try:
+                self.health()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("ivx serve did not start in 120 s")
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/v1/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    def post(self, body: bytes, key: str | None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        request = urllib.request.Request(f"{self.url}/v1/jobs", data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    alice = new_key(path, "alice")
+    with path.open("a") as f:
+        f.write(f"tight sha256:{digest(TIGHT_KEY)} max_jobs=1 max_seconds=1 max_tokens=20 max_result_bytes=4096\n")
+    return path, alice
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, keys):
+    running = Server(tiny_dir, keys[0])
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    return LanguageModel(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def fake(tiny_dir):
+    """The client's model: built from the config beside the weights, no weight memory."""
+    return LanguageModel(tiny_dir / "config.json", weights="fake")
+
+
+def patching(model, where=False):
+    """Saves and writes across two invokes (three rows), values flowing between them."""
+    with model.trace(remote=where) as tracer:
+        with tracer.invoke("the eiffel tower is in the city of"):
+            h = model.model.layers[0].output[:, -1].save()
+            mlp = model.model.layers[1].mlp.output.save()
+        with tracer.invoke(["madison square garden is in", "rome"]):
+            model.model.layers[1].output[:, -1] = h * 2.0
+            model.model.layers[2].mlp.output[:] = 0
+            logits = model.lm_head.output.save()
+            top = logits[:, -1].topk(3)
+            ids = top.indices.save()
+    return {"h": h.value, "mlp": mlp.value, "logits": logits.value, "ids": ids.value}
+
+
+def slow(model, where, matmuls: int = 40):
+    """A trace whose ops take seconds on a CPU (a chain of 1000x1000 matmuls)."""
+    with model.trace("the eiffel tower", remote=where):
+        x = model.model.layers[0].output[0, :1, :1].expand(1000, 1000) * 0 + 1e-3
+        for _ in range(matmuls):
+            x = x @ x
+        y = x[0, 0].save()
+    return y.value
+
+
+def test_remote_equals_local(server, keys, local, fake, tiny_dir, capsys):
+    expected = patching(local)
+    for client in (local, fake, LanguageModel(tiny_dir, weights="fake")):
+        got = patching(client, remote(server.url, keys[1]))
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], msg=name)
+    progress = capsys.readouterr().err
+    assert "] RECEIVED" in progress and "] RUNNING" in progress and "] COMPLETED" in progress
+    patching(fake, remote(server.url, keys[1], quiet=True))
+    assert capsys.readouterr().err == ""
+
+
+def test_remote_generate_equals_local(server, keys, local, fake, monkeypatch):
+    monkeypatch.setenv("IVX_REMOTE_URL", server.url)
+    monkeypatch.setenv("IVX_API_KEY", keys[1])
+
+    def run(model, where):
+        with model.generate("the eiffel tower is in", max_new_tokens=3, remote=where) as tracer:
+            with tracer.all():
+                model.model.layers[1].output[:, -1] *= 0.5
+                top = model.lm_head.output[:, -1].argmax(-1).save()
+            ids = model.generator.output.save()
+        return ids.value, top.value
+
+    ids, tops = run(local, False)
+    remote_ids, remote_tops = run(fake, True)
+    torch.testing.assert_close(remote_ids, ids)
+    assert len(remote_tops) == len(tops) == 3
+    for a, b in zip(remote_tops, tops, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_failing_job_reports_the_users_line(server, keys, local, fake):
+    def failing(model, where=False):
+        with model.trace("the eiffel tower", remote=where):
+            h = model.model.layers[0].output
+            torch.linalg.cholesky(h[0, :2, :2] * 0 - 1).save()  # not positive-definite: fails when run
+
+    with pytest.raises(ExecutionError) as here:
+        failing(local)
+    with pytest.raises(ExecutionError) as there:
+        failing(fake, remote(server.url, keys[1], quiet=True))
+    assert [d.span for d in there.value.diagnostics] == [d.span for d in here.value.diagnostics]
+    assert str(there.value) == str(here.value)  # this file's line, quoted by the client
+    assert f"{__file__}:" in str(there.value) and "cholesky(h[0, :2, :2]" in str(there.value)
+    assert server.health()["status"] == "ok"
+
+
+def small(model, where):
+    with model.trace("the eiffel tower", remote=where):
+        h = model.model.layers[0].output[:, -1].save()
+    return h.value
+
+
+def test_a_key_is_needed(server, fake):
+    for key in (None, "not-a-key"):
+        with pytest.raises(RemoteError, match=r"refused the job \(401\): a valid API key is needed"):
+            small(fake, Remote(server.url, key, quiet=True))
+
+
+def test_limits_are_named(server, fake, local):
+    tight = remote(server.url, TIGHT_KEY, quiet=True)
+    with pytest.raises(RemoteError, match=r"\(413\): the job is 24 tokens .* limit is 20 \(max_tokens\)"):
+        patching(fake, tight)
+    with pytest.raises(RemoteError, match=r"the saves are \d+ bytes; this key's limit is 4096 \(max_result_bytes\)"):
+        with fake.trace("the eiffel tower", remote=tight):
+            fake.lm_head.output.expand(64, -1, -1).save()  # 64 x 3 x 64 floats
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_raises(lambda: slow(fake, tight, matmuls=200))))
+    worker.start()
+    while server.health()["running"] == 0 and worker.is_alive():
+        time.sleep(0.05)
+    with pytest.raises(RemoteError, match=r"\(429\): this key has 1 jobs queued or running; its limit is 1 \(max_jobs\)"):
+        small(local, tight)  # another model: the slow trace holds `fake` open until it ends
+    worker.join()
+    assert "ran past this key's limit of 1 seconds (max_seconds)" in str(errors[0])
+
+
+def _raises(fn) -> Exception | None:
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+def _job(program: str = None, ids=None, rows=((0, 1),), params=None) -> bytes:
+    ids = torch.tensor([[2, 3, 4]]) if ids is None else ids
+    return encode_job(program or PROGRAM, ids, torch.ones_like(ids), [slice(a, b) for a, b in rows], 0, params or {})
+
+
+PROGRAM = json.dumps({"$": "Program", "ops": [], "n_invokes": 1, "version": 1})
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    (b"not safetensors", 400, "not a safetensors file"),
+    (b"\xff" * 8 + b"{}", 400, "header claims"),
+    (_job(program="{not json"), 400, "not JSON"),
+    (_job(program=json.dumps({"$": "Program", "ops": [{"$": "Op", "opcode": "call", "result": 0, "target": "getattr",
+                                                       "span": {"$": "Span", "file": "x.py", "line": 1}}]})),
+     400, "op 0 (call getattr)"),
+    (_job(program=json.dumps({"$": "Program", "ops": [{"$": "Op", "opcode": "call", "result": 0,
+                                                       "target": "torch.load"}]})), 400, "op 0"),
+    (_job(ids=torch.tensor([[2, 3, 999]])), 400, "token ids run from 0 to 63"),
+    (_job(rows=((0, 1), (1, 2))), 400, "rows must split the batch's 1 rows"),
+    (_job(params={"p0": torch.ones(3)}), 400, "unknown p0"),
+    (b"\0" * (MAX_REQUEST + 1), 413, "max_request_bytes"),
+])
+def test_hostile_payloads_are_refused_and_the_server_keeps_serving(server, keys, body, status, reason):
+    code, answer = server.post(body, keys[1])
+    assert code == status and reason in answer["error"], answer
+    assert server.health()["status"] == "ok"
+
+
+def test_new_key_stores_only_its_hash(tmp_path, capsys):
+    from interp_dsl.cli import main
+    path = tmp_path / "keys.txt"
+    assert main(["serve", "--keys", str(path), "--new-key", "bob"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key not in path.read_text() and digest(key) in path.read_text()
+    assert [k.name for k in read_keys(path)] == ["bob"]
+    assert main(["serve", "--keys", str(path), "--new-key", "bob"]) == 2  # names are unique
+    bad = tmp_path / "bad.txt"
+    bad.write_text("carol sha256:1234 max_jobs=2\n")
+    with pytest.raises(KeyFileError, match=r"bad.txt:1: expected `NAME sha256:<64 hex digits>"):
+        read_keys(bad)
+    bad.write_text(f"carol sha256:{digest('k')} max_job=2\n")
+    with pytest.raises(KeyFileError, match=r"bad.txt:1: unknown limit 'max_job=2'; limits are max_jobs"):
+        read_keys(bad)
+    assert main(["serve", "--keys", str(bad)]) == 2
+    assert "unknown limit" in capsys.readouterr().err
+
+
+def test_jobs_are_private_to_their_key(server, keys):
+    code, job = server.post(_job(), keys[1])
+    assert code == 202
+
+    def get(path: str, key: str) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{server.url}{path}", headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    code, status = get(f"/v1/jobs/{job['id']}", keys[1])
+    assert code == 200 and status["id"] == job["id"]
+    code, answer = get(f"/v1/jobs/{job['id']}/result", TIGHT_KEY)
+    assert code == 404 and "no job" in answer["error"]
+
+
+def test_stopping_the_server_mid_job_is_a_clear_error(tiny_dir, keys, fake):
+    own = Server(tiny_dir, keys[0])
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_raises(lambda: slow(fake, remote(own.url, keys[1], quiet=True)))))
+    worker.start()
+    while own.health()["running"] == 0 and worker.is_alive():
+        time.sleep(0.05)
+    code, err = own.stop(signal.SIGTERM)
+    worker.join()
+    assert code == 0 and "ivx serve: stopped" in err and "Traceback" not in err
+    assert isinstance(errors[0], RemoteError)
+    message = str(errors[0])
+    assert f"lost the server at {own.url} while job" in message and "was RUNNING" in message
+    assert "Traceback" not in message
+
+
+def test_client_errors_before_sending(fake, monkeypatch):
+    nowhere = remote("http://127.0.0.1:9", quiet=True)  # nothing listens on port 9
+    with pytest.raises(RemoteError, match="a DynamicCache cannot be sent back") as e:
+        with fake.generate("the eiffel tower", max_new_tokens=2, remote=nowhere):
+            fake.model.layers[0].inputs.save()
+    assert f"{__file__}:" in str(e.value) and "fake.model.layers[0].inputs.save()" in str(e.value)  # its line
+    with pytest.raises(RemoteError, match="cannot reach the server at http://127.0.0.1:9"):
+        small(fake, nowhere)
+    monkeypatch.delenv("IVX_REMOTE_URL", raising=False)
+    with pytest.raises(RemoteError, match="set IVX_REMOTE_URL"):
+        small(fake, True)
+    with pytest.raises(InterventionError, match="compile='graph' chooses how a local run executes"):
+        fake.trace("the eiffel tower", remote=nowhere, compile="graph")
