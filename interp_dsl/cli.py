@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=1024, help="prompts per results shard (default 1024)")
     run.add_argument("--model", help="model name or path, overriding the file's `model` line")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--remote", metavar="URL",
+                     help="run every batch as a job on an `ivx serve` at URL (key: $IVX_API_KEY); "
+                          "results are written here, resumable as a local run's")
     run.add_argument("--restart", action="store_true",
                      help="discard the results already in --out (manifest.json and its shards) and start over")
     run.add_argument("--compile", choices=MODES,
@@ -234,14 +237,21 @@ def _run(args: argparse.Namespace) -> int:
     exp = load_experiment(args.file, {**texts, **_prompt_files(args, declared)}, params)
     if args.batch_size < 1 or args.shard_size < 1:
         raise _usage("--batch-size and --shard-size are positive")
-    model = resolve_model(exp, args.model)
+    server = None
+    if args.remote and args.compile not in (None, "auto", "off"):
+        raise _usage("--compile chooses how a local run executes; a remote job runs as its server runs it")
+    if args.remote:
+        from interp_dsl.client import remote
+        server = remote(args.remote, quiet=args.quiet)
+    model = resolve_model(exp, args.model, weights="fake") if server else resolve_model(exp, args.model)
     out = Path(args.out or Path("runs") / exp.path.stem)
     if out.exists() and not out.is_dir():
         raise _usage(f"--out {out} is a file; results go in a directory")
     started = time.time_ns()
     try:
         run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
-                    shard_size=args.shard_size, progress=False if args.quiet else None, restart=args.restart)
+                    shard_size=args.shard_size, progress=False if args.quiet else None, restart=args.restart,
+                    remote=server or False)
     except InterventionError as e:
         if not _kept_shards(e, out, started):
             raise

@@ -77,13 +77,18 @@ class Remote:
             raise _job_error(error, job_id, where)
         result = self._fetch(f"/v1/jobs/{job_id}/result", job_id, where)
         try:
-            values, stopped = decode_result(result)
+            values, stopped, output = decode_result(result)
         except WireError as e:
             raise RemoteError.at(where, f"job {job_id}: the server sent an unreadable result: {e}") from None
         self._say(job_id, "COMPLETED", f"{len(result)} bytes")
         saved = {op.save_key: values[op.args[0].id] for op in program.ops  # as the interpreter keeps them
                  if op.opcode == "save" and op.args[0].id in values}  # type: ignore[union-attr]
-        return typed, RunResult(saves=by_name(saved), values=values, saved=saved, stopped=stopped)
+        return typed, RunResult(output=output, saves=by_name(saved), values=values, saved=saved, stopped=stopped)
+
+    def describe(self) -> dict[str, Any]:
+        """The server's model name and weight fingerprint (a sweep's identity records them)."""
+        health = self._send("GET", "/v1/health", None, user_span())
+        return {"model": str(health.get("model")), "weights": str(health.get("weights"))}
 
     # ------------------------------------------------------------------------------ the job
     def _body(self, program: Program, batch: Batch, params: dict[str, Any], where: Any) -> bytes:

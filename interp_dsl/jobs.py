@@ -29,6 +29,7 @@ from compiler.errors import InterventionError
 from compiler.ir import Program, Span, loads
 from interp_dsl.keys import Key
 from interp_dsl.models import LanguageModel
+from interp_dsl.sweeps import weights_fingerprint
 from interp_dsl.wire import Job, UnsendableValue, decode_job, diagnostics_json, encode_result, result_bytes
 from runtime.interpreter import Batch
 
@@ -87,6 +88,7 @@ class JobQueue:
 
     def __init__(self, model: LanguageModel):
         self.model = model
+        self.weights = weights_fingerprint(model._engine.module)  # sweeps record whose numbers they hold
         self.jobs: dict[str, JobRecord] = {}
         self.waiting: deque[JobRecord] = deque()
         self.lock = threading.Condition()
@@ -149,6 +151,7 @@ class JobQueue:
         with self.lock:
             running = sum(1 for j in self.jobs.values() if j.status == RUNNING)
             return {"status": "closing" if self.closing else "ok", "model": self.model._engine.name,
+                    "weights": self.weights,
                     "queued": len(self.waiting), "running": running}
 
     def close(self, timeout: float | None = None) -> None:
@@ -255,7 +258,8 @@ class JobQueue:
                               f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes")
             _, result = engine.run(record.program, record.batch, record.params)
             try:
-                body = encode_result(result.values, result.stopped)
+                output = result.output if record.program.generation is not None else None
+                body = encode_result(result.values, result.stopped, output)
             except UnsendableValue as e:
                 raise InterventionError.at(_save_span(record.program, e.value_id), str(e)) from None
             if len(body) > limits.max_result_bytes:

@@ -73,7 +73,7 @@ class Model:
 
     def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
               compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
-              restart: bool = False, generate: dict[str, Any] | None = None) -> Sweep:
+              restart: bool = False, generate: dict[str, Any] | None = None, remote: Any = False) -> Sweep:
         """`with model.sweep(prompts, batch_size=32, out="runs/x") as sweep:` run the body (a trace
         body; `sweep.param(name, values)` declares swept values) over every prompt and grid point.
 
@@ -84,12 +84,13 @@ class Model:
         it); afterwards `sweep.results` holds them. `compile` as in `trace`; `progress`: a bar
         (default: on a TTY). `generate`: the arguments of `model.generate` (`{"max_new_tokens": 8}`):
         each batch generates, `sweep.all()` / `sweep.iter[...]` are step blocks, and the results
-        hold each row's new tokens (`results["__ids__:prompts"]`) and text (`results.texts`)."""
-        if self._engine.fake_mode is not None:
+        hold each row's new tokens (`results["__ids__:prompts"]`) and text (`results.texts`).
+        `remote` as in `trace`: each batch runs as a job on the server, the shards are written here."""
+        if self._engine.fake_mode is not None and not remote:
             raise InterventionError.at(user_span(), "this model has no weights (built from a config for checking)",
-                                       "load real weights to run a sweep")
+                                       "load real weights to run a sweep, or run it remotely (remote=True)")
         return Sweep(self, prompts, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                     progress=progress, restart=restart, generate=generate)
+                     progress=progress, restart=restart, generate=generate, remote=remote)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""
@@ -173,7 +174,8 @@ class LanguageModel(Model):
         elif weights == "fake" and isinstance(source, (str, Path)) and not str(source).endswith(".json"):
             from interp_dsl.spec import spec_model  # a name, directory or .gguf: read its config only
             built = spec_model(str(source))
-            engine, tokenizer = built._engine, tokenizer or built.tokenizer
+            engine = built._engine
+            tokenizer = tokenizer or (built.tokenizer.loaded() if built.tokenizer is not None else None)
         else:
             module, fake_mode, tokenizer = _load(source, tokenizer, weights, dtype)
             module.eval()

@@ -65,6 +65,10 @@ class CachedTokenizer:
             self._dirty = True
         return self._real
 
+    def loaded(self) -> Any:
+        """The HF tokenizer itself, loaded: for running prompts (a dataset would fill the cache)."""
+        return self._tokenizer()
+
     def _lookup(self, table: dict[str, list[int]], text: str, special: bool) -> list[int]:
         if text not in table:
             table[text] = list(self._tokenizer()(text, add_special_tokens=special)["input_ids"])

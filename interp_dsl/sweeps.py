@@ -59,7 +59,8 @@ class Sweep:
     def __init__(self, model: Scannable, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
                  compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
                  describe: dict[str, Any] | None = None, restart: bool = False,
-                 generate: dict[str, Any] | None = None):
+                 generate: dict[str, Any] | None = None, remote: Any = False):
+        from interp_dsl.client import resolve
         if batch_size < 1 or shard_size < 1:
             raise InterventionError.at(user_span(), "batch_size and shard_size are positive")
         self.model = model
@@ -68,6 +69,10 @@ class Sweep:
         self.out = Path(out) if out is not None else None
         self.restart = restart
         self.generate = generate
+        self.remote = resolve(remote)  # an interp_dsl.client.Remote: every batch is a job on that server
+        if self.remote is not None and compile not in (None, "auto", "off"):
+            raise InterventionError.at(user_span(), f"compile={compile!r} chooses how a local run executes",
+                                       "drop it: a remote job runs as its server runs it")
         self.compile = compile or os.environ.get("IVX_COMPILE") or "auto"
         if self.compile not in MODES:
             raise InterventionError.at(user_span(), f"compile must be one of {', '.join(MODES)}, "
@@ -159,8 +164,8 @@ class Sweep:
         program = self.tracer.program()
         if program.generation is None:  # a generation computes the logits itself, and runs to its end
             program = stop_after_last_site(program)
-        kwargs = {"logits_to_keep": 1} if program.generation is None and \
-            _head_reads_last_only(self.tracer.engine, program) else {}
+        kwargs = {"logits_to_keep": 1} if program.generation is None and self.remote is None and \
+            _head_reads_last_only(self.tracer.engine, program) else {}  # a job sends token ids only
         axis_names = {n for names, _ in self.groups for n in names}
         points = [dict(itertools.chain.from_iterable(zip(names, combo, strict=True) for (names, _), combo
                                                      in zip(self.groups, combos, strict=True)))
@@ -218,6 +223,8 @@ class Sweep:
         tokenizer = getattr(self.model, "tokenizer", None)
         names = sorted(set(self.invokes))
         engine, batch_of = self.tracer.engine, self.tracer.target.batch
+        run = engine.run if self.remote is None else \
+            dataclasses.replace(self.remote, quiet=True).runner(engine)  # the bar shows progress
 
         def lengths(row: dict[str, str]) -> tuple[int, ...]:
             if tokenizer is None:
@@ -226,7 +233,7 @@ class Sweep:
 
         def execute(invokes: list[Any], params: dict[str, Any]) -> dict[SaveKey, Any]:
             batch = batch_of(invokes)
-            result = engine.run(plan.program, batch, params, compile=self.compile)[1]
+            result = run(plan.program, batch, params, compile=self.compile)[1]
             if plan.program.generation is None:
                 return result.saved
             return {**steps_as_columns(result.saved),
@@ -247,8 +254,8 @@ class Sweep:
             **self.describe,
             "ir_hash": plan.program.structural_hash(),
             "values": {name: value_digest(value) for name, value in sorted(plan.params.items())},
-            "model": self.tracer.engine.name,
-            "weights": weights_fingerprint(self.tracer.engine.module),
+            **({"model": self.tracer.engine.name, "weights": weights_fingerprint(self.tracer.engine.module)}
+               if self.remote is None else {**self.remote.describe(), "server": self.remote.url}),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
             "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],

@@ -111,15 +111,20 @@ def _int(value: Any, what: str) -> int:
 
 
 # --------------------------------------------------------------------------------------- results
-def encode_result(values: dict[int, Any], stopped: bool) -> bytes:
-    """A result's body: each saved value (by value id) as tensors and how they nest.
-    UnsendableValue for a value that cannot travel (see `unsendable`)."""
+OUTPUT = "generated"  # a generation's ids in a result body (saved values are named value.N)
+
+
+def encode_result(values: dict[int, Any], stopped: bool, output: torch.Tensor | None = None) -> bytes:
+    """A result's body: each saved value (by value id) as tensors and how they nest, and a
+    generation's ids (`output`). UnsendableValue for a value that cannot travel (see `unsendable`)."""
     for i, value in values.items():
         problem = unsendable(value)
         if problem:
             raise UnsendableValue(i, problem)
     tensors: dict[str, torch.Tensor] = {}
     tree = {str(i): _flatten(value, tensors) for i, value in values.items()}
+    if output is not None:
+        tensors[OUTPUT] = output.detach().cpu()
     return save_tensors(_contiguous(tensors), metadata={
         "format": RESULT_FORMAT, "values": json.dumps(tree), "stopped": json.dumps(stopped)})
 
@@ -146,14 +151,14 @@ def unsendable(value: Any) -> str | None:
     return next((p for p in map(unsendable, items) if p), None)
 
 
-def decode_result(body: bytes) -> tuple[dict[int, Any], bool]:
-    """A result body's saved values by id (nested as they were saved), and whether the forward
-    stopped early."""
+def decode_result(body: bytes) -> tuple[dict[int, Any], bool, torch.Tensor | None]:
+    """A result body's saved values by id (nested as they were saved), whether the forward
+    stopped early, and a generation's ids (None for a forward)."""
     metadata, tensors = _read(body, RESULT_FORMAT)
     try:
         tree = json.loads(metadata["values"])
         values = {int(i): _unflatten(node, tensors) for i, node in tree.items()}
-        return values, bool(json.loads(metadata["stopped"]))
+        return values, bool(json.loads(metadata["stopped"])), tensors.get(OUTPUT)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise WireError(f"a malformed result: {type(e).__name__}: {e}") from None
 

@@ -161,6 +161,70 @@ def test_remote_generate_equals_local(server, keys, local, fake, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]
+
+
+def test_a_remote_sweep_equals_local_and_resumes(server, keys, local, fake, tmp_path):
+    vec = torch.randn(32, generator=torch.Generator().manual_seed(0))
+
+    def run(model, out, **where):
+        with model.sweep(SWEEP_PROMPTS, batch_size=2, shard_size=2, out=out, compile="off", progress=False,
+                         **where) as sweep:
+            layer = sweep.param("layer", [0, 2])  # vectorised rows
+            coef = sweep.param("coef", [0.0, 3.0])  # a parameter sent with each job
+            model.model.layers[layer].output[:, -1, :] += coef * vec
+            model.lm_head.output[:, -1, :].save("logits")
+        return sweep
+    server_ = remote(server.url, keys[1], quiet=True)
+    remote_run, local_run = run(fake, tmp_path / "remote", remote=server_), run(local, tmp_path / "local")
+    got, expected = remote_run.results, local_run.results
+    assert got.dims == expected.dims and got["logits"].shape == expected["logits"].shape == (20, 64)
+    torch.testing.assert_close(got["logits"], expected["logits"])
+    # the manifest names the server's model and weights, as a local run of that model does
+    assert got.manifest["server"] == server.url
+    assert (got.manifest["model"], got.manifest["weights"]) == (expected.manifest["model"], expected.manifest["weights"])
+    (tmp_path / "remote" / "shard-00001.safetensors").unlink()
+    with pytest.warns(UserWarning, match="recomputing shard-00001.safetensors"):
+        again = run(fake, tmp_path / "remote", remote=server_)
+    assert again.ran == 2  # exactly the lost shard's prompts
+    torch.testing.assert_close(again.results["logits"], expected["logits"])
+
+
+def test_a_remote_generation_sweep_equals_local(server, keys, local, fake):
+    def run(model, **where):
+        with model.sweep(SWEEP_PROMPTS, batch_size=2, generate={"max_new_tokens": 3}, compile="off",
+                         progress=False, **where) as sweep:
+            with sweep.all():
+                model.model.layers[1].output[:, -1] *= 0.5
+                model.lm_head.output[:, -1].argmax(-1).save("top")
+        return sweep.results
+    got, expected = run(fake, remote=remote(server.url, keys[1], quiet=True)), run(local)
+    assert torch.equal(got["__ids__:prompts"], expected["__ids__:prompts"])
+    assert torch.equal(got["top"], expected["top"]) and got["top"].shape == (5, 3)
+    assert got.texts == expected.texts and len(got.texts["prompts"]) == 5
+
+
+def test_ivx_run_remote_equals_local(server, keys, tiny_dir, tmp_path, monkeypatch, capsys):
+    from interp_dsl.cli import main
+    (tmp_path / "rows.txt").write_text("the eiffel tower\nparis is\nrome\n")
+    exp = tmp_path / "e.ivx"
+    exp.write_text(f'model "{tiny_dir}"\nprompt a = lines("rows.txt")\nsweep layer in [0, 1]\n'
+                   'invoke a {\n    save h = model.model.layers[layer].output[:, -1, :]\n}\n')
+    monkeypatch.setenv("IVX_API_KEY", keys[1])
+    remote_args = ["run", str(exp), "--out", str(tmp_path / "r"), "--remote", server.url, "--quiet"]
+    assert main(remote_args) == 0
+    assert main(["run", str(exp), "--out", str(tmp_path / "l"), "--quiet"]) == 0
+    from interp_dsl import load_results
+    got, expected = load_results(tmp_path / "r"), load_results(tmp_path / "l")
+    assert got["h"].shape == (6, 32)
+    torch.testing.assert_close(got["h"], expected["h"])
+    capsys.readouterr()
+    assert main(remote_args[:-1]) == 0 and "already complete; nothing ran" in capsys.readouterr().out
+    assert main([*remote_args[:4], "--remote", "http://127.0.0.1:9", "--restart"]) == 1
+    assert "cannot reach the server at http://127.0.0.1:9" in capsys.readouterr().err
+    assert main([*remote_args, "--compile", "graph"]) == 2
+
+
 def test_failing_job_reports_the_users_line(server, keys, local, fake):
     def failing(model, where=False):
         with model.trace("the eiffel tower", remote=where):
@@ -294,6 +358,49 @@ def test_stopping_the_server_mid_job_is_a_clear_error(tiny_dir, keys, fake):
     message = str(errors[0])
     assert f"lost the server at {own.url} while job" in message and "was RUNNING" in message
     assert "Traceback" not in message
+
+
+def test_a_server_killed_mid_sweep_keeps_the_shards_and_a_rerun_completes(tiny_dir, keys, tmp_path):
+    """SIGKILL the server while `ivx run --remote` streams a prompt file: the run fails with a
+    clear error, its finished shards stay, and the same command on a new server completes them."""
+    from interp_dsl import load_results
+    (tmp_path / "rows.txt").write_text("".join(f"{w} is in the city of\n" for w in ["rome", "paris"] * 30))
+    exp = tmp_path / "e.ivx"
+    exp.write_text(f'model "{tiny_dir}"\nprompt a = lines("rows.txt")\n'
+                   'invoke a {\n    save h = model.model.layers[1].output[:, -1, :]\n}\n')
+    env = {**os.environ, "IVX_API_KEY": keys[1]}
+
+    def ivx_run(url: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "interp_dsl.cli", "run", str(exp), "--out", str(tmp_path / "r"),
+                                 "--batch-size", "2", "--shard-size", "4", "--quiet", "--remote", url],
+                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    first = Server(tiny_dir, keys[0])
+    client = ivx_run(first.url)
+    manifest = tmp_path / "r" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and client.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.02)
+    first.stop(signal.SIGKILL)
+    _, err = client.communicate(timeout=120)
+    assert client.returncode == 1, err
+    assert f"the server at {first.url}" in err and "Traceback" not in err
+    kept = len(json.loads(manifest.read_text())["shards"])
+    assert 2 <= kept < 15 and not load_results(tmp_path / "r").complete
+    second = Server(tiny_dir, keys[0])
+    try:
+        client = ivx_run(second.url)
+        assert client.wait(timeout=120) == 0, client.communicate()[1]
+    finally:
+        second.stop()
+    results = load_results(tmp_path / "r")
+    assert results.complete and results["h"].shape == (60, 32)
+    local = LanguageModel(tiny_dir)
+    for i in (0, 1, 59):
+        with local.trace(["rome", "paris"][i % 2] + " is in the city of"):
+            h = local.model.layers[1].output[:, -1, :].save()
+        torch.testing.assert_close(results["h"][i], h.value[0])
 
 
 def test_client_errors_before_sending(fake, monkeypatch):
