@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compiler.errors import InterventionError, UnknownModuleError, did_you_mean
+from compiler.ir import SITE_KINDS
 from interp_dsl import fan
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
@@ -15,7 +16,6 @@ from interp_dsl.spans import user_span
 if TYPE_CHECKING:
     from interp_dsl.models import Model
 
-_SITE_KINDS = ("output", "input", "inputs")
 
 
 class Envoy:
@@ -50,7 +50,7 @@ class Envoy:
             return getattr(module, name)
         if hasattr(module, name):
             return getattr(module, name)
-        candidates = [*module._modules, *module._parameters, *_SITE_KINDS]
+        candidates = [*module._modules, *module._parameters, *SITE_KINDS]
         hint = did_you_mean(name, candidates)
         subs = ", ".join(list(module._modules)[:8])
         raise UnknownModuleError.at(
@@ -126,12 +126,12 @@ class Envoy:
         self._write("inputs", value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SITE_KINDS:
+        if name in SITE_KINDS:
             object.__setattr__(self, name, value)  # routed to the property setter
             return
         raise UnknownModuleError.at(
             user_span(), f"cannot set {name!r} on {self._display}",
-            did_you_mean(name, _SITE_KINDS) or "assign to .output, .input or .inputs")
+            did_you_mean(name, SITE_KINDS) or "assign to .output, .input or .inputs")
 
     def next(self, steps: int = 1) -> "Envoy":
         """Refer to the module's next call in this trace (a module called more than once)."""

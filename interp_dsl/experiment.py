@@ -20,7 +20,7 @@ import torch
 
 from compiler import vocabulary
 from compiler.errors import Diagnostic, InterventionError, did_you_mean
-from compiler.ir import Generation, Span
+from compiler.ir import SITE_KINDS, Generation, Span
 from grammar import ast
 from grammar.parser import parse, read_source
 from interp_dsl import fan
@@ -43,7 +43,6 @@ _UNARY = {"-": operator.neg, "+": operator.pos, "~": operator.invert}
 _NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
                "linalg": "torch.linalg", "special": "torch.special", "fft": "torch.fft"}
 _BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in the proxy API
-_SITE_KINDS = ("output", "input", "inputs")
 _DTYPES = vocabulary.DTYPES  # "float32" -> torch.float32
 _VALUE_ATTRIBUTES = ("shape", "dtype", "ndim", "size", "dim")
 
@@ -399,7 +398,7 @@ class _Lowering:
                 current = self.eval(target)
                 value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
             self.env[target.id] = value
-        elif isinstance(target, ast.Attr) and target.name in _SITE_KINDS:
+        elif isinstance(target, ast.Attr) and target.name in SITE_KINDS:
             owner = self.eval(target.obj)
             if not isinstance(owner, (Envoy, Model)):
                 raise _error(target.span, f"only a module's .{target.name} can be assigned")
@@ -490,10 +489,10 @@ class _Lowering:
             return owner.output
         if isinstance(owner, (Envoy, Model)):
             module = owner._module
-            if name in _SITE_KINDS or name == "next" or name in module._modules or name in module._parameters \
+            if name in SITE_KINDS or name == "next" or name in module._modules or name in module._parameters \
                     or name in module._buffers or (name == "generator" and isinstance(owner, LanguageModel)):
                 return getattr(owner, name)
-            declared = [*_SITE_KINDS, "next", *module._modules, *module._parameters, *module._buffers]
+            declared = [*SITE_KINDS, "next", *module._modules, *module._parameters, *module._buffers]
             raise _error(span, f"{owner._display} ({type(module).__name__}) has no submodule, parameter or site {name!r}",
                          did_you_mean(name, declared) or f"its submodules: {', '.join(list(module._modules)[:8]) or 'none'}")
         if isinstance(owner, Proxy):

@@ -10,10 +10,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiler.errors import InterventionError, did_you_mean
-from compiler.ir import Generation
+from compiler.ir import SITE_KINDS, Generation
 from compiler.signatures import GENERATOR
 from interp_dsl import embedded
-from interp_dsl.envoy import _SITE_KINDS, Envoy
+from interp_dsl.envoy import Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Target, Tracer
@@ -22,7 +22,7 @@ from runtime.engine import CompileFallbackWarning as CompileFallbackWarning  # p
 from runtime.engine import Engine
 from runtime.generation import GenerationSpec, positions_of
 from runtime.interpreter import Batch
-from runtime.modes import MODES
+from runtime.modes import compile_mode
 from runtime.sweep import InvokeInput
 
 
@@ -58,15 +58,11 @@ class Model:
         if server is not None and compile not in (None, "auto", "off"):
             raise InterventionError.at(user_span(), f"compile={compile!r} chooses how a local run executes",
                                        "drop it: a remote job runs as its server runs it")
-        compile = compile or os.environ.get("IVX_COMPILE") or "auto"
+        compile = compile_mode(compile, user_span)
         if self._engine.fake_mode is not None and server is None:
             raise InterventionError.at(
                 user_span(), "this model has no weights (built from a config for checking)",
                 "use model.scan(...) to check shapes, run remotely (remote=True), or load real weights to run")
-        if compile not in MODES:
-            raise InterventionError.at(
-                user_span(), f"compile must be one of {', '.join(map(repr, MODES))}, got {compile!r}",
-                did_you_mean(str(compile), MODES))
         tracer = Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile)
         tracer.remote = server
         return tracer
@@ -122,7 +118,7 @@ class Model:
         return getattr(self._envoy, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SITE_KINDS:
+        if name in SITE_KINDS:
             setattr(self._envoy, name, value)
         else:
             object.__setattr__(self, name, value)

@@ -29,7 +29,7 @@ from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
 from runtime.engine import Engine
 from runtime.interpreter import Batch
-from runtime.modes import MODES
+from runtime.modes import compile_mode
 from runtime.results import versions
 from runtime.shards import (
     Annotate,
@@ -73,10 +73,7 @@ class Sweep:
         if self.remote is not None and compile not in (None, "auto", "off"):
             raise InterventionError.at(user_span(), f"compile={compile!r} chooses how a local run executes",
                                        "drop it: a remote job runs as its server runs it")
-        self.compile = compile or os.environ.get("IVX_COMPILE") or "auto"
-        if self.compile not in MODES:
-            raise InterventionError.at(user_span(), f"compile must be one of {', '.join(MODES)}, "
-                                       f"got {self.compile!r}", did_you_mean(str(self.compile), MODES))
+        self.compile = compile_mode(compile, user_span)
         self.shard_size = max(shard_size, batch_size)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.describe = describe or {}

@@ -1,3 +1,21 @@
 """Execution modes, in a module light enough for the command line to import."""
 
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from compiler.errors import InterventionError, did_you_mean
+from compiler.ir import Span
+
 MODES = ("auto", "off", "graph", "inductor", "cudagraphs")
+
+
+def compile_mode(value: str | None, where: Callable[[], Span]) -> str:
+    """`compile=` as given (None: $IVX_COMPILE, else "auto"), checked; an unknown mode is an
+    error at `where()` with the closest name."""
+    mode = value or os.environ.get("IVX_COMPILE") or "auto"
+    if mode not in MODES:
+        raise InterventionError.at(where(), f"compile must be one of {', '.join(map(repr, MODES))}, got {mode!r}",
+                                   did_you_mean(str(mode), MODES))
+    return mode

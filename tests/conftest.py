@@ -8,37 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
-WORDS = ("the eiffel tower is in city of paris colosseum rome madison square garden new york "
-         "located _ a an and to").split()
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<pad>")
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+from helpers import tiny_gpt2, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -66,22 +36,6 @@ def net():
 def smollm():
     from interp_dsl import LanguageModel
     return LanguageModel("smollm2-135m")
-
-
-def layers_of(module):
-    """The decoder layers of a tiny GPT-2 or Llama."""
-    return module.transformer.h if hasattr(module, "transformer") else module.model.layers
-
-
-def run_with_hooks(module, inputs, hooks):
-    """A plain forward with hand-written forward hooks: the independent reference."""
-    handles = [m.register_forward_hook(fn) for m, fn in hooks]
-    try:
-        with torch.no_grad():
-            return module(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, word_tokenizer
+from helpers import DIFF_PROMPTS as PROMPTS
+from helpers import edits, tiny_gpt2, tiny_llama, traced, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_differential import PROMPTS, edits, traced
 from torch.testing import assert_close
 
 from interp_dsl import CompileFallbackWarning, LanguageModel, Model, load_results

@@ -5,52 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama, word_tokenizer
+from helpers import DIFF_PROMPTS as PROMPTS
+from helpers import LAYERS, edits, tiny_llama, traced, vector, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from interp_dsl import LanguageModel
 
-PROMPTS = ("the eiffel tower is in the city of", "rome is in")
-LAYERS, WIDTH = 3, 32
-
-edits = st.one_of(
-    st.tuples(st.just("zero"), st.integers(0, LAYERS - 1), st.integers(-3, 2)),
-    st.tuples(st.just("scale"), st.integers(0, LAYERS - 1), st.floats(-2, 2, allow_nan=False)),
-    st.tuples(st.just("add"), st.integers(0, LAYERS - 1), st.integers(0, 10_000)),
-    st.tuples(st.just("patch"), st.integers(0, LAYERS - 2), st.integers(1, LAYERS - 1)),
-    st.tuples(st.just("save"), st.integers(0, LAYERS - 1)),
-)
-
 
 @pytest.fixture(scope="module")
 def model():
     return LanguageModel(tiny_llama(), tokenizer=word_tokenizer())
-
-
-def vector(seed: int) -> torch.Tensor:
-    return torch.randn(WIDTH, generator=torch.Generator().manual_seed(seed))
-
-
-def traced(model, program, prompt, compile="off"):
-    layers = model.model.layers if hasattr(model.module, "model") else model.transformer.h
-    saves = []
-    with model.trace(prompt, compile=compile):
-        for edit in program:
-            kind, layer = edit[0], edit[1]
-            if kind == "zero":
-                layers[layer].output[:, edit[2], :] = 0
-            elif kind == "scale":
-                layers[layer].output *= edit[2]
-            elif kind == "add":
-                layers[layer].output = layers[layer].output + vector(edit[2])
-            elif kind == "patch" and edit[1] < edit[2]:
-                layers[edit[2]].output[:, -1, :] = layers[edit[1]].output[:, 0, :]
-            elif kind == "save":
-                saves.append(layers[layer].output.save())
-        logits = model.lm_head.output.save()
-    return [s.value for s in saves], logits.value
 
 
 def hooked(model, program, prompt):

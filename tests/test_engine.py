@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_with_hooks, tiny_llama, word_tokenizer
+from helpers import run_with_hooks, tiny_llama, word_tokenizer
 from torch.testing import assert_close
 
 from compiler.ir import Op, Program, Ref, Site

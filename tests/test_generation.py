@@ -6,22 +6,14 @@ import warnings
 
 import pytest
 import torch
+from helpers import GEN_PROMPTS as PROMPTS
+from helpers import WORDS, endless, layers, layers_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import interp_dsl
-from interp_dsl import InterventionError, LanguageModel
+from interp_dsl import InterventionError
 from runtime.generation_compiled import CACHE_BUCKET
-from tests.conftest import WORDS, layers_of, tiny_gpt2, tiny_llama, word_tokenizer
-
-PROMPTS = ["the eiffel tower is in the city of", "paris is a city"]
-
-
-def endless(kind):
-    """A tiny LM that never stops early (no EOS), so every step runs."""
-    module = tiny_gpt2() if kind == "gpt2" else tiny_llama()
-    module.config.eos_token_id = None
-    return LanguageModel(module, tokenizer=word_tokenizer())
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -33,10 +25,6 @@ def gen(request):
 def shared_gen(request):
     """One model for all examples of a property test (compiled graphs accumulate on it)."""
     return endless(request.param)
-
-
-def layers(model):
-    return model.transformer.h if hasattr(model.module, "transformer") else model.model.layers
 
 
 def embed(model):
@@ -145,12 +133,22 @@ def test_invokes_generate_as_one_batch_and_cross_prompt_writes(gen):
 
 
 def test_saved_list_collects_one_value_per_step(gen):
-    with gen.generate(PROMPTS[0], max_new_tokens=4) as tracer:
+    with gen.generate(PROMPTS[0], max_new_tokens=4, compile="off") as tracer:
         states = interp_dsl.list().save()
         with tracer.all():
             states.append(layers(gen)[-1].output)
-    assert len(states) == 4 and all(isinstance(s, torch.Tensor) for s in states)
-    assert [s.shape[1] for s in states][1:] == [1, 1, 1]
+    # the reference: a hook on the same layer during HF's own greedy generate
+    module, seen = gen._engine.module, []
+    last = module.transformer.h[-1] if hasattr(module, "transformer") else module.model.layers[-1]
+    handle = last.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        enc = gen.tokenizer(PROMPTS[0], return_tensors="pt")
+        module.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=gen.tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert len(states) == len(seen) == 4 and [s.shape[1] for s in states][1:] == [1, 1, 1]
+    for state, expected in zip(states, seen, strict=True):
+        torch.testing.assert_close(state, expected)
 
 
 def test_sampling_is_seeded(gen):
@@ -234,7 +232,7 @@ def test_compilations_are_bounded_by_buckets(llama):
         buckets.add((len(chunk), -(-width // CACHE_BUCKET)))
     stats = llama.compile_stats()
     assert stats.fallbacks == 0 and stats.calls == 13 * 19
-    assert stats.compilations <= len(buckets) <= 4
+    assert stats.compilations == len(buckets) == 2  # exactly one per bucket: batches of 8 and of 4, one cache length
 
 
 def test_cross_step_flow_falls_back_with_a_reason(gen):

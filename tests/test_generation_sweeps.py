@@ -12,8 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llama, word_tokenizer
-from test_sweeps import dataset
+from helpers import dataset, tiny_llama, word_tokenizer
 
 from interp_dsl import LanguageModel, load_results
 from interp_dsl.cli import main

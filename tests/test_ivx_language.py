@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import word_tokenizer
+from helpers import word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, word_tokenizer
+from helpers import tiny_llama, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import einops
 import pytest
 import torch
-from conftest import layers_of, run_with_hooks
+from helpers import layers_of, run_with_hooks
 from torch.testing import assert_close
 
 from interp_dsl import CheckError, ExecutionError, InterventionError, UnknownModuleError

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import tiny_llama, word_tokenizer
+from helpers import tiny_llama, word_tokenizer
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.testing import assert_close
 
@@ -132,3 +132,15 @@ def test_random_weights_for_a_huge_config_are_refused():
     config = AutoConfig.from_pretrained("examples/configs/llama-3-70b.json")
     with pytest.raises(InterventionError, match=r"(?s)need \d+ GiB.*ivx check"):
         LanguageModel(config)
+
+
+def test_an_unknown_compile_mode_is_one_error_wherever_it_is_given(monkeypatch):
+    model = LanguageModel(tiny_llama(), tokenizer=word_tokenizer())
+    for start in (lambda: model.trace("paris", compile="grpah"), lambda: model.sweep(["paris"], compile="grpah")):
+        with pytest.raises(InterventionError, match=r"compile must be one of 'auto', 'off', 'graph', 'inductor', "
+                                                    r"'cudagraphs', got 'grpah'") as err:
+            start()
+        assert "did you mean 'graph'" in str(err.value) and f"{__file__}:" in str(err.value)
+    monkeypatch.setenv("IVX_COMPILE", "inductr")  # the environment's default is checked the same way
+    with pytest.raises(InterventionError, match="got 'inductr'"):
+        model.trace("paris")

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, word_tokenizer
+from helpers import dataset, tiny_llama, word_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from test_sweeps import dataset
 
 import runtime.shards
 from interp_dsl import LanguageModel, load_results

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_with_hooks
+from helpers import run_with_hooks
 from torch.testing import assert_close
 
 from interp_dsl import CheckError

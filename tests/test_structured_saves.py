@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+from helpers import GEN_PROMPTS as PROMPTS
+from helpers import endless, layers
 
 from compiler.errors import InterventionError
 from compiler.ir import Const, Generation, Op, Program, Ref, SaveKey, Site, dumps, from_json, loads, to_json
@@ -20,7 +22,6 @@ from interp_dsl import Model
 from interp_dsl.experiment import experiment_from_text, lower
 from interp_dsl.sweeps import steps_as_columns
 from runtime.sweep import SweepPlan, _as_rows
-from tests.test_generation import PROMPTS, endless, layers
 
 FORWARD = Program((Op("read", 0, site=Site("layer1", "output")), Op("call", 1, target="mul", args=(Ref(0), Const(2))),
                    Op("save", target="h", args=(Ref(1),))))

@@ -14,26 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, tiny_llama, word_tokenizer
+from helpers import dataset, layers, tiny_llama, word_tokenizer
 
 from interp_dsl import LanguageModel, PromptFile, load_results
 from interp_dsl.cli import main
 
 PROMPTS = ["the eiffel tower is in", "paris is a city", "rome", "the colosseum is in the city of rome",
            "new york", "madison square garden is located in new york", "a city"]
-
-
-def layers(model):
-    return model.model.layers if hasattr(model, "model") else model.transformer.h
-
-
-def dataset(path: Path, n: int, seed: int = 0) -> Path:
-    import random
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))}) + "\n")
-    return path
 
 
 def steer_one(model, prompt, coef, vec):
@@ -90,7 +77,8 @@ def test_patching_every_layer_is_vectorised_into_one_graph(lm, mode):
             torch.testing.assert_close(grid[i, layer_index], patch_one(lm, PROMPTS[i], PROMPTS[::-1][i], layer_index))
     if mode == "graph":
         stats = lm.compile_stats()
-        assert stats.artefacts == 1 and stats.compilations <= 2 and stats.fallbacks == 0  # not one per layer
+        # not one per layer: one capture, then one recompile with a dynamic length (the two batches differ)
+        assert stats.artefacts == 1 and stats.compilations == 2 and stats.fallbacks == 0
 
 
 def test_fanned_saves_and_zipped_parameters(llama):
@@ -147,7 +135,6 @@ def test_passes_stop_early_and_compute_the_head_at_the_last_position_only(llama)
 
 
 def test_saves_must_be_per_prompt(llama):
-    from interp_dsl.sweeps import Sweep
     from runtime.sweep import SweepError
     with pytest.raises(SweepError, match=r"must not depend on prompt length") as err:
         with llama.sweep(PROMPTS, batch_size=2, compile="off"):
@@ -156,7 +143,6 @@ def test_saves_must_be_per_prompt(llama):
     with pytest.raises(SweepError, match="keeps the batch dimension"):
         with llama.sweep(PROMPTS, batch_size=2, compile="off"):
             llama.model.layers[0].output.mean().save("m")
-    assert Sweep is not None
 
 
 def test_prompt_files_stream_with_located_errors(tmp_path, llama):

@@ -36,7 +36,8 @@ def test_getting_outputs_and_inputs(tiny, net, x):
     assert_close(l1.value, net.layer1(x))
     assert_close(l2_input.value, net.layer1(x))
     args, kwargs = l2_inputs.value
-    assert_close(args[0], net.layer1(x)) and kwargs == {}
+    assert_close(args[0], net.layer1(x))
+    assert kwargs == {}
 
 
 def test_unsaved_value_is_not_available(tiny, x):
