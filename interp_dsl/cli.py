@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the experiment is invalid (or failed while running), 2 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -240,9 +241,11 @@ def _run(args: argparse.Namespace) -> int:
     server = None
     if args.remote and args.compile not in (None, "auto", "off"):
         raise _usage("--compile chooses how a local run executes; a remote job runs as its server runs it")
-    if args.remote:
+    if args.remote is not None:
+        if not args.remote.startswith(("http://", "https://")):
+            raise _usage(f"--remote takes the server's URL, http://HOST:PORT; found {args.remote!r}")
         from interp_dsl.client import remote
-        server = remote(args.remote, quiet=args.quiet)
+        server = dataclasses.replace(remote(args.remote, quiet=args.quiet), origin=Span(f"--remote {args.remote}", 0))
     model = resolve_model(exp, args.model, weights="fake") if server else resolve_model(exp, args.model)
     out = Path(args.out or Path("runs") / exp.path.stem)
     if out.exists() and not out.is_dir():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -19,13 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from compiler import errors
 from compiler.check import IncrementalTyper, TypedProgram
 from compiler.errors import InterventionError
-from compiler.ir import Program, by_name, dumps
+from compiler.ir import Program, Span, by_name, dumps
+from compiler.shape_rules import is_tensor_like
 from compiler.validate import PayloadError
 from interp_dsl.spans import user_span
-from interp_dsl.wire import WireError, decode_result, diagnostics_of, encode_job, unsendable
+from interp_dsl.wire import WireError, decode_result, diagnostics_of, encode_job, result_bytes, unsendable
 from runtime.engine import Engine
 from runtime.interpreter import Batch, RunResult
 
@@ -49,6 +53,10 @@ class Remote:
     api_key: str | None = None
     quiet: bool = False
     timeout: float = 60.0  # seconds for one HTTP request
+    origin: Span | None = None  # where errors point when no user code is on the stack (`--remote URL`)
+
+    def _where(self) -> Span:
+        return self.origin or user_span()
 
     def runner(self, engine: Engine) -> Callable[..., tuple[TypedProgram, RunResult]]:
         """`Engine.run`'s signature, run on this server (checked on `engine` first)."""
@@ -61,34 +69,47 @@ class Remote:
         typed, checked = engine.run(program, batch, params, execute=False, typer=typer, ids=ids)
         if not execute:
             return typed, checked
-        where = user_span()
+        where = self._where()
         for op in program.ops:
             problem = unsendable(checked.values.get(op.args[0].id)) if op.opcode == "save" else None  # type: ignore[union-attr]
             if problem:
                 raise RemoteError.at(op.span, problem, "save the tensors inside it instead (index into the value)")
         body = self._body(program, batch, params, where)
         job = self._send("POST", "/v1/jobs", body, where)
-        job_id = str(job.get("id", "?"))
+        job_id = job.get("id")
+        if not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
+            raise RemoteError.at(where, f"{self.url} answered a job without a well-formed id; is it an `ivx serve`?")
         self._say(job_id, "RECEIVED", f"by {self.url}")
         final = self._follow(job, job_id, where)
         if final["status"] == "ERROR":
             error = final.get("error") if isinstance(final.get("error"), dict) else {}
             self._say(job_id, "ERROR", str(error.get("error", "the job failed")))
             raise _job_error(error, job_id, where)
-        result = self._fetch(f"/v1/jobs/{job_id}/result", job_id, where)
+        limit = 2 * (result_bytes(checked.values) + _output_bytes(program, batch)) + 2**24
+        result = self._http("GET", f"/v1/jobs/{job_id}/result", None, where, job_id, "COMPLETED", limit)
         try:
             values, stopped, output = decode_result(result)
         except WireError as e:
             raise RemoteError.at(where, f"job {job_id}: the server sent an unreadable result: {e}") from None
+        problem = result_problem(program, checked.values, values, output, batch)
+        if problem:
+            raise RemoteError.at(where, f"job {job_id}: the server's result does not fit the program checked here: "
+                                        f"{problem}", "is the server an `ivx serve` of this model?")
         self._say(job_id, "COMPLETED", f"{len(result)} bytes")
         saved = {op.save_key: values[op.args[0].id] for op in program.ops  # as the interpreter keeps them
                  if op.opcode == "save" and op.args[0].id in values}  # type: ignore[union-attr]
         return typed, RunResult(output=output, saves=by_name(saved), values=values, saved=saved, stopped=stopped)
 
-    def describe(self) -> dict[str, Any]:
-        """The server's model name and weight fingerprint (a sweep's identity records them)."""
-        health = self._send("GET", "/v1/health", None, user_span())
-        return {"model": str(health.get("model")), "weights": str(health.get("weights"))}
+    def describe(self) -> dict[str, str]:
+        """The server's model name, weight fingerprint and parameter-shape fingerprint (a
+        sweep's identity records the first two; the third must match the local model's)."""
+        health = self._send("GET", "/v1/health", None, self._where())
+        model, weights, shapes = (health.get(k) for k in ("model", "weights", "architecture"))
+        if not (isinstance(model, str) and model and all(isinstance(f, str) and FINGERPRINT.fullmatch(f)
+                                                         for f in (weights, shapes))):
+            raise RemoteError.at(self._where(), f"{self.url}/v1/health does not name the model, weights and "
+                                                "architecture it serves; is it an `ivx serve` of this version?")
+        return {"model": model, "weights": weights, "architecture": shapes}
 
     # ------------------------------------------------------------------------------ the job
     def _body(self, program: Program, batch: Batch, params: dict[str, Any], where: Any) -> bytes:
@@ -136,18 +157,21 @@ class Remote:
             raise RemoteError.at(where, f"{self.url}{path} did not answer with JSON; is it an `ivx serve`?")
         return reply
 
-    def _fetch(self, path: str, job_id: str, where: Any) -> bytes:
-        return self._http("GET", path, None, where, job_id, "COMPLETED")
-
     def _http(self, method: str, path: str, body: bytes | None, where: Any, job_id: str | None,
-              state: str | None) -> bytes:
+              state: str | None, limit: int = 2**24) -> bytes:
+        """One request; the answer's body, at most `limit` bytes. Redirects are not followed: the
+        key would travel with them."""
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url.rstrip("/") + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                data = response.read(limit + 1)
+                if len(data) > limit:
+                    raise RemoteError.at(where, f"{self.url}{path} answered more than the {limit} bytes expected "
+                                                "for it; the answer is dropped")
+                return data
         except urllib.error.HTTPError as e:
             raise _refusal(e, job_id, where) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
@@ -166,6 +190,72 @@ class Remote:
                                  "trace again once it is back") from None
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None  # the 3xx answer is raised as an HTTPError, then explained by `_refusal`
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect())
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+
+
+def _output_bytes(program: Program, batch: Batch) -> int:
+    if program.generation is None:
+        return 0
+    ids = batch.kwargs["input_ids"]
+    return ids.shape[0] * (ids.shape[1] + program.generation.max_new_tokens) * 8
+
+
+def result_problem(program: Program, expected: dict[int, Any], got: dict[int, Any], output: Any,
+                   batch: Batch) -> str | None:
+    """What in a server's result contradicts the local check of `program` on `batch`: a save
+    missing (only a generation step after every row ended may be), another structure, shape or
+    dtype, or generated ids that do not continue these prompts. None when it fits."""
+    for op in program.ops:
+        if op.opcode != "save" or op.args[0].id not in expected:  # type: ignore[union-attr]
+            continue
+        value_id = op.args[0].id  # type: ignore[union-attr]
+        if value_id not in got:
+            if op.step is not None:  # a step that did not run: every row had ended
+                continue
+            return f"save {op.target} is missing"
+        problem = _value_problem(expected[value_id], got[value_id], exact=program.generation is None)
+        if problem:
+            return f"save {op.target}: {problem}"
+    ids = batch.kwargs["input_ids"]
+    if output is None:
+        return None
+    if program.generation is None:
+        return "it holds generated ids, and this program does not generate"
+    longest = ids.shape[1] + program.generation.max_new_tokens
+    if not (isinstance(output, torch.Tensor) and output.dtype == torch.int64 and output.dim() == 2
+            and output.shape[0] == ids.shape[0] and ids.shape[1] <= output.shape[1] <= longest
+            and torch.equal(output[:, :ids.shape[1]], ids)):
+        return (f"the generated ids are not int64 [{ids.shape[0]}, {ids.shape[1]}..{longest}] continuing "
+                "the prompts sent")
+    return None
+
+
+def _value_problem(expected: Any, got: Any, exact: bool) -> str | None:
+    want, have = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
+    if len(want) != len(have):
+        return f"{len(have)} values where {len(want)} were expected"
+    for e, g in zip(want, have, strict=True):
+        if is_tensor_like(e) != isinstance(g, torch.Tensor):
+            return f"a {type(g).__name__} where {'a tensor' if is_tensor_like(e) else type(e).__name__} was expected"
+        if not is_tensor_like(e):
+            continue
+        if g.dtype != e.dtype or g.dim() != e.dim() or (exact and any(
+                isinstance(n, int) and n != m for n, m in zip(e.shape, g.shape, strict=True))):
+            return f"{_kind(g)} where {_kind(e)} was expected"
+    return None
+
+
+def _kind(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
 def _refusal(e: urllib.error.HTTPError, job_id: str | None, where: Any) -> RemoteError:
     """An HTTP error answer as a located error, with the server's reason and the limit named."""
     try:
@@ -174,6 +264,10 @@ def _refusal(e: urllib.error.HTTPError, job_id: str | None, where: Any) -> Remot
         body = {}
     reason = body.get("error") if isinstance(body, dict) else None
     what = f"job {job_id}" if job_id else "the job"
+    if 300 <= e.code < 400:
+        return RemoteError.at(where, f"the server answered {e.code}, a redirect to {e.headers.get('Location')!r}, "
+                                     "which the client does not follow (your key would go with it)",
+                              "use the URL it redirects to, if you trust it")
     message = f"the server refused {what} ({e.code}): {reason or e.reason}"
     hints = {401: "pass a key: interp_dsl.remote(url, api_key) or IVX_API_KEY",
              413: "send less: fewer or shorter prompts, smaller params, fewer saves",

@@ -29,7 +29,7 @@ from compiler.errors import InterventionError
 from compiler.ir import Program, Span, loads
 from interp_dsl.keys import Key
 from interp_dsl.models import LanguageModel
-from interp_dsl.sweeps import weights_fingerprint
+from interp_dsl.sweeps import architecture_fingerprint, weights_fingerprint
 from interp_dsl.wire import Job, UnsendableValue, decode_job, diagnostics_json, encode_result, result_bytes
 from runtime.interpreter import Batch
 
@@ -89,6 +89,7 @@ class JobQueue:
     def __init__(self, model: LanguageModel):
         self.model = model
         self.weights = weights_fingerprint(model._engine.module)  # sweeps record whose numbers they hold
+        self.architecture = architecture_fingerprint(model._engine.module)  # clients check theirs matches
         self.jobs: dict[str, JobRecord] = {}
         self.waiting: deque[JobRecord] = deque()
         self.lock = threading.Condition()
@@ -151,7 +152,7 @@ class JobQueue:
         with self.lock:
             running = sum(1 for j in self.jobs.values() if j.status == RUNNING)
             return {"status": "closing" if self.closing else "ok", "model": self.model._engine.name,
-                    "weights": self.weights,
+                    "weights": self.weights, "architecture": self.architecture,
                     "queued": len(self.waiting), "running": running}
 
     def close(self, timeout: float | None = None) -> None:

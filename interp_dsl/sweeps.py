@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import inspect
 import itertools
-import os
 import sys
 import warnings
 from collections.abc import Iterable
@@ -244,6 +243,18 @@ class Sweep:
             run_sweep(plan, lambda: zip_rows(self.sources), execute, sink, lengths, advance,
                       ", ".join(_source_text(s) for s in self.sources.values()))
 
+    def _served(self) -> dict[str, str]:
+        """A remote sweep's model and weights, as the server names them; its parameters must have
+        the local model's names and shapes (the program was checked against those)."""
+        served = self.remote.describe()  # type: ignore[union-attr]
+        if served["architecture"] != architecture_fingerprint(self.tracer.engine.module):
+            raise InterventionError.at(
+                self.remote.origin or user_span(),  # type: ignore[union-attr]
+                f"the server at {self.remote.url} serves {served['model']}, whose parameters differ in names "  # type: ignore[union-attr]
+                f"or shapes from those of {self.tracer.engine.name}, which this sweep was checked against",
+                "check against the model the server serves (--model, or LanguageModel(name, weights='fake'))")
+        return {"model": served["model"], "weights": served["weights"], "server": self.remote.url}  # type: ignore[union-attr]
+
     def _header(self, plan: SweepPlan) -> dict[str, Any]:
         dims = [("+".join(names), len(values)) for names, values in self.groups]
         dims += [(name, len(values)) for name, values in plan.fan_axes.items()]
@@ -252,7 +263,7 @@ class Sweep:
             "ir_hash": plan.program.structural_hash(),
             "values": {name: value_digest(value) for name, value in sorted(plan.params.items())},
             **({"model": self.tracer.engine.name, "weights": weights_fingerprint(self.tracer.engine.module)}
-               if self.remote is None else {**self.remote.describe(), "server": self.remote.url}),
+               if self.remote is None else self._served()),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
             "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
@@ -390,6 +401,16 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
                 else (flat.long().sum(), flat.long().square().sum())
             h.update(repr([*sample.tolist(), *(float(x) for x in stats)]).encode())
     return h.hexdigest()[:16]
+
+
+def architecture_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of the parameters' and buffers' names, shapes and dtypes: equal for a model and its
+    config-only twin, which holds some buffers as parameters (a remote client checks the server
+    serves what it was checked against)."""
+    tensors = {**dict(module.named_buffers(remove_duplicate=False)),
+               **dict(module.named_parameters(remove_duplicate=False))}  # tied weights under each name
+    text = ";".join(f"{n}{tuple(t.shape)}{t.dtype}" for n, t in sorted(tensors.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class _Progress:

@@ -71,7 +71,7 @@ def decode_job(body: bytes) -> Job:
         raise WireError("the job's metadata needs 'program' (IR JSON) and 'job'")
     try:
         job = json.loads(metadata["job"])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise WireError(f"the job's 'job' metadata is not JSON: {e}") from None
     if not isinstance(job, dict) or set(job) != {"rows", "pad_id", "params"}:
         raise WireError("the job's 'job' metadata is an object with rows, pad_id and params")
@@ -159,8 +159,8 @@ def decode_result(body: bytes) -> tuple[dict[int, Any], bool, torch.Tensor | Non
         tree = json.loads(metadata["values"])
         values = {int(i): _unflatten(node, tensors) for i, node in tree.items()}
         return values, bool(json.loads(metadata["stopped"])), tensors.get(OUTPUT)
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise WireError(f"a malformed result: {type(e).__name__}: {e}") from None
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise WireError(f"a malformed result: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def result_bytes(values: dict[int, Any]) -> int:

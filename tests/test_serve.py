@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import word_tokenizer
 
 from compiler.errors import ExecutionError, InterventionError
 from interp_dsl import LanguageModel
@@ -221,7 +223,10 @@ def test_ivx_run_remote_equals_local(server, keys, tiny_dir, tmp_path, monkeypat
     capsys.readouterr()
     assert main(remote_args[:-1]) == 0 and "already complete; nothing ran" in capsys.readouterr().out
     assert main([*remote_args[:4], "--remote", "http://127.0.0.1:9", "--restart"]) == 1
-    assert "cannot reach the server at http://127.0.0.1:9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach the server at http://127.0.0.1:9" in err and "runpy" not in err
+    assert err.startswith("--remote http://127.0.0.1:9")  # the error names the flag, not our internals
+    assert main([*remote_args[:4], "--remote", ""]) == 2  # an empty URL (an unset variable) is not "local"
     assert main([*remote_args, "--compile", "graph"]) == 2
 
 
@@ -401,6 +406,121 @@ def test_a_server_killed_mid_sweep_keeps_the_shards_and_a_rerun_completes(tiny_d
         with local.trace(["rome", "paris"][i % 2] + " is in the city of"):
             h = local.model.layers[1].output[:, -1, :].save()
         torch.testing.assert_close(results["h"][i], h.value[0])
+
+
+class Mangler:
+    """A server in front of a real `ivx serve` that alters its answers as a broken or hostile one
+    would; the client must refuse each alteration, never store it."""
+
+    def __init__(self, upstream: str, mode: str):
+        import http.server
+        self.upstream, self.mode, self.requests = upstream, mode, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer._answer(self, None)
+
+            def do_POST(self):
+                outer._answer(self, self.rfile.read(int(self.headers["Content-Length"])))
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _answer(self, handler, body):
+        self.requests.append(handler.path)
+        if self.mode == "redirect":
+            handler.send_response(302)
+            handler.send_header("Location", f"http://localhost:{self.server.server_address[1]}{handler.path}")
+            handler.end_headers()
+            return
+        request = urllib.request.Request(self.upstream + handler.path, data=body, method=handler.command,
+                                         headers={k: v for k, v in handler.headers.items() if k != "Host"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                status, data = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, data = e.code, e.read()
+        data = self._alter(handler.path, data)
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _alter(self, path: str, data: bytes) -> bytes:
+        from safetensors.torch import save as save_tensors
+
+        from interp_dsl.wire import RESULT_FORMAT, decode_result, encode_result
+        if path == "/v1/health" and self.mode == "health":
+            return json.dumps({k: v for k, v in json.loads(data).items() if k != "architecture"}).encode()
+        if path == "/v1/jobs" and self.mode == "job id":
+            return json.dumps({**json.loads(data), "id": "../../v1/health"}).encode()
+        if not path.endswith("/result"):
+            return data
+        values, stopped, output = decode_result(data)
+        if self.mode == "drop":
+            values = {}
+        elif self.mode == "shape":
+            values = {i: v[..., :1] for i, v in values.items()}
+        elif self.mode == "ids":
+            output = output.clone()
+            output[:, 0] += 1  # not the prompt this client sent
+        elif self.mode == "nested":
+            return save_tensors({}, metadata={"format": RESULT_FORMAT, "values": "[" * 100_000, "stopped": "false"})
+        return encode_result(values, stopped, output)
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("drop", "the server's result does not fit the program checked here: save logits is missing"),
+    ("shape", "save logits: float32[4, 1] where float32[4, 64] was expected"),
+    ("nested", "the server sent an unreadable result: a malformed result: RecursionError"),
+    ("health", "/v1/health does not name the model, weights and architecture it serves"),
+    ("job id", "answered a job without a well-formed id"),
+    ("redirect", "a redirect to 'http://localhost:"),
+])
+def test_a_broken_server_is_refused_and_nothing_is_stored(server, keys, fake, tmp_path, mode, message):
+    mangler = Mangler(server.url, mode)
+    try:
+        with pytest.raises(RemoteError, match=re.escape(message)) as err:
+            with fake.sweep(SWEEP_PROMPTS[:2], batch_size=2, out=tmp_path / "out", compile="off", progress=False,
+                            remote=remote(mangler.url, keys[1], quiet=True)) as sweep:
+                layer = sweep.param("layer", [0, 2])
+                fake.model.layers[layer].output[:, -1, :] *= 2.0
+                fake.lm_head.output[:, -1, :].save("logits")
+    finally:
+        mangler.close()
+    assert f"{__file__}:" in str(err.value)
+    assert not list((tmp_path / "out").glob("shard-*"))  # nothing of it was written
+    if mode == "redirect":
+        assert len(mangler.requests) == 1  # not followed: the key went nowhere else
+
+
+def test_generated_ids_that_do_not_continue_the_prompts_are_refused(server, keys, fake):
+    mangler = Mangler(server.url, "ids")
+    try:
+        with pytest.raises(RemoteError, match="the generated ids are not int64 .* continuing the prompts sent"):
+            with fake.sweep(SWEEP_PROMPTS[:2], batch_size=2, generate={"max_new_tokens": 2}, compile="off",
+                            progress=False, remote=remote(mangler.url, keys[1], quiet=True)):
+                fake.model.layers[1].output[:, -1] *= 0.5
+    finally:
+        mangler.close()
+
+
+def test_a_server_of_another_architecture_is_refused(server, keys, tmp_path):
+    from transformers import LlamaConfig
+    other = LanguageModel(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2), weights="fake",
+                          tokenizer=word_tokenizer())
+    with pytest.raises(InterventionError, match=r"serves .*, whose parameters differ in names or shapes"):
+        with other.sweep(SWEEP_PROMPTS[:2], batch_size=2, compile="off", progress=False,
+                         remote=remote(server.url, keys[1], quiet=True)):
+            other.lm_head.output[:, -1, :].save("logits")
 
 
 def test_client_errors_before_sending(fake, monkeypatch):
