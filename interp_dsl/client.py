@@ -103,7 +103,7 @@ class Remote:
     def describe(self) -> dict[str, str]:
         """The server's model name, weight fingerprint and parameter-shape fingerprint (a
         sweep's identity records the first two; the third must match the local model's)."""
-        health = self._send("GET", "/v1/health", None, self._where())
+        health = self._send("GET", "/v1/health", None, self._where(), key=False)  # public: no key sent
         model, weights, shapes = (health.get(k) for k in ("model", "weights", "architecture"))
         if not (isinstance(model, str) and model and all(isinstance(f, str) and FINGERPRINT.fullmatch(f)
                                                          for f in (weights, shapes))):
@@ -147,8 +147,8 @@ class Remote:
 
     # ------------------------------------------------------------------------------ HTTP
     def _send(self, method: str, path: str, body: bytes | None, where: Any, job_id: str | None = None,
-              state: str | None = None) -> dict[str, Any]:
-        data = self._http(method, path, body, where, job_id, state)
+              state: str | None = None, key: bool = True) -> dict[str, Any]:
+        data = self._http(method, path, body, where, job_id, state, key=key)
         try:
             reply = json.loads(data)
         except ValueError:
@@ -158,11 +158,11 @@ class Remote:
         return reply
 
     def _http(self, method: str, path: str, body: bytes | None, where: Any, job_id: str | None,
-              state: str | None, limit: int = 2**24) -> bytes:
-        """One request; the answer's body, at most `limit` bytes. Redirects are not followed: the
-        key would travel with them."""
+              state: str | None, limit: int = 2**24, key: bool = True) -> bytes:
+        """One request; the answer's body, at most `limit` bytes; the API key goes only where it
+        is needed (`key`). Redirects are not followed: the key would travel with them."""
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
-        if self.api_key:
+        if self.api_key and key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url.rstrip("/") + path, data=body, method=method, headers=headers)
         try:

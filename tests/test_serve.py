@@ -431,7 +431,7 @@ class Mangler:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _answer(self, handler, body):
-        self.requests.append(handler.path)
+        self.requests.append((handler.path, "Authorization" in handler.headers))
         if self.mode == "redirect":
             handler.send_response(302)
             handler.send_header("Location", f"http://localhost:{self.server.server_address[1]}{handler.path}")
@@ -499,6 +499,8 @@ def test_a_broken_server_is_refused_and_nothing_is_stored(server, keys, fake, tm
     assert not list((tmp_path / "out").glob("shard-*"))  # nothing of it was written
     if mode == "redirect":
         assert len(mangler.requests) == 1  # not followed: the key went nowhere else
+    if mode == "drop":  # the key goes with jobs, not to the public health check
+        assert ("/v1/health", False) in mangler.requests and ("/v1/jobs", True) in mangler.requests
 
 
 def test_generated_ids_that_do_not_continue_the_prompts_are_refused(server, keys, fake):
