@@ -110,7 +110,6 @@ def twin_generate_steering(m, point):
                 torch.argmax(m.lm_head.output[:, -1, :], dim=-1).save("top")
             with tracer.iter[0]:
                 torch.softmax(m.lm_head.output[:, -1, :], dim=-1)[:, paris(m)].save("p_paris")
-            m.generator.output.save("ids")
     return tracer
 
 

@@ -67,6 +67,8 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 prompts x layer[30] = 30 rows" in out and "p_paris: float32[rows]" in out
     assert "%0 = read model.layers.29.output@0 : f32[1, 9, 576]" in out
+    # the steered generation over a dataset, as `ivx show` prints it
+    assert "[coef=1.0] 'Everyone knows that The Brandenburg Gate can be found in' -> \" Paris" in out
 
 
 def test_readme_shows_the_patching_example_verbatim():
