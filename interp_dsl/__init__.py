@@ -17,6 +17,8 @@ from interp_dsl import einops_backend as _einops_backend  # noqa: F401  (registe
 from interp_dsl.client import Remote as Remote
 from interp_dsl.client import RemoteError as RemoteError
 from interp_dsl.client import remote as remote
+from interp_dsl.cluster import RayCluster as RayCluster
+from interp_dsl.cluster import ray_cluster as ray_cluster
 from interp_dsl.models import CompileFallbackWarning as CompileFallbackWarning
 from interp_dsl.models import LanguageModel as LanguageModel
 from interp_dsl.models import Model as Model

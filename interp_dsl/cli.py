@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--remote", metavar="URL",
                      help="run every batch as a job on an `ivx serve` at URL (key: $IVX_API_KEY); "
                           "results are written here, resumable as a local run's")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where shards are computed: here (default), or by workers on a Ray cluster, each "
+                          "holding the model; results are written here either way")
+    run.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                     help="with --executor ray: the cluster to join (default: start a local Ray instance)")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="with --executor ray: model copies computing shards (default: one per GPU, "
+                          "or one per node)")
     run.add_argument("--restart", action="store_true",
                      help="discard the results already in --out (manifest.json and its shards) and start over")
     run.add_argument("--compile", choices=MODES,
@@ -246,7 +254,8 @@ def _run(args: argparse.Namespace) -> int:
             raise _usage(f"--remote takes the server's URL, http://HOST:PORT; found {args.remote!r}")
         from interp_dsl.client import remote
         server = dataclasses.replace(remote(args.remote, quiet=args.quiet), origin=Span(f"--remote {args.remote}", 0))
-    model = resolve_model(exp, args.model, weights="fake") if server else resolve_model(exp, args.model)
+    cluster = _cluster(args)
+    model = resolve_model(exp, args.model, weights="fake") if server or cluster else resolve_model(exp, args.model)
     out = Path(args.out or Path("runs") / exp.path.stem)
     if out.exists() and not out.is_dir():
         raise _usage(f"--out {out} is a file; results go in a directory")
@@ -254,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
                     shard_size=args.shard_size, progress=False if args.quiet else None, restart=args.restart,
-                    remote=server or False)
+                    remote=server or False, executor=cluster or "local")
     except InterventionError as e:
         if not _kept_shards(e, out, started):
             raise
@@ -265,6 +274,21 @@ def _run(args: argparse.Namespace) -> int:
         done = "already complete; nothing ran" if not run.ran else f"ran {run.ran} prompts"
         print(f"{done}; results in {out}/ (interp_dsl.load_results, ivx show)")
     return EXIT_OK
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    """The Ray cluster of `--executor ray` (the driver then reads only the model's config)."""
+    if args.executor != "ray":
+        if args.ray_address is not None or args.workers is not None:
+            raise _usage("--ray-address and --workers go with --executor ray")
+        return None
+    if args.remote is not None:
+        raise _usage("--remote and --executor ray: a run goes to a server or to a Ray cluster, not both")
+    if args.workers is not None and args.workers < 1:
+        raise _usage(f"--workers is at least 1, got {args.workers}")
+    from interp_dsl.cluster import RayCluster
+    where = "--ray-address " + args.ray_address if args.ray_address else "--executor ray"
+    return RayCluster(args.ray_address, args.workers, Span(where, 0))
 
 
 def _kept_shards(e: InterventionError, out: Path, started: int) -> bool:

@@ -617,7 +617,7 @@ def _generation_settings(exp: Experiment, model: Model) -> Generation:
 
 def resolve_model(exp: Experiment, override: str | None = None, weights: str = "random") -> Model:
     """The experiment's model (`--model` overrides its `model` line); `weights="fake"` reads only
-    its config (for a remote run)."""
+    its config (for a remote run, or the driver of a Ray run)."""
     source = override or exp.model_source
     if source is None:
         raise _error(Span(str(exp.path), 1), "the experiment names no model",
@@ -672,7 +672,8 @@ def _as_tensor(value: Any) -> torch.Tensor:
 
 def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = None, batch_size: int = 32,
           out: str | Path | None = None, compile: str | None = None, shard_size: int = 1024,
-          progress: bool | None = None, restart: bool = False, remote: Any = False) -> Sweep:
+          progress: bool | None = None, restart: bool = False, remote: Any = False,
+          executor: Any = "local") -> Sweep:
     """Run `exp` over every row of its prompts (files stream; a single prompt repeats for every
     row; `prompts` replaces sources by name) and every point of its sweeps, as `model.sweep` does.
     Integer sweeps are vectorised into the batch; the others run the same graph per value."""
@@ -686,7 +687,8 @@ def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = Non
     if exp.generate is not None:
         _generation_settings(exp, model)  # a bad argument is an error at the `generate` line
     run = Sweep(model, sources, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                progress=progress, describe=describe, restart=restart, generate=exp.generate, remote=remote)
+                progress=progress, describe=describe, restart=restart, generate=exp.generate, remote=remote,
+                executor=executor)
     with run:
         values: dict[str, Any] = {}
         for group in exp.axes():

@@ -29,8 +29,8 @@ from compiler.errors import InterventionError
 from compiler.ir import Program, Span, loads
 from interp_dsl.keys import Key
 from interp_dsl.models import LanguageModel
-from interp_dsl.sweeps import architecture_fingerprint, weights_fingerprint
 from interp_dsl.wire import Job, UnsendableValue, decode_job, diagnostics_json, encode_result, result_bytes
+from runtime.fingerprints import architecture_fingerprint, weights_fingerprint
 from runtime.interpreter import Batch
 
 RETAIN_SECONDS = 600.0  # a finished job's result is kept this long, or until fetched

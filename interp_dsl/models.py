@@ -69,7 +69,8 @@ class Model:
 
     def sweep(self, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
               compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
-              restart: bool = False, generate: dict[str, Any] | None = None, remote: Any = False) -> Sweep:
+              restart: bool = False, generate: dict[str, Any] | None = None, remote: Any = False,
+              executor: Any = "local") -> Sweep:
         """`with model.sweep(prompts, batch_size=32, out="runs/x") as sweep:` run the body (a trace
         body; `sweep.param(name, values)` declares swept values) over every prompt and grid point.
 
@@ -81,12 +82,15 @@ class Model:
         (default: on a TTY). `generate`: the arguments of `model.generate` (`{"max_new_tokens": 8}`):
         each batch generates, `sweep.all()` / `sweep.iter[...]` are step blocks, and the results
         hold each row's new tokens (`results["__ids__:prompts"]`) and text (`results.texts`).
-        `remote` as in `trace`: each batch runs as a job on the server, the shards are written here."""
-        if self._engine.fake_mode is not None and not remote:
+        `remote` as in `trace`: each batch runs as a job on the server, the shards are written here.
+        `executor="ray"` (or `interp_dsl.ray_cluster(address, workers)`): Ray workers, each loading
+        the model from the source this one was loaded from, compute the shards; they are written here."""
+        if self._engine.fake_mode is not None and not remote and executor in (None, "local"):
             raise InterventionError.at(user_span(), "this model has no weights (built from a config for checking)",
-                                       "load real weights to run a sweep, or run it remotely (remote=True)")
+                                       "load real weights to run a sweep, or run it remotely (remote=True) "
+                                       "or on Ray workers (executor='ray')")
         return Sweep(self, prompts, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
-                     progress=progress, restart=restart, generate=generate, remote=remote)
+                     progress=progress, restart=restart, generate=generate, remote=remote, executor=executor)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""

@@ -7,15 +7,16 @@ batch and checked on fake tensors before anything runs. On exit the runtime runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import itertools
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,6 +28,7 @@ from interp_dsl.spans import user_span
 from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
 from runtime.engine import Engine
+from runtime.fingerprints import architecture_fingerprint, value_digest, weights_fingerprint
 from runtime.interpreter import Batch
 from runtime.modes import compile_mode
 from runtime.results import versions
@@ -37,9 +39,11 @@ from runtime.shards import (
     Results,
     ShardSink,
     load_results,
-    value_digest,
 )
-from runtime.sweep import SweepPlan, run_sweep
+from runtime.sweep import Execute, InvokeInput, Lengths, SweepPlan, pending_windows, run_sweep
+
+if TYPE_CHECKING:
+    from interp_dsl.cluster import Pool
 
 IMPLICIT = "prompts"  # the prompt name of `model.sweep(list_of_prompts)`
 
@@ -58,8 +62,9 @@ class Sweep:
     def __init__(self, model: Scannable, prompts: Any, *, batch_size: int = 32, out: str | Path | None = None,
                  compile: str | None = None, shard_size: int = 1024, progress: bool | None = None,
                  describe: dict[str, Any] | None = None, restart: bool = False,
-                 generate: dict[str, Any] | None = None, remote: Any = False):
+                 generate: dict[str, Any] | None = None, remote: Any = False, executor: Any = "local"):
         from interp_dsl.client import resolve
+        from interp_dsl.cluster import resolve_executor
         if batch_size < 1 or shard_size < 1:
             raise InterventionError.at(user_span(), "batch_size and shard_size are positive")
         self.model = model
@@ -72,6 +77,10 @@ class Sweep:
         if self.remote is not None and compile not in (None, "auto", "off"):
             raise InterventionError.at(user_span(), f"compile={compile!r} chooses how a local run executes",
                                        "drop it: a remote job runs as its server runs it")
+        self.executor = resolve_executor(executor, user_span)  # a RayCluster: workers compute the shards
+        if self.remote is not None and self.executor is not None:
+            raise InterventionError.at(user_span(), "a sweep runs on a server (remote=) or on a Ray cluster "
+                                       "(executor=), not both", "drop one of them")
         self.compile = compile_mode(compile, user_span)
         self.shard_size = max(shard_size, batch_size)
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -172,18 +181,21 @@ class Sweep:
             self.batch, self.shard_size, kwargs,
             {op.target: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))
-        header = self._header(plan)
-        if self.out is None:
-            memory = MemorySink(header, annotate=self._texts())
-            self._execute(plan, memory)
-            self.results = memory.results()
-            return
-        with ShardSink(self.out, header, restart=self.restart, annotate=self._texts()) as sink:
-            if sink.damaged:
-                warnings.warn(DamagedResultsWarning(
-                    "recomputing " + "; ".join(f"{d['file']} (it {d['reason']})" for d in sink.damaged)),
-                    stacklevel=3)
-            self._execute(plan, sink)
+        with contextlib.ExitStack() as stack:
+            pool = None if self.executor is None else stack.enter_context(
+                self.executor.pool(self.model, plan, self.invokes, self.compile, self.progress))
+            header = self._header(plan, pool)
+            if self.out is None:
+                memory = MemorySink(header, annotate=self._texts())
+                self._execute(plan, memory, pool)
+                self.results = memory.results()
+                return
+            with ShardSink(self.out, header, restart=self.restart, annotate=self._texts()) as sink:
+                if sink.damaged:
+                    warnings.warn(DamagedResultsWarning(
+                        "recomputing " + "; ".join(f"{d['file']} (it {d['reason']})" for d in sink.damaged)),
+                        stacklevel=3)
+                self._execute(plan, sink, pool)
             self.results = load_results(self.out)
 
     def _texts(self) -> Annotate | None:
@@ -215,33 +227,22 @@ class Sweep:
         return frozenset(op.target for op in program.ops if op.opcode == "save"
                          and _shape(first.get(op.refs()[0])) != _shape(longer.get(op.refs()[0])))
 
-    def _execute(self, plan: SweepPlan, sink: ShardSink) -> None:
-        tokenizer = getattr(self.model, "tokenizer", None)
-        names = sorted(set(self.invokes))
-        engine, batch_of = self.tracer.engine, self.tracer.target.batch
-        run = engine.run if self.remote is None else \
-            dataclasses.replace(self.remote, quiet=True).runner(engine)  # the bar shows progress
-
-        def lengths(row: dict[str, str]) -> tuple[int, ...]:
-            if tokenizer is None:
-                return (0,)
-            return tuple(len(tokenizer(row[n], add_special_tokens=True)["input_ids"]) for n in names)
-
-        def execute(invokes: list[Any], params: dict[str, Any]) -> dict[SaveKey, Any]:
-            batch = batch_of(invokes)
-            result = run(plan.program, batch, params, compile=self.compile)[1]
-            if plan.program.generation is None:
-                return result.saved
-            return {**steps_as_columns(result.saved),
-                    **_generated_ids(result.output, batch, plan.program.generation.max_new_tokens, self.invokes)}
-
+    def _execute(self, plan: SweepPlan, sink: ShardSink, pool: Pool | None) -> None:
+        lengths = prompt_lengths(getattr(self.model, "tokenizer", None), sorted(set(self.invokes)))
+        run = self.tracer.engine.run if self.remote is None else \
+            dataclasses.replace(self.remote, quiet=True).runner(self.tracer.engine)  # the bar shows progress
+        sources = ", ".join(_source_text(s) for s in self.sources.values())
         start = sink.done
         with _Progress(self.total, start, self.progress) as bar:
             def advance(n: int) -> None:
                 self.ran += n
                 bar.update(n)
-            run_sweep(plan, lambda: zip_rows(self.sources), execute, sink, lengths, advance,
-                      ", ".join(_source_text(s) for s in self.sources.values()))
+            if pool is not None:
+                pool.run(pending_windows(plan, lambda: zip_rows(self.sources), sink, lengths, sources),
+                         sink, advance, bar.workers)
+                return
+            execute = batch_runner(self.model, plan, self.invokes, self.compile, run)
+            run_sweep(plan, lambda: zip_rows(self.sources), execute, sink, lengths, advance, sources)
 
     def _served(self) -> dict[str, str]:
         """A remote sweep's model and weights, as the server names them; its parameters must have
@@ -255,15 +256,16 @@ class Sweep:
                 "check against the model the server serves (--model, or LanguageModel(name, weights='fake'))")
         return {"model": served["model"], "weights": served["weights"], "server": self.remote.url}  # type: ignore[union-attr]
 
-    def _header(self, plan: SweepPlan) -> dict[str, Any]:
+    def _header(self, plan: SweepPlan, pool: Pool | None) -> dict[str, Any]:
         dims = [("+".join(names), len(values)) for names, values in self.groups]
         dims += [(name, len(values)) for name, values in plan.fan_axes.items()]
         return {
             **self.describe,
             "ir_hash": plan.program.structural_hash(),
             "values": {name: value_digest(value) for name, value in sorted(plan.params.items())},
-            **({"model": self.tracer.engine.name, "weights": weights_fingerprint(self.tracer.engine.module)}
-               if self.remote is None else self._served()),
+            **(self._served() if self.remote is not None else {"model": self.tracer.engine.name, "weights":
+               pool.weights if pool is not None else weights_fingerprint(self.tracer.engine.module)}),
+            **({"executor": pool.describe()} if pool is not None else {}),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
             "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
@@ -288,6 +290,31 @@ def _generation(model: Any, generate: dict[str, Any]) -> Generation:
         raise InterventionError.at(user_span(), f"generate= got unexpected argument(s) {', '.join(unknown)}",
                                    did_you_mean(unknown[0], allowed) or f"it takes {', '.join(allowed)}")
     return settings(**generate)
+
+
+def batch_runner(model: Any, plan: SweepPlan, invokes: list[str], compile: str,
+                 run: Callable[..., Any] | None = None) -> Execute:
+    """How one batch of a sweep runs on `model` (`run`: its engine's, or a remote server's):
+    a forward's saves, or a generation's saves as columns with the new token ids per invoke."""
+    run = run or model._engine.run
+
+    def execute(inputs: list[InvokeInput], params: dict[str, Any]) -> dict[SaveKey, Any]:
+        batch = model._target.batch(inputs)
+        result = run(plan.program, batch, params, compile=compile)[1]
+        if plan.program.generation is None:
+            return result.saved
+        return {**steps_as_columns(result.saved),
+                **_generated_ids(result.output, batch, plan.program.generation.max_new_tokens, invokes)}
+    return execute
+
+
+def prompt_lengths(tokenizer: Any, names: list[str]) -> Lengths:
+    """A prompt row's token count per prompt name (0 without a tokenizer)."""
+    def lengths(row: dict[str, str]) -> tuple[int, ...]:
+        if tokenizer is None:
+            return (0,)
+        return tuple(len(tokenizer(row[n], add_special_tokens=True)["input_ids"]) for n in names)
+    return lengths
 
 
 GENERATED = "__ids__:"  # + prompt name: a generation's new token ids per row, [rows, max_new_tokens]
@@ -386,33 +413,6 @@ def _shape(value: Any) -> Any:
     return tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of the weights that reads each tensor once without copying it: names, shapes and
-    dtypes, each tensor's sum and sum of squares, and 64 values spread over it (a fine-tuned or
-    edited model differs in these; hashing every byte would cost seconds on a large model)."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        if tensor.device.type != "meta" and tensor.numel():
-            flat = tensor.detach().reshape(-1)
-            spread = torch.arange(64, device=flat.device) * (flat.numel() - 1) // 63  # exact in int64
-            sample = flat[spread].double()
-            stats = (flat.double().sum(), flat.double().square().sum()) if flat.is_floating_point() \
-                else (flat.long().sum(), flat.long().square().sum())
-            h.update(repr([*sample.tolist(), *(float(x) for x in stats)]).encode())
-    return h.hexdigest()[:16]
-
-
-def architecture_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of the parameters' and buffers' names, shapes and dtypes: equal for a model and its
-    config-only twin, which holds some buffers as parameters (a remote client checks the server
-    serves what it was checked against)."""
-    tensors = {**dict(module.named_buffers(remove_duplicate=False)),
-               **dict(module.named_parameters(remove_duplicate=False))}  # tied weights under each name
-    text = ";".join(f"{n}{tuple(t.shape)}{t.dtype}" for n, t in sorted(tensors.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class _Progress:
     """A tqdm bar (prompts/s, ETA) on stderr, or nothing."""
 
@@ -432,4 +432,9 @@ class _Progress:
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+
+    def workers(self, alive: int) -> None:
+        """Show how many workers are computing shards."""
+        if self.bar is not None:
+            self.bar.set_postfix(workers=alive)
 

@@ -32,6 +32,7 @@ from safetensors.torch import save as save_bytes
 
 from compiler.errors import InterventionError
 from compiler.ir import Span
+from runtime.fingerprints import rows_digest
 from runtime.results import DirectoryLock, atomic_write
 
 MANIFEST = "manifest.json"
@@ -60,23 +61,6 @@ class DamagedResultsWarning(UserWarning):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def value_digest(value: Any) -> str:
-    """A content hash of a parameter value: a tensor's dtype, shape and bytes; a number's repr."""
-    h = hashlib.sha256()
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(f"{type(value).__name__} {value!r}".encode())
-    return h.hexdigest()[:16]
-
-
-def rows_digest(rows: list[dict[str, str]]) -> str:
-    """A digest of the prompt rows one shard is computed from."""
-    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
 Annotate = Callable[[dict[str, torch.Tensor], list[dict[str, str]]], dict[str, Any]]

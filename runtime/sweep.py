@@ -20,7 +20,8 @@ import torch
 
 from compiler.errors import InterventionError
 from compiler.ir import Program, SaveKey, Span
-from runtime.shards import ShardSink, rows_digest
+from runtime.fingerprints import rows_digest
+from runtime.shards import INDEX, ShardSink
 
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
 Execute = Callable[[list[InvokeInput], dict[str, Any]], dict[SaveKey, Any]]  # a run's saves, by key
@@ -61,6 +62,31 @@ def run_sweep(plan: SweepPlan, rows: Callable[[], Iterator[dict[str, str]]], exe
     window. `rows()` streams the rows from the start (a resumed run first checks that the rows of
     the shards it keeps are unchanged); `lengths`: a row's token count per prompt name (batches
     are sorted by the longest); `sources` names the prompts in messages."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for window in pending_windows(plan, rows, sink, lengths, sources):
+        sink.write(window.index, run_window(plan, window, execute, advance, shapes), window.first,
+                   window.stop, window.rows)
+    sink.finish()
+
+
+@dataclass(frozen=True)
+class Window:
+    """The prompt rows of one shard, and each row's token count (its longest prompt)."""
+
+    index: int
+    first: int  # the first row's prompt number
+    rows: list[dict[str, str]]
+    lengths: list[int]
+
+    @property
+    def stop(self) -> int:
+        return self.first + len(self.rows)
+
+
+def pending_windows(plan: SweepPlan, rows: Callable[[], Iterator[dict[str, str]]], sink: ShardSink,
+                    lengths: Lengths, sources: str = "the prompts") -> Iterator[Window]:
+    """The windows whose shard `sink` does not hold, read lazily (see `run_sweep`). Claims the
+    directory first; refuses changed prompt rows and length-dependent saves over mixed lengths."""
     size = plan.shard_prompts
     if sink.recorded:
         last = max(sink.recorded)
@@ -69,18 +95,14 @@ def run_sweep(plan: SweepPlan, rows: Callable[[], Iterator[dict[str, str]]], exe
                 break
             sink.check_inputs(index, rows_digest(window), sources)
     sink.start()
-    shapes: dict[str, tuple[int, ...]] = {}
     seen: set[int] = set()
     for index, window in enumerate(_windows(rows(), size)):
         if sink.has(index):
             continue
-        first = index * size
         counts = [lengths(row) for row in window]
         seen.update(n for row in counts for n in row)
         _refuse_length_dependent(plan, seen)
-        tensors = _run_window(plan, window, first, execute, [max(c) for c in counts], advance, shapes)
-        sink.write(index, tensors, first, first + len(window), window)
-    sink.finish()
+        yield Window(index, index * size, window, [max(c) for c in counts])
 
 
 def _windows(rows: Iterator[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:
@@ -100,10 +122,12 @@ def _refuse_length_dependent(plan: SweepPlan, lengths: set[int]) -> None:
             + ("; the new tokens are kept for you as __ids__:<prompt name>" if plan.program.generation else ""))
 
 
-def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execute: Execute,
-                length: list[int], advance: Callable[[int], None],
-                shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    order = sorted(range(len(window)), key=lambda i: length[i])
+def run_window(plan: SweepPlan, window: Window, execute: Execute, advance: Callable[[int], None],
+               shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """One shard's tensors: the window's rows in batches of similar length, every point, rows put
+    back in prompt order. `shapes` (save name -> shape per row) is checked and filled across calls."""
+    first, length = window.first, window.lengths
+    order = sorted(range(len(window.rows)), key=lambda i: length[i])
     pieces: dict[str, list[torch.Tensor]] = {}
     prompts: list[int] = []
     for at in range(0, len(order), plan.batch_size):
@@ -111,7 +135,7 @@ def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execu
         padded = chunk + [chunk[-1]] * (plan.batch_size - len(chunk))
         invokes: list[InvokeInput] = []
         for i, (name, expanded) in enumerate(plan.invokes):
-            texts = [window[j][name] for j in padded]
+            texts = [window.rows[j][name] for j in padded]
             invokes.append(((texts * plan.fan_points if expanded else texts,),
                             dict(plan.model_kwargs) if i == 0 else {}))
         per_point = [_as_rows(plan, execute(invokes, {**plan.params, **point}), len(chunk), shapes)
@@ -122,7 +146,7 @@ def _run_window(plan: SweepPlan, window: list[dict[str, str]], first: int, execu
         prompts.extend(first + j for j in chunk)
         advance(len(chunk))
     order_back = torch.tensor(prompts).argsort()
-    n, p, k = len(window), len(plan.points), plan.fan_points
+    n, p, k = len(window.rows), len(plan.points), plan.fan_points
     out = {name: torch.cat(parts)[order_back].reshape(n * p * k, *parts[0].shape[3:])
            for name, parts in pieces.items()}
     out["__prompt__"] = torch.arange(first, first + n).repeat_interleave(p * k)
@@ -148,14 +172,26 @@ def _as_rows(plan: SweepPlan, saves: dict[SaveKey, Any], real: int,
             value = next(v for p, v in items if all(full[a] == i for a, i in p.items()))
             rows.append(_rows_at(plan, base, value, f, b, k, real))
         out[base] = torch.stack(rows)
-        shape = tuple(out[base].shape[2:])
-        if shapes.setdefault(base, shape) != shape:
-            raise SweepError.at(
-                plan.spans.get(base, Span("<sweep>", 0)),
-                f"save {base} has shape [{', '.join(map(str, shapes[base]))}] per row in one batch and "
-                f"[{', '.join(map(str, shape))}] in another",
-                "a sweep's saves must not depend on prompt length: save a position, e.g. [:, -1]")
+        _same_shape(plan, base, tuple(out[base].shape[2:]), shapes)
     return out
+
+
+def check_shard_shapes(plan: SweepPlan, tensors: dict[str, torch.Tensor],
+                       shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a shard whose saves have another shape per row than earlier shards (shards computed
+    apart, e.g. by Ray workers); `shapes` is filled across calls."""
+    for name, value in tensors.items():
+        if name not in INDEX:
+            _same_shape(plan, name, tuple(value.shape[1:]), shapes)
+
+
+def _same_shape(plan: SweepPlan, name: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> None:
+    if shapes.setdefault(name, shape) != shape:
+        raise SweepError.at(
+            plan.spans.get(name, Span("<sweep>", 0)),
+            f"save {name} has shape [{', '.join(map(str, shapes[name]))}] per row in one batch and "
+            f"[{', '.join(map(str, shape))}] in another",
+            "a sweep's saves must not depend on prompt length: save a position, e.g. [:, -1]")
 
 
 def _rows_at(plan: SweepPlan, name: str, value: Any, f: int, b: int, k: int, real: int) -> torch.Tensor:

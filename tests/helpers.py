@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -120,3 +122,17 @@ def traced(model, program, prompt, compile="off"):
     return [s.value for s in saves], logits.value
 
 
+
+
+def wait_for_shards(out: Path, n: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once the manifest in `out` lists `n` shards (or `process` ended, or `timeout` passed):
+    the moment a test kills a sweep part way."""
+    deadline = time.monotonic() + timeout
+    manifest = Path(out) / "manifest.json"
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if len(json.loads(manifest.read_text())["shards"]) >= n:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)

@@ -4,15 +4,13 @@ forward sweep; each row equals its own `model.generate`."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import dataset, tiny_llama, word_tokenizer
+from helpers import dataset, tiny_llama, wait_for_shards, word_tokenizer
 
 from interp_dsl import LanguageModel, load_results
 from interp_dsl.cli import main
@@ -112,12 +110,7 @@ def test_a_thousand_prompt_generation_killed_and_resumed_equals_an_uninterrupted
     args = ["run", str(exp), "--prompts", str(data), "--batch-size", "32", "--shard-size", "100", "--quiet"]
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "interp_dsl.cli", *args, "--out", str(out)])
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        manifest = out / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_shards(out, 2, process, timeout=300)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it was killed"
     assert not load_results(out).complete

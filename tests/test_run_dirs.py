@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import dataset, tiny_llama, word_tokenizer
+from helpers import dataset, tiny_llama, wait_for_shards, word_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -112,7 +112,7 @@ def test_other_weights_are_refused(tmp_path):
 def test_the_weight_fingerprint_samples_inside_a_large_tensor():
     """2**24 + 4 elements: float32 spacing there is 2, so a float sample position would round past
     the last element (SmolLM2's 49152 x 576 embedding hit this)."""
-    from interp_dsl.sweeps import weights_fingerprint
+    from runtime.fingerprints import weights_fingerprint
 
     module = torch.nn.Module()
     module.register_buffer("w", torch.zeros(2**24 + 4, dtype=torch.uint8))
@@ -250,12 +250,7 @@ def test_kill_9_at_any_moment_resumes_bit_identical(interrupted, tiny_dir, shard
     out = Path(tempfile.mkdtemp(prefix="ivx-stop-"))
     script = SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_dir), data=str(data), out=str(out))
     process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        manifest = out / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= shards:
-            break
-        time.sleep(0.005)
+    wait_for_shards(out, shards, process)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the sweep ended before it was killed"

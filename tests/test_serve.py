@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import word_tokenizer
+from helpers import wait_for_shards, word_tokenizer
 
 from compiler.errors import ExecutionError, InterventionError
 from interp_dsl import LanguageModel
@@ -382,11 +382,7 @@ def test_a_server_killed_mid_sweep_keeps_the_shards_and_a_rerun_completes(tiny_d
     first = Server(tiny_dir, keys[0])
     client = ivx_run(first.url)
     manifest = tmp_path / "r" / "manifest.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and client.poll() is None:
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_shards(tmp_path / "r", 2, client)
     first.stop(signal.SIGKILL)
     _, err = client.communicate(timeout=120)
     assert client.returncode == 1, err

@@ -3,7 +3,6 @@ vectorising, passes, interruption or resumption."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import dataset, layers, tiny_llama, word_tokenizer
+from helpers import dataset, layers, tiny_llama, wait_for_shards, word_tokenizer
 
 from interp_dsl import LanguageModel, PromptFile, load_results
 from interp_dsl.cli import main
@@ -208,12 +207,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path, tiny_dir):
                "--batch-size", "4", "--shard-size", "40", "--quiet", "--compile", "off"]
     out = tmp_path / "killed"
     process = subprocess.Popen([*command, "--out", str(out)])
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        manifest = out / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_shards(out, 2, process)
     assert process.poll() is None, "the sweep finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()

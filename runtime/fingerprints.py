@@ -1,0 +1,54 @@
+"""What determines a run's numbers, as short hashes: parameter values, prompt rows, a model's
+weights, and its architecture (parameter names, shapes and dtypes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+
+def value_digest(value: Any) -> str:
+    """A content hash of a parameter value: a tensor's dtype, shape and bytes; a number's repr."""
+    h = hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(f"{type(value).__name__} {value!r}".encode())
+    return h.hexdigest()[:16]
+
+
+def rows_digest(rows: list[dict[str, str]]) -> str:
+    """A digest of the prompt rows one shard is computed from."""
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of the weights that reads each tensor once without copying it: names, shapes and
+    dtypes, each tensor's sum and sum of squares, and 64 values spread over it (a fine-tuned or
+    edited model differs in these; hashing every byte would cost seconds on a large model)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if tensor.device.type != "meta" and tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            spread = torch.arange(64, device=flat.device) * (flat.numel() - 1) // 63  # exact in int64
+            sample = flat[spread].double()
+            stats = (flat.double().sum(), flat.double().square().sum()) if flat.is_floating_point() \
+                else (flat.long().sum(), flat.long().square().sum())
+            h.update(repr([*sample.tolist(), *(float(x) for x in stats)]).encode())
+    return h.hexdigest()[:16]
+
+
+def architecture_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of the parameters' and buffers' names, shapes and dtypes: equal for a model and its
+    config-only twin, which holds some buffers as parameters (a remote client checks the server
+    serves what it was checked against)."""
+    tensors = {**dict(module.named_buffers(remove_duplicate=False)),
+               **dict(module.named_parameters(remove_duplicate=False))}  # tied weights under each name
+    text = ";".join(f"{n}{tuple(t.shape)}{t.dtype}" for n, t in sorted(tensors.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
