@@ -378,7 +378,7 @@ class MemorySink(ShardSink):
 
     def __init__(self, header: dict[str, Any], annotate: Annotate | None = None):
         super().__init__(Path("<memory>"), header, annotate=annotate)
-        self.parts: list[dict[str, torch.Tensor]] = []
+        self.parts: dict[int, dict[str, Any]] = {}  # by shard index
 
     def __enter__(self) -> "MemorySink":
         return self
@@ -393,12 +393,13 @@ class MemorySink(ShardSink):
               rows: list[dict[str, str]]) -> None:
         data = {k: v.detach().cpu() for k, v in tensors.items()}
         notes = self.annotate(data, rows) if self.annotate is not None else {}
-        self.parts.append({**data, ANNOTATIONS: notes})
+        self.parts[index] = {**data, ANNOTATIONS: notes}
         self.manifest["shards"].append({"index": index, "file": None, "prompts": [first, stop],
                                         "rows": int(tensors[INDEX[0]].shape[0])})
+        self.manifest["shards"].sort(key=lambda s: s["index"])  # shards may arrive in any order
 
     def _save_manifest(self) -> None:
         pass
 
     def results(self) -> Results:
-        return _results(self.parts, self.manifest)
+        return _results([self.parts[i] for i in sorted(self.parts)], self.manifest)

@@ -57,13 +57,28 @@ def test_two_workers_give_the_local_results_bit_for_bit(ray_instance, tiny_dir, 
     on_ray = patch_sweep(model, prompts, tmp_path / "out", executor=ray_cluster(workers=2))
     assert on_ray.complete and on_ray.n_prompts == 40 and len(on_ray.manifest["shards"]) == 4
     assert on_ray.manifest["executor"] == {"kind": "ray", "workers": 2}
-    assert torch.equal(on_ray["logits"], local["logits"])
-    for axis in ("prompt", "layer", "alpha"):
-        assert torch.equal(on_ray.index[axis], local.index[axis])
+    in_memory = patch_sweep(model, prompts, executor=ray_cluster(workers=2))
+    for results in (on_ray, in_memory):
+        assert torch.equal(results["logits"], local["logits"])
+        for axis in ("prompt", "layer", "alpha"):
+            assert torch.equal(results.index[axis], local.index[axis])
     deadline = time.monotonic() + 30  # the workers are killed (Ray frees their CPUs soon after)
     while ray_instance.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray_instance.available_resources().get("CPU") == 2
+
+
+def test_shards_kept_in_memory_are_read_in_prompt_order_whatever_order_they_arrive_in():
+    from runtime.shards import MemorySink
+    sink = MemorySink({"points": [{}], "fan_axes": {}, "dims": []})
+    for index in (2, 0, 1):
+        rows = torch.arange(index * 3, index * 3 + 3)
+        sink.write(index, {"__prompt__": rows, "__point__": torch.zeros(3, dtype=torch.long),
+                           "__fan__": torch.zeros(3, dtype=torch.long), "x": rows.float()},
+                   index * 3, index * 3 + 3, [{}] * 3)
+    results = sink.results()
+    assert results["x"].tolist() == list(range(9)) and results.index["prompt"].tolist() == list(range(9))
+    assert [s["index"] for s in results.manifest["shards"]] == [0, 1, 2]
 
 
 def test_a_model_held_only_in_memory_is_shipped_to_the_workers(ray_instance, lm, tmp_path):
@@ -78,6 +93,25 @@ def test_a_model_held_only_in_memory_is_shipped_to_the_workers(ray_instance, lm,
         layers(lm)[1].output[:, -1, :].save("h")
     assert torch.equal(on_ray.results["h"], local.results["h"])
     assert torch.equal(on_ray.results["top"], local.results["top"])
+
+
+def test_a_generation_sweep_on_ray_keeps_ids_and_texts(ray_instance, tiny_dir):
+    model = LanguageModel(str(tiny_dir))
+    prompts = [f"the city of {w} is" for w in ("paris", "rome", "new york")] * 3
+
+    def generate(**options):
+        with model.sweep(prompts, batch_size=2, shard_size=4, compile="off", generate={"max_new_tokens": 3},
+                         **options) as sweep:
+            coef = sweep.param("coef", [0.0, 3.0])
+            with sweep.all():
+                model.model.layers[1].output[:, -1, :] *= coef
+                model.lm_head.output[:, -1, :].argmax(-1).save("top")
+        return sweep.results
+    local, on_ray = generate(), generate(executor=ray_cluster(workers=2))
+    assert on_ray["top"].shape == (18, 3)
+    assert torch.equal(on_ray["top"], local["top"])
+    assert torch.equal(on_ray["__ids__:prompts"], local["__ids__:prompts"])
+    assert on_ray.texts == local.texts and len(on_ray.texts["prompts"]) == 18
 
 
 def shard_workers() -> list[int]:

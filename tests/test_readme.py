@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+
+from interp_dsl import load_results
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -56,15 +59,23 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
     from interp_dsl.cli import main
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
+    monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None, weights=None: smollm)
     commands = [line[2:].split() for _, code in blocks("console") for line in code.splitlines()
                 if line.startswith("$ ivx ")]
     assert len(commands) >= 4
-    for argv in commands:
-        argv = [a.replace("runs/", f"{tmp_path}/") for a in argv[1:]]
-        argv = [p for a in argv for p in (sorted(map(str, Path().glob(a))) if "*" in a else [a])]
-        assert main(argv) == 0, argv
+    try:
+        for argv in commands:
+            argv = [a.replace("runs/", f"{tmp_path}/") for a in argv[1:]]
+            argv = [p for a in argv for p in (sorted(map(str, Path().glob(a))) if "*" in a else [a])]
+            assert main(argv) == 0, argv
+    finally:
+        import ray
+        ray.shutdown()  # the local instance `--executor ray` started in this process
     out = capsys.readouterr().out
+    probe, on_ray = load_results(tmp_path / "probe"), load_results(tmp_path / "probe-ray")
+    assert on_ray.manifest["executor"] == {"kind": "ray", "workers": 2} and on_ray.complete
+    assert torch.equal(on_ray["answer"], probe["answer"])
+    torch.testing.assert_close(on_ray["h22"], probe["h22"], rtol=1e-5, atol=1e-5)  # 1 thread vs 2
     assert "1 prompts x layer[30] = 30 rows" in out and "p_paris: float32[rows]" in out
     assert "%0 = read model.layers.29.output@0 : f32[1, 9, 576]" in out
     # the steered generation over a dataset, as `ivx show` prints it
