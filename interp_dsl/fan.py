@@ -14,17 +14,64 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from compiler.errors import InterventionError
+from compiler.ir import Arg, Site
+from compiler.shape_rules import is_tensor_like
 from interp_dsl.spans import user_span
+from runtime.grid import n_points, repeat_rows, row_values
 
 if TYPE_CHECKING:
     from interp_dsl.tracing import Tracer
 
 FAN_PARAM = "__fan_{}"  # the per-row index of an axis's value, a parameter of the program
+
+
+@dataclass
+class FanState:
+    """A sweep's vectorised axes as its tracer records them: created by the sweep, attached to
+    the tracer it records into (`tracer.fan`)."""
+
+    rows: int  # prompts per batch, before expansion
+    axes: dict[str, list[Any]] = field(default_factory=dict)  # name -> values, in declaration order
+    point: dict[str, int] = field(default_factory=dict)  # the point a fanned operation is applied at
+    expanded: set[int] = field(default_factory=set)  # invokes whose rows repeat once per point
+    params: dict[str, Any] = field(default_factory=dict)  # axis -> the Proxy of its per-row indices
+
+    @property
+    def points(self) -> int:
+        return n_points(self.axes)
+
+    def write(self, tracer: "Tracer", site: Site, path: tuple[Arg, ...], value: Any) -> None:
+        """A write at `self.point`: only that point's rows change (`torch.where` on a row mask).
+        The invoke is expanded at its first such write."""
+        if site.invoke not in self.expanded:
+            self.expanded.add(site.invoke)
+            tracer.invoke_inputs[site.invoke] = repeat_rows(tracer.invoke_inputs[site.invoke], self.points)
+            tracer.inputs_changed()
+        current = tracer.reread((site, path))
+        target = tracer.fake(current)
+        if not is_tensor_like(target):
+            raise InterventionError.at(user_span(), "a write that depends on a vectorised sweep axis "
+                                       f"needs a tensor target, not a {type(target).__name__}")
+        from interp_dsl.proxy import Proxy  # proxy.py applies fanned operations through this module
+        points = self.points
+        found = tracer.fake(value) if isinstance(value, Proxy) else value
+        rank = len(target.shape)
+        if is_tensor_like(found) and len(found.shape) == rank and points > 1 \
+                and found.shape[0] == self.rows and target.shape[0] == self.rows * points:
+            value = tracer.call("Tensor.repeat", (value, (points,) + (1,) * (rank - 1)), {})
+        mask = None
+        for name, index in self.point.items():
+            if name not in self.params:
+                self.params[name] = tracer.named_param(FAN_PARAM.format(name), row_values(self.axes, self.rows)[name])
+            hit = tracer.call("torch.eq", (self.params[name], index), {})
+            mask = hit if mask is None else tracer.call("torch.logical_and", (mask, hit), {})
+        mask = tracer.call("getitem", (mask, (slice(None),) + (None,) * (rank - 1)), {})
+        new = tracer.call("torch.where", (mask, value, current), {})
+        tracer.emit_write(site, path, new)
 
 
 class Fanned:
@@ -101,7 +148,7 @@ for _name in ("neg", "pos", "abs", "invert"):
 
 def axis(tracer: "Tracer", name: str) -> Fanned:
     """The axis itself: its value at each of its points."""
-    return Fanned(tracer, (name,), {(i,): v for i, v in enumerate(tracer.fan_axes[name])})
+    return Fanned(tracer, (name,), {(i,): v for i, v in enumerate(tracer.fan.axes[name])})
 
 
 def contains(obj: Any) -> bool:
@@ -116,17 +163,18 @@ def apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not fanned:
         return fn(*args, **kwargs)
     tracer = fanned[0]._tracer
+    state = tracer.fan
     used = {a for f in fanned for a in f._axes}
-    axes = tuple(a for a in tracer.fan_axes if a in used)
+    axes = tuple(a for a in state.axes if a in used)
     items: dict[tuple[int, ...], Any] = {}
-    outer = tracer.fan_point
-    for key in itertools.product(*(range(len(tracer.fan_axes[a])) for a in axes)):
+    outer = state.point
+    for key in itertools.product(*(range(len(state.axes[a])) for a in axes)):
         point = dict(zip(axes, key, strict=True))
-        tracer.fan_point = {**outer, **point}
+        state.point = {**outer, **point}
         try:
             items[key] = fn(*_pick(args, point), **_pick(kwargs, point))
         finally:
-            tracer.fan_point = outer
+            state.point = outer
     if all(v is None for v in items.values()):
         return None
     return Fanned(tracer, axes, items)
@@ -157,33 +205,3 @@ def _pick(obj: Any, point: dict[str, int]) -> Any:
     if isinstance(obj, slice):
         return slice(_pick(obj.start, point), _pick(obj.stop, point), _pick(obj.step, point))
     return obj
-
-
-def row_values(axes: dict[str, list[Any]], rows: int) -> dict[str, torch.Tensor]:
-    """Per axis, the index of its value on each row of an expanded invoke of `rows` prompts
-    (point-major: row r is prompt r % rows at point r // rows, points in `itertools.product` order)."""
-    points = list(itertools.product(*(range(len(v)) for v in axes.values())))
-    return {name: torch.tensor([p[k] for p in points for _ in range(rows)], dtype=torch.int64)
-            for k, name in enumerate(axes)}
-
-
-def n_points(axes: dict[str, list[Any]]) -> int:
-    out = 1
-    for values in axes.values():
-        out *= len(values)
-    return out
-
-
-def repeat_rows(inputs: Any, times: int) -> Any:
-    """An invoke's inputs with every row repeated `times` times, the whole batch after itself."""
-    if isinstance(inputs, str):
-        return [inputs] * times
-    if isinstance(inputs, torch.Tensor):
-        return inputs.repeat(times, *([1] * (inputs.dim() - 1))) if inputs.dim() else inputs
-    if isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, int)):
-        return inputs * times if isinstance(inputs[0], str) else [inputs] * times
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(repeat_rows(x, times) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: repeat_rows(v, times) for k, v in inputs.items()}
-    return inputs

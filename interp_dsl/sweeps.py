@@ -100,7 +100,8 @@ class Sweep:
         implicit = list(self.sources) == [IMPLICIT]
         self.invokes: list[str] = [IMPLICIT] if implicit else []
         self.tracer = self.model.scan([r[IMPLICIT] for r in self._first]) if implicit else self.model.scan()
-        self.tracer.fan_rows = self.batch
+        self.fan = fan.FanState(rows=self.batch)
+        self.tracer.fan = self.fan
         if self.generate is not None:
             self.tracer.generation = _generation(self.model, self.generate)
         self.tracer.__enter__()
@@ -135,10 +136,10 @@ class Sweep:
         once per value, in the same graph. Axes combine as a grid."""
         values = self._values(name, values)
         if all(type(v) is int for v in values):
-            if self.tracer.expanded:
+            if self.fan.expanded:
                 raise InterventionError.at(user_span(), f"declare the integer axis {name!r} before the "
                                            "first write that uses an integer axis")
-            self.tracer.fan_axes[name] = values
+            self.fan.axes[name] = values
             return fan.axis(self.tracer, name)
         values = [float(v) if isinstance(v, int | float) else v for v in values]
         self.groups.append(((name,), [(v,) for v in values]))
@@ -155,7 +156,7 @@ class Sweep:
         return tuple(self.tracer.named_param(name, values[0]) for name, values in lists.items())
 
     def _values(self, name: str, values: Iterable[Any]) -> list[Any]:
-        taken = {n for names, _ in self.groups for n in names} | set(self.tracer.fan_axes)
+        taken = {n for names, _ in self.groups for n in names} | set(self.fan.axes)
         if not name.isidentifier() or name in taken or name.startswith("__"):
             raise InterventionError.at(user_span(), f"{name!r} cannot name a sweep axis",
                                        "use a new identifier" + (" (it is already an axis)" if name in taken else ""))
@@ -177,7 +178,7 @@ class Sweep:
                   for combos in itertools.product(*(values for _, values in self.groups))]
         plan = SweepPlan(
             program, {k: v for k, v in self.tracer.params.items() if k not in axis_names}, points,
-            dict(self.tracer.fan_axes), [(n, i in self.tracer.expanded) for i, n in enumerate(self.invokes)],
+            dict(self.fan.axes), [(n, i in self.fan.expanded) for i, n in enumerate(self.invokes)],
             self.batch, self.shard_size, kwargs,
             {op.target: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))

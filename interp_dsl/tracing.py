@@ -28,7 +28,6 @@ from compiler.ir import (
     TupleArg,
 )
 from compiler.passes import drop_dead_reads, remap
-from compiler.shape_rules import is_tensor_like
 from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.proxy import Proxy
@@ -184,12 +183,7 @@ class Tracer:
         self._typer: IncrementalTyper | None = None
         self._batch: Batch | None = None
         self.span_source = user_span  # where ops say they come from; the .ivx lowering replaces it
-        # Vectorised sweep axes (see interp_dsl/fan.py): set by a sweep before recording.
-        self.fan_axes: dict[str, list[Any]] = {}
-        self.fan_rows = 0  # prompts per batch, before expansion
-        self.fan_point: dict[str, int] = {}  # the point a fanned operation is being applied at
-        self.expanded: set[int] = set()  # invokes whose rows repeat once per point
-        self._fan_params: dict[str, Proxy] = {}
+        self.fan: fan.FanState | None = None  # a sweep's vectorised axes, attached by the sweep
         self.generation: Generation | None = None  # set by model.generate(...)
         self.step = 0  # the generation step module values refer to (the first of an open step block)
         self._block: StepBlock | None = None
@@ -233,10 +227,11 @@ class Tracer:
             span = self.span_source()
             raise type(e)([dataclasses.replace(d, span=span) for d in e.diagnostics]) from None
         self.invoke_inputs.append(inputs)
-        self._inputs_changed()
+        self.inputs_changed()
         return len(self.invoke_inputs) - 1
 
-    def _inputs_changed(self) -> None:
+    def inputs_changed(self) -> None:
+        """An invoke's inputs changed (added, or expanded by a sweep axis)."""
         self._batch = self._typer = None  # the padded batch changed: types must be recomputed
 
     def barrier(self, participants: int) -> Any:
@@ -386,39 +381,13 @@ class Tracer:
     def write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
         if fan.contains(value):
             fan.apply(lambda v: self.write(site, path, v), value)
-        elif self.fan_point:
-            self._masked_write(site, path, value)
+        elif self.fan is not None and self.fan.point:
+            self.fan.write(self, site, path, value)
         else:
-            self._emit("write", site=site, path=path, args=(self.encode(value),))
+            self.emit_write(site, path, value)
 
-    def _masked_write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
-        """A write at one point of the vectorised axes: only that point's rows change."""
-        if site.invoke not in self.expanded:
-            self.expanded.add(site.invoke)
-            self.invoke_inputs[site.invoke] = fan.repeat_rows(self.invoke_inputs[site.invoke],
-                                                              fan.n_points(self.fan_axes))
-            self._inputs_changed()
-        current = self.reread((site, path))
-        target = self.fake(current)
-        if not is_tensor_like(target):
-            raise InterventionError.at(user_span(), "a write that depends on a vectorised sweep axis "
-                                       f"needs a tensor target, not a {type(target).__name__}")
-        points = fan.n_points(self.fan_axes)
-        found = self.fake(value) if isinstance(value, Proxy) else value
-        rank = len(target.shape)
-        if is_tensor_like(found) and len(found.shape) == rank and points > 1 \
-                and found.shape[0] == self.fan_rows and target.shape[0] == self.fan_rows * points:
-            value = self.call("Tensor.repeat", (value, (points,) + (1,) * (rank - 1)), {})
-        mask = None
-        for name, index in self.fan_point.items():
-            if name not in self._fan_params:
-                rows = fan.row_values(self.fan_axes, self.fan_rows)[name]
-                self._fan_params[name] = self.named_param(fan.FAN_PARAM.format(name), rows)
-            hit = self.call("torch.eq", (self._fan_params[name], index), {})
-            mask = hit if mask is None else self.call("torch.logical_and", (mask, hit), {})
-        mask = self.call("getitem", (mask, (slice(None),) + (None,) * (rank - 1)), {})
-        new = self.call("torch.where", (mask, value, current), {})
-        self._emit("write", site=site, path=path, args=(self.encode(new),))
+    def emit_write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
+        self._emit("write", site=site, path=path, args=(self.encode(value),))
 
     def named_param(self, name: str, value: Any) -> Proxy:
         """A parameter bound by name at run time (a sweep axis); `value` gives its type."""
@@ -445,7 +414,7 @@ class Tracer:
         object.__setattr__(proxy, "_save_name", name)
         self._saved.append(proxy)
         self._emit("save", target=name, args=(Ref(proxy._id),), step=self._loop_step,
-                   point=tuple(self.fan_point.items()))
+                   point=tuple(self.fan.point.items()) if self.fan is not None else ())
 
     def site(self, module_path: str, kind: str) -> Site:
         if self.current_invoke is None:

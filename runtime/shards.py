@@ -33,6 +33,7 @@ from safetensors.torch import save as save_bytes
 from compiler.errors import InterventionError
 from compiler.ir import Span
 from runtime.fingerprints import rows_digest
+from runtime.grid import n_points
 from runtime.results import DirectoryLock, atomic_write
 
 MANIFEST = "manifest.json"
@@ -271,7 +272,7 @@ class Results:
     @property
     def n_prompts(self) -> int:
         """The prompts whose rows are here."""
-        per_prompt = max(1, len(self.manifest["points"])) * _fan_points(self.manifest["fan_axes"])
+        per_prompt = max(1, len(self.manifest["points"])) * n_points(self.manifest["fan_axes"])
         return len(self.index["prompt"]) // per_prompt
 
     @property
@@ -303,13 +304,6 @@ class Results:
         saves = ", ".join(f"{k}{list(v.shape)}" for k, v in self.saves.items())
         gaps = f", {len(self.missing)} shard(s) missing" if self.missing else ""
         return f"Results({self.n_prompts} prompts, dims={self.dims}, saves: {saves}{gaps})"
-
-
-def _fan_points(fan_axes: dict[str, list[Any]]) -> int:
-    out = 1
-    for values in fan_axes.values():
-        out *= len(values)
-    return out
 
 
 def load_results(out: str | Path) -> Results:

@@ -21,6 +21,7 @@ import torch
 from compiler.errors import InterventionError
 from compiler.ir import Program, SaveKey, Span
 from runtime.fingerprints import rows_digest
+from runtime.grid import n_points, repeat_rows
 from runtime.shards import INDEX, ShardSink
 
 InvokeInput = tuple[tuple[Any, ...], dict[str, Any]]
@@ -49,10 +50,7 @@ class SweepPlan:
 
     @property
     def fan_points(self) -> int:
-        out = 1
-        for values in self.fan_axes.values():
-            out *= len(values)
-        return out
+        return n_points(self.fan_axes)
 
 
 def run_sweep(plan: SweepPlan, rows: Callable[[], Iterator[dict[str, str]]], execute: Execute,
@@ -136,7 +134,7 @@ def run_window(plan: SweepPlan, window: Window, execute: Execute, advance: Calla
         invokes: list[InvokeInput] = []
         for i, (name, expanded) in enumerate(plan.invokes):
             texts = [window.rows[j][name] for j in padded]
-            invokes.append(((texts * plan.fan_points if expanded else texts,),
+            invokes.append(((repeat_rows(texts, plan.fan_points) if expanded else texts,),
                             dict(plan.model_kwargs) if i == 0 else {}))
         per_point = [_as_rows(plan, execute(invokes, {**plan.params, **point}), len(chunk), shapes)
                      for point in plan.points]

@@ -68,7 +68,7 @@ def test_patching_every_layer_is_vectorised_into_one_graph(lm, mode):
             layers(lm)[layer].output[:, -1, :] = h
             lm.lm_head.output[:, -1].softmax(-1)[:, 5].save("p")
     # the clean invoke runs once per batch; the corrupt one carries a row per layer
-    assert sweep.tracer.expanded == {1}
+    assert sweep.fan.expanded == {1}
     grid = sweep.results.grid("p")
     assert grid.shape == (7, 3)
     for i in range(7):
