@@ -1,4 +1,6 @@
-"""README.md is executed: its Python blocks run in order on SmolLM2, and its commands match CI."""
+"""README.md and docs/ are executed: their Python blocks run in order on SmolLM2 (README first,
+then the docs in the order a reader meets them), their `ivx` commands run, and README's set-up
+and test commands are CI's."""
 
 from __future__ import annotations
 
@@ -14,19 +16,29 @@ from interp_dsl import load_results
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = [README, *(ROOT / "docs" / f"{name}.md" for name in ("api", "ivx", "compiled", "sweeps", "generation",
+                                                             "remote", "architecture", "benchmarks"))]
 
 
-def blocks(language: str) -> list[tuple[int, str]]:
-    """(first line number, code) of each fenced block in the README."""
-    text = README.read_text()
+def blocks(language: str, files: list[Path] = DOCS) -> list[tuple[Path, int, str]]:
+    """(file, first line number, code) of each fenced block in `files`, in order."""
     out = []
-    for m in re.finditer(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M):
-        out.append((text[: m.start(1)].count("\n") + 1, m.group(1)))
+    for path in files:
+        text = path.read_text()
+        for m in re.finditer(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M):
+            out.append((path, text[: m.start(1)].count("\n") + 1, m.group(1)))
     return out
 
 
+def test_every_doc_is_executed_here_and_linked_from_the_readme():
+    written = {p.name for p in (ROOT / "docs").glob("*.md")} - {"vocabulary.md"}  # generated, no code
+    assert written == {p.name for p in DOCS[1:]}
+    readme = README.read_text()
+    assert all(f"(docs/{name})" in readme for name in written)
+
+
 def test_ci_runs_the_readme_commands():
-    setup, test = (code.strip() for _, code in blocks("bash"))
+    setup, test = (code.strip() for _, _, code in blocks("bash", [README]))
     ci = (ROOT / ".ci" / "run").read_text()
     assert setup[setup.index("pip install torch"):] in ci  # everything after creating the venv
     assert test in ci
@@ -39,14 +51,14 @@ def test_readme_python_blocks_run(smollm, monkeypatch):
     namespace: dict = {"__name__": "readme"}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        for first_line, code in blocks("python"):
-            padded = "\n" * (first_line - 1) + code  # spans point at README's own lines
-            exec(compile(padded, str(README), "exec"), namespace)
+        for path, first_line, code in blocks("python"):
+            padded = "\n" * (first_line - 1) + code  # spans point at the document's own lines
+            exec(compile(padded, str(path), "exec"), namespace)
     out = printed.getvalue()
     assert out.splitlines()[0] == " Paris"
     assert namespace["model"].tokenizer.decode(namespace["transplanted"].argmax()) == " Paris"
     assert "index 12 on dim 1 of size 9" in out and "found f32[1, 9, 64]" in out
-    assert f"{README}:" in out  # errors name README's own lines
+    assert f"{ROOT / 'docs' / 'api.md'}:" in out  # errors name the document's own lines
     assert namespace["width"] == 1536 and namespace["early"].shape == (1, 9, 576)
     rome, paris = namespace["generated"][:2]  # the steered generation sweep, coef 0.0 and 2.0
     assert rome.startswith(" Rome") and paris.startswith(" Paris"), namespace["generated"]
@@ -60,7 +72,7 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None, weights=None: smollm)
-    commands = [line[2:].split() for _, code in blocks("console") for line in code.splitlines()
+    commands = [line[2:].split() for _, _, code in blocks("console") for line in code.splitlines()
                 if line.startswith("$ ivx ")]
     assert len(commands) >= 4
     try:
@@ -83,5 +95,5 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
 
 
 def test_readme_shows_the_patching_example_verbatim():
-    shown = [code for _, code in blocks("ivx")]
+    shown = [code for _, _, code in blocks("ivx", [README])]
     assert shown and shown[0] == (ROOT / "examples" / "patching.ivx").read_text()
