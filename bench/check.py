@@ -46,7 +46,7 @@ def one(name: str) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
-    from interp_dsl.checking import check_files
+    from interp_dsl.ivx.check import check_files
     with FakeTensorMode():  # fake mode's own lazy imports (dynamo, sympy)
         import torch
         torch.ones(1) + 1

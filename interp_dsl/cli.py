@@ -122,7 +122,7 @@ def _param_value(name: str, text: str) -> Any:
         return float(text)
     except ValueError:
         pass
-    from interp_dsl.experiment import read_tensor
+    from interp_dsl.ivx import read_tensor
     file, _, key = text.partition(":")
     if not Path(file).is_file():
         raise _usage(f"--param {name}={text}: expected a number or FILE.safetensors[:KEY], "
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from interp_dsl.checking import check_files, render
+    from interp_dsl.ivx.check import check_files, render
 
     paths = [Path(f) for f in args.files]
     missing = [p for p in paths if not p.is_file()]
@@ -213,7 +213,7 @@ def _fmt(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from compiler.printer import format_program
-    from interp_dsl.experiment import load_experiment, lower, resolve_model
+    from interp_dsl.ivx import load_experiment, lower, resolve_model
 
     exp = load_experiment(args.file, *_bindings(args))
     if exp.generate is not None and (args.ivx or args.graph):
@@ -239,7 +239,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from interp_dsl.experiment import load_experiment, resolve_model, sweep
+    from interp_dsl.ivx import load_experiment, resolve_model, sweep
 
     texts, params = _bindings(args)
     declared = [d.name for d in parse_file(args.file).body if isinstance(d, ast.PromptDecl)]
@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         return EXIT_INVALID
     if not args.quiet:
-        from interp_dsl.summary import summarise
+        from interp_dsl.ivx.show import summarise
         print(summarise(run.results, getattr(model, "tokenizer", None)))
         done = "already complete; nothing ran" if not run.ran else f"ran {run.ran} prompts"
         print(f"{done}; results in {out}/ (interp_dsl.load_results, ivx show)")
@@ -323,7 +323,7 @@ def _prompt_files(args: argparse.Namespace, declared: list[str]) -> dict[str, An
 
 
 def _show(args: argparse.Namespace) -> int:
-    from interp_dsl.summary import describe_dir
+    from interp_dsl.ivx.show import describe_dir
     out = Path(args.dir)
     text, whole = describe_dir(out)
     print(text)
@@ -336,7 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from interp_dsl.summary import plot
+    from interp_dsl.ivx.show import plot
     path = plot(Path(args.dir), args.name, Path(args.out) if args.out else None)
     print(f"wrote {path}")
     return EXIT_OK

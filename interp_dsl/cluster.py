@@ -32,7 +32,7 @@ from interp_dsl import embedded
 from interp_dsl.sweeps import batch_runner
 from runtime.fingerprints import architecture_fingerprint, weights_fingerprint
 from runtime.shards import ShardSink
-from runtime.sweep import SweepPlan, Window, check_shard_shapes, run_window
+from runtime.sweep_runner import SweepPlan, Window, check_shard_shapes, run_window
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run
 INSTALL = "pip install 'interp-dsl[ray]'"

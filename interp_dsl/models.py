@@ -18,12 +18,12 @@ from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Target, Tracer
 from runtime.compiled import CompileStats
+from runtime.decode import DecodePlan, positions_of
 from runtime.engine import CompileFallbackWarning as CompileFallbackWarning  # public as interp_dsl's
 from runtime.engine import Engine
-from runtime.generation import GenerationSpec, positions_of
 from runtime.interpreter import Batch
 from runtime.modes import compile_mode
-from runtime.sweep import InvokeInput
+from runtime.sweep_runner import InvokeInput
 
 
 class Model:
@@ -172,8 +172,10 @@ class LanguageModel(Model):
         if isinstance(source, Engine):
             engine = source
         elif weights == "fake" and isinstance(source, (str, Path)) and not str(source).endswith(".json"):
-            from interp_dsl.spec import spec_model  # a name, directory or .gguf: read its config only
-            built = spec_model(str(source))
+            from interp_dsl.config_models import (
+                config_model_for,  # a name, directory or .gguf: read its config only
+            )
+            built = config_model_for(str(source))
             engine = built._engine
             tokenizer = tokenizer or (built.tokenizer.loaded() if built.tokenizer is not None else None)
         else:
@@ -222,7 +224,7 @@ class LanguageModel(Model):
             settings = Generation(int(max_new_tokens), bool(do_sample), float(temperature),
                                   None if top_k is None else int(top_k), None if top_p is None else float(top_p),
                                   None if seed is None else int(seed))
-            GenerationSpec.of(settings, None, 0)  # validates
+            DecodePlan.of(settings, None, 0)  # validates
         except (ValueError, TypeError) as e:
             raise InterventionError.at(user_span(), f"generate(): {e}") from None
         return settings

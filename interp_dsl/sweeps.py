@@ -2,7 +2,7 @@
 
 The body of `with model.sweep(prompts) as sweep:` is a trace body, recorded once against the first
 batch and checked on fake tensors before anything runs. On exit the runtime runs it batch by batch
-(see runtime/sweep.py) and writes shards (runtime/shards.py), or keeps them in memory without `out`.
+(see runtime/sweep_runner.py) and writes shards (runtime/shards.py), or keeps them in memory without `out`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from interp_dsl.spans import user_span
 from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
 from runtime.engine import Engine
+from runtime.files import versions
 from runtime.fingerprints import architecture_fingerprint, value_digest, weights_fingerprint
 from runtime.interpreter import Batch
 from runtime.modes import compile_mode
-from runtime.results import versions
 from runtime.shards import (
     Annotate,
     DamagedResultsWarning,
@@ -40,7 +40,7 @@ from runtime.shards import (
     ShardSink,
     load_results,
 )
-from runtime.sweep import Execute, InvokeInput, Lengths, SweepPlan, pending_windows, run_sweep
+from runtime.sweep_runner import Execute, InvokeInput, Lengths, SweepPlan, pending_windows, run_sweep
 
 if TYPE_CHECKING:
     from interp_dsl.cluster import Pool

@@ -34,7 +34,7 @@ from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
 from runtime.engine import Engine
 from runtime.interpreter import Batch, RunResult
-from runtime.sweep import InvokeInput
+from runtime.sweep_runner import InvokeInput
 
 
 @dataclass

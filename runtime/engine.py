@@ -23,8 +23,8 @@ from compiler.errors import InterventionError
 from compiler.ir import NO_SPAN, Generation, Program, Span
 from compiler.signatures import SiteTable, generation_table, module_paths, record_sites
 from runtime.compiled import CompiledRunner, CompileStats
-from runtime.generation import GenerationSpec, next_inputs, positions_of, step_kwargs
-from runtime.generation_compiled import DecodeSteps, generate_compiled
+from runtime.decode import DecodePlan, next_inputs, positions_of, step_kwargs
+from runtime.decode_compiled import DecodeSteps, generate_compiled
 from runtime.interpreter import Batch, RunResult, run, run_generation
 
 TABLES_KEPT = 64  # site tables hold fake tensors only; a sweep needs one per prompt length
@@ -193,15 +193,15 @@ class Engine:
         except ValueError as e:
             raise InterventionError.at(self.where(), f"this model cannot generate with interventions: {e}") from None
 
-    def _spec(self, settings: Generation, batch: Batch) -> GenerationSpec:
+    def _spec(self, settings: Generation, batch: Batch) -> DecodePlan:
         eos = getattr(getattr(self.module, "config", None), "eos_token_id", None)
         try:
-            return GenerationSpec.of(settings, eos if isinstance(eos, int) else None, batch.pad_id)
+            return DecodePlan.of(settings, eos if isinstance(eos, int) else None, batch.pad_id)
         except ValueError as e:
             raise InterventionError.at(self.where(), f"generate(): {e}") from None
 
     def _generate(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
-                  params: dict[str, Any], spec: GenerationSpec) -> RunResult:
+                  params: dict[str, Any], spec: DecodePlan) -> RunResult:
         if mode != "off":
             runner = self._compiled()
             result = generate_compiled(runner, self._decode_steps(), mode, typed, table, batch, params, spec)

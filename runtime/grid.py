@@ -1,7 +1,7 @@
 """The vectorised part of a sweep's grid: the points of its integer axes ride in one batch as
 repeated rows, point-major (row r of an expanded invoke of `rows` prompts is prompt r % rows at
 point r // rows, points in `itertools.product` order of the axes). Recording (interp_dsl/fan.py)
-and running (runtime/sweep.py) both lay rows out with these."""
+and running (runtime/sweep_runner.py) both lay rows out with these."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from compiler.check import BEFORE_FORWARD, TypedProgram
 from compiler.errors import ExecutionError
 from compiler.ir import Op, SaveKey, Site, by_name
 from compiler.signatures import GENERATOR
-from runtime.generation import GenerationSpec, StepFn, StepInputs, decode, step_kwargs
+from runtime.decode import DecodePlan, StepFn, StepInputs, decode, step_kwargs
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def run(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[
 
 
 def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, params: dict[str, Any],
-                   spec: GenerationSpec) -> RunResult:
+                   spec: DecodePlan) -> RunResult:
     """Generate from `batch` (left-padded prompts) with a dynamic KV cache, executing `typed` at its
     sites in every step: the hooks stay on for the whole loop, so a module's call count runs on
     across steps exactly as the generation's site table numbers them."""
@@ -223,7 +223,7 @@ def run_generation(model: torch.nn.Module, typed: TypedProgram, batch: Batch, pa
     return run.execute(lambda: generate_and_report(run, step, batch, spec))
 
 
-def generate_and_report(run: HookedRun, step: StepFn, batch: Batch, spec: GenerationSpec) -> Any:
+def generate_and_report(run: HookedRun, step: StepFn, batch: Batch, spec: DecodePlan) -> Any:
     """Decode from the batch's prompts with `step`, then run the ops at the generator's output."""
     ids = decode(step, batch.kwargs["input_ids"], batch.kwargs["attention_mask"], spec)
     new = run.report(GENERATOR, ids)

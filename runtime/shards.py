@@ -7,7 +7,7 @@ its prompt range and a digest of the prompt rows it was computed from; readers v
 and a rerun recomputes exactly the shards that are missing or damaged. The manifest's identity
 fields say what determines the numbers (the program and its parameter values, the model and its
 weights, the prompt sources, the grid): a directory holding another experiment is never resumed.
-One process writes a directory at a time (runtime/results.py `DirectoryLock`).
+One process writes a directory at a time (runtime/files.py `DirectoryLock`).
 
 Rows are ordered by prompt, then parameter point, then vectorised point; `__prompt__`,
 `__point__` and `__fan__` hold those indices for each row.
@@ -32,9 +32,9 @@ from safetensors.torch import save as save_bytes
 
 from compiler.errors import InterventionError
 from compiler.ir import Span
+from runtime.files import DirectoryLock, atomic_write
 from runtime.fingerprints import rows_digest
 from runtime.grid import n_points
-from runtime.results import DirectoryLock, atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "interp_dsl.sweep/2"

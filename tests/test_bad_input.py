@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from grammar.parser import IvxSyntaxError
 from interp_dsl.cli import main
-from interp_dsl.experiment import MAX_SWEEP_POINTS, experiment_from_text, load_experiment
+from interp_dsl.ivx import MAX_SWEEP_POINTS, experiment_from_text, load_experiment
 
 SAVE = "invoke p {\n    save h = model.model.norm.output[:, -1, :]\n}\n"
 GOOD = "the eiffel tower"

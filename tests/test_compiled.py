@@ -273,7 +273,7 @@ def test_ivx_run_compiled_and_explain_graph(tiny_dir, tmp_path):
 def test_smollm2_steering_sweep_compiles_once_and_equals_the_reference(smollm):
     from pathlib import Path
 
-    from interp_dsl.experiment import load_experiment, run
+    from interp_dsl.ivx import load_experiment, run
 
     exp = load_experiment(Path(__file__).parent.parent / "examples" / "steering.ivx")
     before = smollm.compile_stats().compilations

@@ -18,7 +18,7 @@ from compiler.ir import Op, Program, Ref, Site
 from interp_dsl import InterventionError, LanguageModel, Model
 from runtime.engine import Engine, RecordedSites
 from runtime.interpreter import Batch
-from runtime.sweep import SweepError
+from runtime.sweep_runner import SweepError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "the eiffel tower is in"
@@ -85,9 +85,9 @@ def test_site_tables_are_cached_per_shape_and_compiled_state_is_the_engines(llam
 
 
 def test_the_config_only_model_is_an_engine_with_another_site_source(tiny_dir):
-    from interp_dsl.spec import SpecSites, spec_model
-    spec = spec_model(str(tiny_dir))
-    assert type(spec) is LanguageModel and isinstance(spec._engine.sites, SpecSites)
+    from interp_dsl.config_models import ConfigSites, config_model_for
+    spec = config_model_for(str(tiny_dir))
+    assert type(spec) is LanguageModel and isinstance(spec._engine.sites, ConfigSites)
     real = LanguageModel(str(tiny_dir))
     assert isinstance(real._engine.sites, RecordedSites)
     shapes = []

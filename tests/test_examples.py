@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from interp_dsl import load_results
-from interp_dsl.experiment import load_experiment, lower
+from interp_dsl.ivx import load_experiment, lower
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -167,7 +167,7 @@ def test_examples_show_what_they_claim(smollm):
 def test_ivx_run_on_every_example(smollm, name, monkeypatch, tmp_path, capsys):
     import json
 
-    import interp_dsl.experiment as experiment
+    import interp_dsl.ivx as experiment
     from interp_dsl.cli import main
     monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
     assert main(["run", str(EXAMPLES / f"{name}.ivx"), "--out", str(tmp_path)]) == 0

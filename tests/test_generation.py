@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import interp_dsl
 from interp_dsl import InterventionError
-from runtime.generation_compiled import CACHE_BUCKET
+from runtime.decode_compiled import CACHE_BUCKET
 
 
 @pytest.fixture(params=["gpt2", "llama"])

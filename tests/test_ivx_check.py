@@ -13,8 +13,8 @@ import pytest
 from torch._subclasses.fake_tensor import FakeTensor
 
 import interp_dsl.models as models
-from interp_dsl.checking import check_files
 from interp_dsl.cli import main
+from interp_dsl.ivx.check import check_files
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = sorted((ROOT / "tests" / "ivx_bad").glob("*.ivx"))
@@ -65,8 +65,8 @@ def test_examples_pass_without_weights(monkeypatch, no_weights):
 
 
 def test_models_built_for_checking_hold_only_fake_tensors(tiny_dir):
-    from interp_dsl.spec import spec_model
-    spec = spec_model(str(tiny_dir))
+    from interp_dsl.config_models import config_model_for
+    spec = config_model_for(str(tiny_dir))
     with spec.scan("the eiffel tower"):
         spec.lm_head(spec.model.norm(spec.model.layers[0].output)).save()
     assert all(isinstance(p, FakeTensor) for p in spec.module.parameters())
@@ -74,7 +74,7 @@ def test_models_built_for_checking_hold_only_fake_tensors(tiny_dir):
 
 
 def test_second_check_uses_the_cached_signature(tiny_dir, monkeypatch):
-    import interp_dsl.spec as spec
+    import interp_dsl.config_models as spec
     check_files([ROOT / "tests" / "ivx_bad" / "index_out_of_range.ivx"], str(tiny_dir))
     monkeypatch.setattr(spec, "record_sites", lambda *a, **k: pytest.fail("no fake forward when cached"))
     monkeypatch.setattr(spec, "_build_real", lambda *a: pytest.fail("no model build when cached"))
@@ -106,7 +106,7 @@ def test_usage(capsys):
 
 def test_parse_cache_returns_the_same_tree_and_reports_syntax_errors(tmp_path):
     from grammar.parser import IvxSyntaxError, parse
-    from interp_dsl.checking import cached_parse
+    from interp_dsl.ivx.check import cached_parse
     text = (ROOT / "examples" / "steering.ivx").read_text()
     first, second = cached_parse(text, "s.ivx"), cached_parse(text, "s.ivx")
     assert first == second == parse(text, "s.ivx")

@@ -17,7 +17,7 @@ from grammar.parser import IvxSyntaxError, parse
 from grammar.printer import format_module
 from interp_dsl import CheckError, LanguageModel, load_results
 from interp_dsl.cli import main
-from interp_dsl.experiment import ExperimentError, load_experiment, lower
+from interp_dsl.ivx import ExperimentError, load_experiment, lower
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.ivx"))
@@ -210,7 +210,7 @@ def test_check_errors_point_at_the_ivx_line(tmp_path, tiny):
 def test_prompts_from_files_and_tensors(tmp_path, tiny):
     from safetensors.torch import save_file
 
-    from interp_dsl.experiment import sweep
+    from interp_dsl.ivx import sweep
     (tmp_path / "p.txt").write_text("the eiffel tower\nrome is in\n")
     (tmp_path / "p.jsonl").write_text('{"text": "the city of"}\n{"text": "paris"}\n')
     (tmp_path / "p.csv").write_text("id,text\n1,new york\n2,garden\n")
@@ -260,7 +260,7 @@ def test_bad_declarations(tmp_path, decl, message):
 
 
 def test_sweep_points_and_stacking(tmp_path, tiny):
-    from interp_dsl.experiment import run
+    from interp_dsl.ivx import run
     path = write(tmp_path, """prompt a = "the eiffel tower"
 sweep layer in 0..3
 sweep coef in [1.0, 2.0]
@@ -364,7 +364,7 @@ def test_cli_explain_ivx_output_runs_with_runtime_prompt_and_param(tmp_path, tin
 def test_zipped_sweeps_move_together(tmp_path, tiny, capsys):
     from grammar.parser import parse
     from grammar.printer import format_module
-    from interp_dsl.experiment import sweep
+    from interp_dsl.ivx import sweep
     text = """prompt a = ["the eiffel tower", "rome is in"]
 sweep layer in 0..2
 sweep coef, shift in zip([1.0, 2.0, 3.0], [0.0, 0.5, 1.0])

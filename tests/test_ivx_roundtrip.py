@@ -16,7 +16,7 @@ from compiler.ir import dumps, loads
 from grammar.decompile import to_ivx
 from grammar.printer import format_module
 from interp_dsl import LanguageModel
-from interp_dsl.experiment import _Lowering, experiment_from_text, load_experiment
+from interp_dsl.ivx import Lowering, experiment_from_text, load_experiment
 
 PROMPTS = ["the eiffel tower is in", "rome is in the city of"]
 SITES = [
@@ -93,7 +93,7 @@ def relower(m, tracer, text):
     again = m.scan()
     try:
         with again:
-            _Lowering(exp, m, again, {}).run()
+            Lowering(exp, m, again, {}).run()
     except CheckError:
         pass
     return again

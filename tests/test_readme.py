@@ -67,7 +67,7 @@ def test_readme_python_blocks_run(smollm, monkeypatch):
 @pytest.mark.e2e
 def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
     """Each `$ ivx ...` line of the README runs and succeeds (on the session's SmolLM2)."""
-    import interp_dsl.experiment as experiment
+    import interp_dsl.ivx as experiment
     from interp_dsl.cli import main
 
     monkeypatch.chdir(ROOT)

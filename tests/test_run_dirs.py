@@ -151,7 +151,7 @@ def test_one_writer_and_a_stale_lock_is_taken(steer, tmp_path, capsys):
     _, args = steer
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from runtime.results import DirectoryLock\n"
+        "import sys, time; from pathlib import Path; from runtime.files import DirectoryLock\n"
         f"with DirectoryLock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     try:

@@ -19,9 +19,9 @@ from grammar.decompile import to_ivx
 from grammar.parser import IvxSyntaxError, parse
 from grammar.printer import format_module
 from interp_dsl import Model
-from interp_dsl.experiment import experiment_from_text, lower
+from interp_dsl.ivx import experiment_from_text, lower
 from interp_dsl.sweeps import steps_as_columns
-from runtime.sweep import SweepPlan, _as_rows
+from runtime.sweep_runner import SweepPlan, _as_rows
 
 FORWARD = Program((Op("read", 0, site=Site("layer1", "output")), Op("call", 1, target="mul", args=(Ref(0), Const(2))),
                    Op("save", target="h", args=(Ref(1),))))

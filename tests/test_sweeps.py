@@ -134,7 +134,7 @@ def test_passes_stop_early_and_compute_the_head_at_the_last_position_only(llama)
 
 
 def test_saves_must_be_per_prompt(llama):
-    from runtime.sweep import SweepError
+    from runtime.sweep_runner import SweepError
     with pytest.raises(SweepError, match=r"must not depend on prompt length") as err:
         with llama.sweep(PROMPTS, batch_size=2, compile="off"):
             llama.model.layers[0].output.save("h")

@@ -31,6 +31,11 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a text file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

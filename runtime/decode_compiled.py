@@ -23,7 +23,7 @@ from compiler.ir import Op, Program, SaveKey
 from compiler.passes import remap
 from compiler.signatures import SiteTable, step_of
 from runtime.compiled import CompiledRunner
-from runtime.generation import GenerationSpec, StepInputs, cache_argument, step_kwargs
+from runtime.decode import DecodePlan, StepInputs, cache_argument, step_kwargs
 from runtime.interpreter import Batch, HookedRun, RunResult, generate_and_report
 
 CACHE_BUCKET = 16  # static caches are allocated in multiples of this many positions
@@ -146,7 +146,7 @@ class DecodeSteps:
 
 def generate_compiled(runner: CompiledRunner, steps: DecodeSteps, mode: str, typed: TypedProgram,
                       table: SiteTable, batch: Batch, params: dict[str, Any],
-                      spec: GenerationSpec) -> RunResult | None:
+                      spec: DecodePlan) -> RunResult | None:
     """Generate with compiled decode steps; None when it cannot (`runner.new_reason` says why)."""
     runner.new_reason = None
     split = split_steps(typed, table, spec.max_new_tokens)

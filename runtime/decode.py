@@ -46,7 +46,7 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class GenerationSpec:
+class DecodePlan:
     """One `model.generate(...)`: how many tokens, how they are chosen, and the special tokens."""
 
     max_new_tokens: int
@@ -59,14 +59,14 @@ class GenerationSpec:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @classmethod
-    def of(cls, settings: Generation, eos_token_id: int | None, pad_token_id: int) -> "GenerationSpec":
+    def of(cls, settings: Generation, eos_token_id: int | None, pad_token_id: int) -> "DecodePlan":
         """The IR's generation settings with the model's end-of-sequence and padding tokens."""
         sampling = Sampling(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
         return cls(settings.max_new_tokens, sampling, eos_token_id, pad_token_id)
 
 
 def decode(step: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           spec: GenerationSpec) -> torch.Tensor:
+           spec: DecodePlan) -> torch.Tensor:
     """Run up to `spec.max_new_tokens` steps; the prompt ids followed by the generated ids."""
     choose = _chooser(spec.sampling, input_ids.device)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions_of(attention_mask)}

@@ -1,7 +1,7 @@
-"""Models known only by their config, for checking specs without weights (`ivx check`).
+"""Models known only by their config, for checking experiments without weights (`ivx check`).
 
 Such a model is a `LanguageModel` over an `Engine` whose module is a skeleton (the model's module
-tree of empty modules with fake parameters) and whose site tables come from `SpecSites`: the
+tree of empty modules with fake parameters) and whose site tables come from `ConfigSites`: the
 model's symbolic site signature. Tree and signature are cached on disk per config, so a second
 check needs no forward at all. Ad-hoc module calls, generation and forwards whose shapes are not
 symbolic build the real model lazily, on fake tensors. Token ids come from a disk cache, so the
@@ -28,15 +28,11 @@ from interp_dsl import embedded
 from interp_dsl.models import LanguageModel
 from interp_dsl.spans import user_span
 from runtime.engine import Engine, record_generation
+from runtime.files import atomic_write_text
 from runtime.interpreter import Batch
-from runtime.results import atomic_write
 
 CACHE_VERSION = 3
 _CONFIGS = Path(__file__).parent / "configs"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -93,7 +89,7 @@ class CachedTokenizer:
 
     def save(self) -> None:
         if self._dirty:
-            _atomic_write_text(self._path, json.dumps(
+            atomic_write_text(self._path, json.dumps(
                 {"ids": self._ids, "raw": self._raw, "pad_token_id": self.pad_token_id}))
             self._dirty = False
 
@@ -118,7 +114,7 @@ def _build_real(config: Any, mode: FakeTensorMode) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config).eval()
 
 
-class SpecSites:
+class ConfigSites:
     """Site tables of a model known by its config: from its symbolic signature (no forward at all),
     else from the real model on fake tensors (a forward whose shapes are not symbolic, generation)."""
 
@@ -142,12 +138,12 @@ def config_model(config: Any, tokenizer: CachedTokenizer | None, key: str, name:
     data = _load_cache(cache)
     if data is None:
         data = _describe(real)
-        _atomic_write_text(cache, json.dumps(data))
+        atomic_write_text(cache, json.dumps(data))
     types = TypeTable(data["types"])
     signature = Signature.from_data(data["signature"], types) if data["signature"] else None
     skeleton = _skeleton(data["tree"], types, real)
     object.__setattr__(skeleton, "config", config)
-    engine = Engine(skeleton, SpecSites(signature, real), fake_mode=real.mode, paths={},  # the tree's paths
+    engine = Engine(skeleton, ConfigSites(signature, real), fake_mode=real.mode, paths={},  # the tree's paths
                     forward_params=frozenset(data["forward_params"]), name=name, where=user_span)
     return LanguageModel(engine, tokenizer)
 
@@ -266,7 +262,7 @@ def _probe_inputs(batch: int, seq: int, positions: bool) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- sources
-def spec_model(source: str, base: Path | None = None) -> LanguageModel:
+def config_model_for(source: str, base: Path | None = None) -> LanguageModel:
     """A config-only model (see `config_model`) for a model name, HF directory, config.json or
     .gguf file; no weights read."""
     from transformers import AutoConfig, AutoTokenizer

@@ -1,6 +1,6 @@
 """`ivx check`: every error that can be known before running, for many spec files, without weights.
 
-Each file is lowered on a config-only model (interp_dsl/spec.py: fake tensors, no weights) and checked:
+Each file is lowered on a config-only model (interp_dsl/config_models.py: fake tensors, no weights) and checked:
 - at the extremes of every integer sweep axis (an axis indexing `layers` is checked at 0 and 29);
 - with the prompts' real token lengths, and again with each prompt's shortest row, since an index
   that fits the padded batch may not fit its shortest prompt;
@@ -25,9 +25,11 @@ from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import IvxSyntaxError
 from interp_dsl import embedded
-from interp_dsl.experiment import Experiment, _generation_settings, _Lowering, experiment_from_text
+from interp_dsl.config_models import config_model_for
+from interp_dsl.ivx.declare import Experiment, experiment_from_text
+from interp_dsl.ivx.lower import Lowering, generation_settings
 from interp_dsl.models import LanguageModel
-from interp_dsl.spec import _atomic_write_text, spec_model
+from runtime.files import atomic_write_text
 
 _LENGTH_DEPENDENT = ("index out of range", "slice ")
 
@@ -77,7 +79,7 @@ def check_file(path: Path, model: str | None, models: dict[str, LanguageModel]) 
                            "add a line: model \"smollm2-135m\" (or pass --model)")]
     key = str((path.parent / source).resolve()) if (path.parent / source).exists() else source
     if key not in models:
-        models[key] = spec_model(source, base=path.parent)
+        models[key] = config_model_for(source, base=path.parent)
     spec = models[key]
     found: dict[tuple[Span, str], Diagnostic] = {}
     points = _extreme_points(exp)
@@ -111,7 +113,7 @@ def cached_parse(text: str, file: str) -> ast.Module:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     module = parse(text, file)  # a syntax error raises before anything is cached
-    _atomic_write_text(path, json.dumps(ast.to_data(module)))
+    atomic_write_text(path, json.dumps(ast.to_data(module)))
     return module
 
 
@@ -123,9 +125,9 @@ def _check_point(exp: Experiment, spec: LanguageModel, point: dict[str, Any]) ->
     diagnostics: list[Diagnostic] = []
     try:
         if exp.generate is not None:
-            tracer.generation = _generation_settings(exp, spec)
+            tracer.generation = generation_settings(exp, spec)
         with tracer:
-            _Lowering(exp, spec, tracer, point).run()
+            Lowering(exp, spec, tracer, point).run()
     except InterventionError as e:
         diagnostics = e.diagnostics
     return diagnostics, any(op.opcode == "save" for op in tracer.ops)

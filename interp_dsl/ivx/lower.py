@@ -1,0 +1,339 @@
+"""Lowering a declared experiment to IR: drive a `Tracer` exactly as Python code would (attribute
+access on the model, operators, `with tracer.invoke(...)`), with spans taken from the file, so an
+experiment written in `.ivx` and its proxy-API twin produce the same IR by construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from compiler import vocabulary
+from compiler.errors import Diagnostic, InterventionError, did_you_mean
+from compiler.ir import SITE_KINDS, Generation, Span
+from grammar import ast
+from interp_dsl import fan
+from interp_dsl.envoy import Envoy
+from interp_dsl.fan import Fanned
+from interp_dsl.ivx.declare import Experiment, ExperimentError, experiment_error
+from interp_dsl.models import GeneratorEnvoy, LanguageModel, Model
+from interp_dsl.proxy import Proxy, record_call
+from interp_dsl.sweeps import Sweep
+from interp_dsl.tracing import Tracer
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+    "//": operator.floordiv, "%": operator.mod, "@": operator.matmul, "**": operator.pow,
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt, ">=": operator.ge,
+}
+_INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv}
+_UNARY = {"-": operator.neg, "+": operator.pos, "~": operator.invert}
+_NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
+               "linalg": "torch.linalg", "special": "torch.special", "fft": "torch.fft"}
+_BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in the proxy API
+_DTYPES = vocabulary.DTYPES  # "float32" -> torch.float32
+_VALUE_ATTRIBUTES = ("shape", "dtype", "ndim", "size", "dim")
+
+
+class _Namespace:
+    """`torch`, `F`, `einops` inside an experiment: only whitelisted functions resolve."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+
+class Lowering:
+    def __init__(self, exp: Experiment, model: Model, tracer: Tracer, point: dict[str, Any],
+                 sweep: Sweep | None = None):
+        self.exp, self.model, self.tracer, self.sweep = exp, model, tracer, sweep
+        self.env: dict[str, Any] = {**exp.tensors, **point}
+        self.current = Span(str(exp.path), 0)
+        self.diagnostics: list[Diagnostic] = []
+        tracer.span_source = lambda: self.current
+
+    # statements
+    def run(self) -> None:
+        for decl in self.exp.module.body:
+            if isinstance(decl, ast.Invoke):
+                self._invoke(decl)
+            elif isinstance(decl, (ast.Let, ast.Assign, ast.Save, ast.Stop)):
+                self._statement(decl)
+        if self.diagnostics:
+            raise ExperimentError(self.diagnostics)
+
+    def _invoke(self, block: ast.Invoke) -> None:
+        if block.prompt not in self.exp.prompts:
+            self.diagnostics.append(Diagnostic(
+                block.span, f"unknown prompt {block.prompt!r}",
+                did_you_mean(block.prompt, self.exp.prompts) or
+                f"declare it: prompt {block.prompt} = \"...\""))
+            return
+        invoker = self.sweep.invoke(block.prompt) if self.sweep else self.tracer.invoke(self.exp.prompts[block.prompt])
+        with invoker:
+            for statement in block.body:
+                self._statement(statement)
+
+    def _statement(self, s: ast.Stmt) -> None:
+        self.current = s.span
+        try:
+            if isinstance(s, ast.Let):
+                self.env[s.name] = self.eval(s.value)
+            elif isinstance(s, ast.Save):
+                self._save(s)
+            elif isinstance(s, ast.Stop):
+                self.tracer.stop()
+            elif isinstance(s, ast.Steps):
+                self._steps(s)
+            else:
+                self._assign(s)
+        except InterventionError as e:
+            file = str(self.exp.path)
+            self.diagnostics.extend(d if d.span.file == file else dataclasses.replace(d, span=s.span)
+                                    for d in e.diagnostics)
+
+    def _steps(self, s: ast.Steps) -> None:
+        if self.exp.generate is None:
+            raise experiment_error(s.span, "a steps block is for generation, and this experiment does not generate",
+                         "add a line: generate max_new_tokens=8")
+        key = slice(None) if s.selector is None else self._subscript(s.selector)
+        with self.tracer.iter[key]:
+            for statement in s.body:
+                self._statement(statement)
+        self.current = s.span
+
+    def _save(self, s: ast.Save) -> None:
+        value = self.eval(s.value)
+        if not isinstance(value, (Proxy, Fanned)):
+            raise experiment_error(s.span, f"save {s.name}: the value is not computed by the model",
+                         "save values derived from module .output, .input or .inputs")
+        self.current = s.span
+        value.save(s.name)
+
+    def _assign(self, s: ast.Assign) -> None:
+        """Evaluate in Python's order: `t = v` computes v first; `t op= v` computes t's parts,
+        reads t, then v, then writes back (so the IR equals the same line in Python)."""
+        target, augmented = s.target, s.op != "="
+        value = None if augmented else self.eval(s.value)
+        if isinstance(target, ast.Name):
+            if augmented:
+                current = self.eval(target)
+                value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
+            self.env[target.id] = value
+        elif isinstance(target, ast.Attr) and target.name in SITE_KINDS:
+            owner = self.eval(target.obj)
+            if not isinstance(owner, (Envoy, Model)):
+                raise experiment_error(target.span, f"only a module's .{target.name} can be assigned")
+            self.current = s.span
+            if augmented:
+                current = getattr(owner, target.name)
+                value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
+            self.current = s.span
+            setattr(owner, target.name, value)
+        elif isinstance(target, ast.Index):
+            owner = self.eval(target.obj)
+            index = self._subscript(target.items)
+            self.current = s.span
+            if augmented:
+                current = owner[index]
+                value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
+            self.current = s.span
+            owner[index] = value
+        else:
+            raise experiment_error(target.span, "cannot assign to this",
+                         "assign a name, a module's .output/.input/.inputs, or an index of one")
+
+    # expressions
+    def eval(self, e: ast.Expr) -> Any:
+        outer = self.current
+        try:
+            return getattr(self, f"_e_{type(e).__name__}")(e)
+        except InterventionError as err:
+            # The proxy machinery located this in Python; the innermost expression is the place.
+            if all(d.span.file == str(self.exp.path) for d in err.diagnostics):
+                raise
+            raise type(err)([d if d.span.file == str(self.exp.path) else dataclasses.replace(d, span=e.span)
+                             for d in err.diagnostics]) from None
+        finally:
+            self.current = outer
+
+    def _e_Name(self, e: ast.Name) -> Any:
+        if e.id in self.env:
+            return self.env[e.id]
+        if e.id in _NAMESPACES:
+            return _Namespace(_NAMESPACES[e.id])
+        if e.id in _DTYPES:
+            return _DTYPES[e.id]
+        known = [*self.env, *_NAMESPACES, *_DTYPES, "model"]
+        raise experiment_error(e.span, f"unknown name {e.id!r}",
+                     did_you_mean(e.id, known) or "define it first: name = expression, or let name = ...")
+
+    def _e_ModelRef(self, e: ast.ModelRef) -> Any:
+        return self.model
+
+    def _e_Literal(self, e: ast.Literal) -> Any:
+        return e.value
+
+    def _e_EllipsisLit(self, e: ast.EllipsisLit) -> Any:
+        return Ellipsis
+
+    def _e_TupleLit(self, e: ast.TupleLit) -> Any:
+        return tuple(self.eval(i) for i in e.items)
+
+    def _e_ListLit(self, e: ast.ListLit) -> Any:
+        return [self.eval(i) for i in e.items]
+
+    def _e_Slice(self, e: ast.Slice) -> Any:
+        return slice(*(None if p is None else self.eval(p) for p in (e.start, e.stop, e.step)))
+
+    def _subscript(self, items: tuple[ast.Expr, ...]) -> Any:
+        values = tuple(self.eval(i) for i in items)
+        return values[0] if len(values) == 1 else values
+
+    def _e_Attr(self, e: ast.Attr) -> Any:
+        owner = self.eval(e.obj)
+        self.current = e.span
+        if isinstance(owner, _Namespace):
+            if owner.prefix == "torch" and e.name in _DTYPES:
+                return _DTYPES[e.name]
+            return self._function(f"{owner.prefix}.{e.name}", e.span)
+        if isinstance(owner, Fanned):
+            return fan.apply(lambda o: self._attribute(o, e.name, e.span), owner)
+        return self._attribute(owner, e.name, e.span)
+
+    def _attribute(self, owner: Any, name: str, span: Span) -> Any:
+        """`owner.name`, for the names the language declares: a module's submodules, parameters,
+        sites and `next`; a value's shape attributes, vocabulary methods and output fields."""
+        if name.startswith("_"):
+            raise experiment_error(span, f"`.{name}`: private and special names are not part of the language",
+                         "use module paths, .output/.input/.inputs, and functions of the vocabulary")
+        if isinstance(owner, GeneratorEnvoy) and name == "output":
+            return owner.output
+        if isinstance(owner, (Envoy, Model)):
+            module = owner._module
+            if name in SITE_KINDS or name == "next" or name in module._modules or name in module._parameters \
+                    or name in module._buffers or (name == "generator" and isinstance(owner, LanguageModel)):
+                return getattr(owner, name)
+            declared = [*SITE_KINDS, "next", *module._modules, *module._parameters, *module._buffers]
+            raise experiment_error(span, f"{owner._display} ({type(module).__name__}) has no submodule, parameter or site {name!r}",
+                         did_you_mean(name, declared) or f"its submodules: {', '.join(list(module._modules)[:8]) or 'none'}")
+        if isinstance(owner, Proxy):
+            if name in _VALUE_ATTRIBUTES or not hasattr(Proxy, name):
+                return getattr(owner, name)  # the proxy allows vocabulary methods and output fields only
+        elif isinstance(owner, torch.Tensor):  # a loaded tensor: its methods are recorded like a value's
+            if name in _VALUE_ATTRIBUTES:
+                return getattr(owner, name)
+            entry = vocabulary.vocabulary().get(f"Tensor.{name}")
+            if entry is not None:
+                method = self._function(f"Tensor.{name}", span)
+                return method(owner) if entry.kind == "property" else functools.partial(method, owner)
+        raise experiment_error(span, f"a {_kind(owner)} has no attribute {name!r} in the language",
+                     "tensor methods are listed in docs/vocabulary.md")
+
+    def _e_Index(self, e: ast.Index) -> Any:
+        owner = self.eval(e.obj)
+        index = self._subscript(e.items)
+        self.current = e.span
+        if isinstance(owner, (Envoy, Model)) and isinstance(index, bool | float):
+            raise experiment_error(e.span, "a module list is indexed with an integer")
+        return owner[index]
+
+    def _e_BinOp(self, e: ast.BinOp) -> Any:
+        left, right = self.eval(e.left), self.eval(e.right)
+        self.current = e.span
+        return self._operator(_BINARY[e.op], left, right)
+
+    def _e_Unary(self, e: ast.Unary) -> Any:
+        operand = self.eval(e.operand)
+        self.current = e.span
+        return self._operator(_UNARY[e.op], operand)
+
+    def _operator(self, fn: Callable[..., Any], *operands: Any) -> Any:
+        """Operators on traced values are recorded by the proxies. On loaded tensors with numbers
+        they run now (as in Python: the result is no larger than the tensor); between loaded
+        tensors they are recorded, since broadcasting could allocate without bound; on numbers
+        they are bounded."""
+        if any(isinstance(o, (Proxy, Fanned)) for o in operands):
+            return fn(*operands)
+        name = fn.__name__.removeprefix("i") if fn in _INPLACE.values() else fn.__name__
+        tensors = sum(isinstance(o, torch.Tensor) for o in operands)
+        if tensors == 1 and all(isinstance(o, (torch.Tensor, int, float, bool)) for o in operands):
+            return getattr(operator, name)(*operands)  # `t += 1` on a loaded tensor makes a new one
+        if tensors:
+            return self.tracer.call(name, operands, {})
+        try:
+            return vocabulary.python_operator(name, *operands)
+        except (TypeError, OverflowError, ZeroDivisionError, ValueError) as err:
+            raise experiment_error(self.current, str(err)) from None
+
+    def _e_Call(self, e: ast.Call) -> Any:
+        if isinstance(e.func, ast.Name) and e.func.id not in self.env:
+            if e.func.id == "token":
+                return self._token(e)
+            func = _BUILTINS.get(e.func.id) or self._function(f"torch.{e.func.id}", e.func.span, short=e.func.id)
+        else:
+            func = self.eval(e.func)
+        args = [self.eval(a) for a in e.args]
+        kwargs = {k.name: self.eval(k.value) for k in e.kwargs}
+        self.current = e.span
+        if not callable(func):
+            raise experiment_error(e.func.span, f"{type(func).__name__} is not callable")
+        return func(*args, **kwargs)
+
+    def _function(self, name: str, span: Span, short: str | None = None) -> Callable[..., Any]:
+        """A vocabulary function as a recorder: calling it records an op (a factory included:
+        nothing is computed or allocated while lowering)."""
+        if name in vocabulary.vocabulary() and vocabulary.vocabulary()[name].kind not in ("operator", "property"):
+            return lambda *args, **kwargs: record_call(self.tracer, name, args, kwargs)
+        prefix = name.rpartition(".")[0]
+        candidates = [n.rpartition(".")[2] for n in vocabulary.vocabulary() if n.rpartition(".")[0] == prefix]
+        hint = did_you_mean(short or name.rpartition(".")[2], candidates)
+        raise experiment_error(span, f"unknown function {short or name!r}",
+                     hint or "functions are torch's (softmax, topk, ...), torch.nn.functional as F.*, "
+                             "einops.*, and token(\"text\"); docs/vocabulary.md lists them")
+
+    def _token(self, e: ast.Call) -> int:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if len(e.args) != 1 or not isinstance(e.args[0], ast.Literal) or not isinstance(e.args[0].value, str):
+            raise experiment_error(e.span, "token(...) takes one string: token(\" Paris\")")
+        if tokenizer is None:
+            raise experiment_error(e.span, "token(...) needs a model with a tokenizer")
+        ids = tokenizer.encode(e.args[0].value, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = [tokenizer.decode([i]) for i in ids]
+            raise experiment_error(e.span, f"{e.args[0].value!r} is {len(ids)} tokens, not one: {pieces}",
+                         "use the text of a single token, often with its leading space")
+        return ids[0]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "shape" if all(type(v) is int for v in value) else "tuple"
+    return {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(value), type(value).__name__)
+
+
+def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,
+          compile: str | None = None) -> Tracer:
+    """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
+    `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
+    tracer = model.trace(compile=compile) if execute else model.scan()
+    if exp.generate is not None:
+        tracer.generation = generation_settings(exp, model)
+    with tracer:
+        Lowering(exp, model, tracer, point).run()
+    return tracer
+
+
+def generation_settings(exp: Experiment, model: Model) -> Generation:
+    line = next(d.span for d in exp.module.body if isinstance(d, ast.Generate))
+    if not isinstance(model, LanguageModel):
+        raise experiment_error(line, "only a language model generates")
+    try:
+        return model.generation_settings(**exp.generate)  # type: ignore[arg-type]
+    except InterventionError as e:
+        raise ExperimentError([dataclasses.replace(d, span=line) for d in e.diagnostics]) from None
+
