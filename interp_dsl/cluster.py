@@ -35,6 +35,7 @@ from runtime.shards import ShardSink
 from runtime.sweep_runner import SweepPlan, Window, check_shard_shapes, run_window
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run
+START_TIMEOUT = float(os.environ.get("IVX_RAY_START_TIMEOUT", 1800))  # seconds for a worker to load the model
 INSTALL = "pip install 'interp-dsl[ray]'"
 
 
@@ -201,19 +202,24 @@ class Pool:
                   file=sys.stderr)
         self.actors = [self._start() for _ in range(self.count)]
         try:
-            described = self.ray.get([a.describe.remote() for a in self.actors])
-        except self.ray.exceptions.RayActorError as e:
-            self.__exit__()
-            raise ClusterError.at(self.origin, f"a Ray worker died while loading the model: {_reason(e)}") from None
-        except BaseException:
-            self.__exit__()
-            raise
-        try:
-            self.weights = self._agreed_weights(described)
+            self.weights = self._agreed_weights(self._described(self.actors))
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _described(self, actors: list[Any]) -> list[dict[str, Any]]:
+        """Each worker's description, once it has loaded the model (within START_TIMEOUT)."""
+        ray = self.ray
+        try:
+            return ray.get([a.describe.remote() for a in actors], timeout=START_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError.at(self.origin, f"Ray workers did not start within {START_TIMEOUT:.0f} s; each asks "
+                                  f"for {self.options}, which the cluster may not have free",
+                                  "use fewer --workers, or set IVX_RAY_START_TIMEOUT for a model that "
+                                  "loads slowly") from None
+        except ray.exceptions.RayActorError as e:
+            raise ClusterError.at(self.origin, f"a Ray worker died while loading the model: {_reason(e)}") from None
 
     def __exit__(self, *exc: Any) -> None:
         for actor in self.actors:
@@ -228,11 +234,12 @@ class Pool:
         """How many workers, the resources each asks Ray for, and its torch threads (CPU workers)."""
         resources = self.ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-        nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
-        count = self.cluster.workers or gpus or max(1, nodes)
+        nodes = [n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")]
+        nodes = [c for c in nodes if c > 0] or [cpus]  # a head started with --num-cpus=0 takes no worker
+        count = self.cluster.workers or gpus or len(nodes)
         if gpus:
             return count, {"num_gpus": min(1.0, gpus / count), "num_cpus": min(1.0, cpus / count)}, None
-        share = cpus / count
+        share = min(cpus / count, min(nodes))  # every worker must fit on the smallest node
         per = float(int(share)) if share >= 1 else share  # whole CPUs, or a fraction of one
         return count, {"num_cpus": per}, max(1, int(share))
 
@@ -273,7 +280,7 @@ class Pool:
         retry: deque[Window] = deque()
         attempts: dict[int, int] = {}
         flying: dict[Any, tuple[Any, Window]] = {}
-        load = {id(a): 0 for a in self.actors}
+        queued: dict[int, list[Window]] = {id(a): [] for a in self.actors}  # per worker, in submission order
         shapes: dict[str, tuple[int, ...]] = {}
         exhausted = False
         show_workers(len(self.actors))
@@ -283,21 +290,27 @@ class Pool:
                 if window is None:
                     exhausted = True
                     break
-                actor = min(self.actors, key=lambda a: load[id(a)])
-                load[id(actor)] += 1
+                actor = min(self.actors, key=lambda a: len(queued[id(a)]))
+                queued[id(actor)].append(window)
                 flying[actor.run.remote(window)] = (actor, window)
             if not flying:
                 break
             [done], _ = ray.wait(list(flying), num_returns=1)
             actor, window = flying.pop(done)
-            load[id(actor)] -= 1
+            running = queued[id(actor)][0] is window  # the others waited behind it
+            queued[id(actor)].remove(window)
             try:
                 outcome = ray.get(done)
             except ray.exceptions.RayActorError as e:
-                self._lost(actor, window, e, attempts, load)
+                if running:
+                    attempts[window.index] = attempts.get(window.index, 0) + 1
+                self._lost(actor, window, e, attempts, queued)
                 retry.append(window)
                 show_workers(len(self.actors))
                 continue
+            except ray.exceptions.RayTaskError as e:  # an error outside the experiment's own checks
+                raise ClusterError.at(self.origin, f"a Ray worker failed on prompts {window.first}..{window.stop - 1}: "
+                                      f"{_reason(e.cause if e.cause is not None else e)}") from None
             if outcome[0] == "error":
                 raise outcome[1](outcome[2])
             check_shard_shapes(self.plan, outcome[1], shapes)
@@ -305,11 +318,31 @@ class Pool:
             advance(len(window.rows))
         sink.finish()
 
+    def _replacement(self) -> Any:
+        """A new worker that loaded the same weights, or None when none starts in time (the run goes
+        on with the others)."""
+        actor = self._start()
+        try:
+            [described] = self._described([actor])
+        except ClusterError:
+            self.ray.kill(actor)
+            return None
+        if "failure" in described:
+            self.ray.kill(actor)
+            kind, diagnostics = described["failure"]
+            raise kind(diagnostics)
+        if described["weights"] != self.weights:
+            self.ray.kill(actor)
+            raise ClusterError.at(self.origin, f"a Ray worker started to replace a dead one on {described.get('host')} "
+                                  f"did not load the weights the run was started with", "make every node hold "
+                                  "the same model files")
+        return actor
+
     def _lost(self, actor: Any, window: Window, error: Exception, attempts: dict[int, int],
-              load: dict[int, int]) -> None:
-        """A worker died computing `window`: replace it (while replacements last) and count the attempt."""
-        attempts[window.index] = attempts.get(window.index, 0) + 1
-        if attempts[window.index] >= MAX_ATTEMPTS:
+              queued: dict[int, list[Window]]) -> None:
+        """A worker died: replace it (while replacements last); stop when the window it was
+        computing has killed MAX_ATTEMPTS workers."""
+        if attempts.get(window.index, 0) >= MAX_ATTEMPTS:
             raise ClusterError.at(self.origin, f"prompts {window.first}..{window.stop - 1} killed {MAX_ATTEMPTS} "
                                   f"Ray workers in turn (last: {_reason(error)})",
                                   "a batch may not fit in a worker's memory: try a smaller --batch-size")
@@ -318,14 +351,15 @@ class Pool:
             self.ray.kill(actor)
             if self.replacements > 0:
                 self.replacements -= 1
-                replacement = self._start()
-                load[id(replacement)] = 0
-                self.actors.append(replacement)
+                replacement = self._replacement()
+                if replacement is not None:
+                    queued[id(replacement)] = []
+                    self.actors.append(replacement)
         if not self.actors:
             raise ClusterError.at(self.origin, f"every Ray worker died (last: {_reason(error)})")
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
 

@@ -234,6 +234,15 @@ class Tracer:
         """An invoke's inputs changed (added, or expanded by a sweep axis)."""
         self._batch = self._typer = None  # the padded batch changed: types must be recomputed
 
+    def cache(self, modules: Any = None, device: Any = None, dtype: torch.dtype | None = None,
+              detach: bool = True, include_output: bool = True, include_inputs: bool = False) -> Any:
+        """nnsight's `tracer.cache()`: save every module's output in this invoke (or those of
+        `modules`: envoys or paths like "model.model.layers.0"); after the trace the returned
+        cache maps each path to its `.output` (and `.inputs` / `.input` with `include_inputs`),
+        also walked as `cache.model.model.layers[0].output`. `device` / `dtype` convert the values."""
+        from interp_dsl.cache import record_cache
+        return record_cache(self, modules, device, dtype, detach, include_output, include_inputs)
+
     def barrier(self, participants: int) -> Any:
         """nnsight's cross-invoke barrier. Accepted and a no-op: the scheduler already orders
         every read before the writes that use it."""

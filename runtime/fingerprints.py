@@ -28,9 +28,10 @@ def rows_digest(rows: list[dict[str, str]]) -> str:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of the weights that reads each tensor once without copying it: names, shapes and
-    dtypes, each tensor's sum and sum of squares, and 64 values spread over it (a fine-tuned or
-    edited model differs in these; hashing every byte would cost seconds on a large model)."""
+    """A hash of the weights that reads each tensor once: names, shapes and dtypes, two integer
+    sums over each tensor's bit patterns, and 64 values spread over it (a fine-tuned or edited
+    model differs in these; hashing every byte would cost seconds on a large model). Integer sums
+    wrap the same way in any order, so the hash does not depend on thread count or device."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -38,10 +39,23 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
             flat = tensor.detach().reshape(-1)
             spread = torch.arange(64, device=flat.device) * (flat.numel() - 1) // 63  # exact in int64
             sample = flat[spread].double()
-            stats = (flat.double().sum(), flat.double().square().sum()) if flat.is_floating_point() \
-                else (flat.long().sum(), flat.long().square().sum())
-            h.update(repr([*sample.tolist(), *(float(x) for x in stats)]).encode())
+            h.update(repr([*sample.tolist(), *_bit_sums(flat)]).encode())
     return h.hexdigest()[:16]
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> integer view
+_CHUNK = 1 << 24  # elements widened to int64 at a time (bounds the memory a fingerprint takes)
+
+
+def _bit_sums(flat: torch.Tensor) -> tuple[int, int]:
+    """The sum of a tensor's bit patterns and of their squares, modulo 2**64."""
+    bits = flat.view(_BITS[flat.element_size()]) if flat.is_floating_point() or flat.is_complex() else flat
+    total = squares = 0
+    for start in range(0, bits.numel(), _CHUNK):
+        part = bits[start:start + _CHUNK].long()
+        total += int(part.sum())
+        squares += int((part * part).sum())
+    return total % 2**64, squares % 2**64
 
 
 def architecture_fingerprint(module: torch.nn.Module) -> str:

@@ -121,6 +121,27 @@ def test_the_weight_fingerprint_samples_inside_a_large_tensor():
     assert weights_fingerprint(module) != before
 
 
+def test_the_weight_fingerprint_does_not_depend_on_the_thread_count():
+    """A float64 sum of 16M elements differs between 1 and 2 threads here; the fingerprint must not
+    (a Ray worker or a resumed run uses other thread counts than the process that wrote the manifest)."""
+    from runtime.fingerprints import weights_fingerprint
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4096, 4096)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = weights_fingerprint(module)
+        torch.set_num_threads(2)
+        two = weights_fingerprint(module)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    with torch.no_grad():
+        module.weight[1000, 7] += 1e-3  # not a sampled element
+    assert weights_fingerprint(module) != one
+
+
 def test_a_damaged_shard_is_named_skipped_by_readers_and_recomputed(steer, tmp_path, capsys):
     _, args = steer
     assert ivx(capsys, *args)[0] == 0
