@@ -371,6 +371,10 @@ def _connect(cluster: RayCluster, origin: Span) -> Any:
     except ImportError:
         raise ClusterError.at(origin, "a Ray sweep needs Ray, which is not installed", INSTALL) from None
     if ray.is_initialized():
+        joined = ray.get_runtime_context().gcs_address
+        if cluster.address not in (None, "auto") and cluster.address.removeprefix("ray://") != joined:
+            raise ClusterError.at(origin, f"this process already joined the Ray cluster at {joined}; it cannot "
+                                  f"join {cluster.address} too", "leave out the address, or run from a new process")
         return ray
     options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if cluster.address is None:

@@ -175,6 +175,43 @@ def test_an_error_in_the_experiment_stops_the_run_at_the_users_line(ray_instance
     assert not manifest["complete"] and 2 not in [s["index"] for s in manifest["shards"]]
 
 
+def test_a_failure_inside_a_worker_stops_the_run_with_its_prompts_and_reason(ray_instance, tmp_path):
+    """Not an error of the experiment: the model itself raises on one prompt (shipped by value, as
+    its class exists only here). The run stops with a located error naming the prompts, no traceback."""
+    from helpers import tiny_llama, word_tokenizer
+    from torch._subclasses.fake_tensor import is_fake
+    from transformers import LlamaForCausalLM
+
+    class Fragile(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            if not is_fake(input_ids) and ((input_ids == 11).sum(-1) >= 2).any():  # "rome rome"
+                raise RuntimeError("the model broke on a prompt")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+
+    source = tiny_llama()
+    fragile = Fragile(source.config).eval()
+    fragile.load_state_dict(source.state_dict())
+    model = LanguageModel(fragile, tokenizer=word_tokenizer())
+    rows = [f"the city of paris {i % 7}" for i in range(30)]
+    rows[20] = "rome rome"
+    with pytest.raises(InterventionError) as caught:
+        with model.sweep(rows, batch_size=4, shard_size=12, compile="off", out=tmp_path / "out",
+                         executor="ray") as sweep:
+            model.lm_head.output[:, -1, :].save("logits")
+    message = str(caught.value)
+    assert "a Ray worker failed on prompts 12..23: the model broke on a prompt" in message
+    assert f"{__file__}:" in message and "Traceback" not in message
+    assert sweep.results is None
+
+
+def test_a_process_joined_to_one_cluster_refuses_another_address(ray_instance, tiny_dir):
+    model = LanguageModel(str(tiny_dir))
+    with pytest.raises(InterventionError, match="already joined the Ray cluster at .*; it cannot join 10.0.0.1:6379"):
+        with model.sweep(["paris"], compile="off", executor=ray_cluster("10.0.0.1:6379")):
+            model.lm_head.output[:, -1, :].save("logits")
+
+
 EXPERIMENT = """model "{model}"
 prompt text
 sweep coef in [0.5, 2.0]
