@@ -39,6 +39,7 @@ from runtime.shards import (
     Results,
     ShardSink,
     load_results,
+    refuse_other_run,
 )
 from runtime.sweep_runner import Execute, InvokeInput, Lengths, SweepPlan, pending_windows, run_sweep
 
@@ -182,6 +183,9 @@ class Sweep:
             self.batch, self.shard_size, kwargs,
             {op.target: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))
+        if self.executor is not None and self.out is not None and not self.restart:
+            # before every worker loads the model: the weights are the one thing not known yet
+            refuse_other_run(self.out, self._header(plan, None, weights=""), unknown=("weights",))
         with contextlib.ExitStack() as stack:
             pool = None if self.executor is None else stack.enter_context(
                 self.executor.pool(self.model, plan, self.invokes, self.compile, self.progress))
@@ -257,15 +261,17 @@ class Sweep:
                 "check against the model the server serves (--model, or LanguageModel(name, weights='fake'))")
         return {"model": served["model"], "weights": served["weights"], "server": self.remote.url}  # type: ignore[union-attr]
 
-    def _header(self, plan: SweepPlan, pool: Pool | None) -> dict[str, Any]:
+    def _header(self, plan: SweepPlan, pool: Pool | None, weights: str | None = None) -> dict[str, Any]:
+        """The manifest's identity and description; `weights` when already known (else computed)."""
+        if weights is None and self.remote is None:  # a remote run names the server's (_served)
+            weights = pool.weights if pool is not None else weights_fingerprint(self.tracer.engine.module)
         dims = [("+".join(names), len(values)) for names, values in self.groups]
         dims += [(name, len(values)) for name, values in plan.fan_axes.items()]
         return {
             **self.describe,
             "ir_hash": plan.program.structural_hash(),
             "values": {name: value_digest(value) for name, value in sorted(plan.params.items())},
-            **(self._served() if self.remote is not None else {"model": self.tracer.engine.name, "weights":
-               pool.weights if pool is not None else weights_fingerprint(self.tracer.engine.module)}),
+            **(self._served() if self.remote is not None else {"model": self.tracer.engine.name, "weights": weights}),
             **({"executor": pool.describe()} if pool is not None else {}),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,

@@ -242,6 +242,15 @@ def _refuse_other(out: Path, existing: dict[str, Any], new: dict[str, Any]) -> N
                                  f"{out} holds results of a different experiment: " + "; ".join(differ), RESTART)
 
 
+def refuse_other_run(out: Path, header: dict[str, Any], unknown: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work starts, a directory holding another experiment; the identity fields
+    in `unknown` are not known yet (checked again when the sink opens)."""
+    if not (out / MANIFEST).exists():
+        return
+    existing = {k: v for k, v in _read_manifest(out).items() if k not in unknown}
+    _refuse_other(out, existing, {k: v for k, v in {"format": FORMAT, **header}.items() if k not in unknown})
+
+
 def _difference(key: str, there: Any, now: Any) -> str:
     what = IDENTITY[key]
     if isinstance(there, dict) and isinstance(now, dict):

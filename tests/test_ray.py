@@ -212,6 +212,19 @@ def test_a_process_joined_to_one_cluster_refuses_another_address(ray_instance, t
             model.lm_head.output[:, -1, :].save("logits")
 
 
+def test_a_directory_of_another_experiment_is_refused_before_any_worker_starts(tiny_dir, tmp_path, monkeypatch):
+    from interp_dsl import cluster
+    from runtime.shards import ResultsDirError
+
+    model = LanguageModel(str(tiny_dir))
+    with model.sweep(["paris", "rome"], batch_size=2, compile="off", out=tmp_path / "out"):
+        model.lm_head.output[:, -1, :].save("logits")
+    monkeypatch.setattr(cluster.Pool, "__init__", lambda *a, **k: pytest.fail("a Ray worker was started"))
+    with pytest.raises(ResultsDirError, match="holds results of a different experiment: the program differs"):
+        with model.sweep(["paris", "rome"], batch_size=2, compile="off", out=tmp_path / "out", executor="ray"):
+            model.model.norm.output[:, -1, :].save("logits")
+
+
 EXPERIMENT = """model "{model}"
 prompt text
 sweep coef in [0.5, 2.0]
