@@ -115,15 +115,17 @@ def test_a_generation_sweep_on_ray_keeps_ids_and_texts(ray_instance, tiny_dir):
 
 
 def shard_workers() -> list[int]:
-    """The pids of the running Ray workers of sweeps (their process title names the actor)."""
-    pids = []
+    """The pids of the Ray workers of sweeps (their process title names the actor), those running a
+    shard first (a worker of an earlier test may still be exiting)."""
+    found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"ray::ShardWorker" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
+            title = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
         except OSError:
-            pass
-    return pids
+            continue
+        if b"ray::ShardWorker" in title:
+            found.append((b"ShardWorker.run" not in title, int(entry.name)))
+    return [pid for _, pid in sorted(found)]
 
 
 def test_a_worker_killed_mid_run_has_its_shard_retried_and_nothing_is_lost(ray_instance, tiny_dir, tmp_path):
@@ -146,7 +148,7 @@ def test_a_worker_killed_mid_run_has_its_shard_retried_and_nothing_is_lost(ray_i
             break
         time.sleep(0.01)
     victims = shard_workers()
-    assert sweep.is_alive() and len(victims) == 2, "the sweep ended before a worker could be killed"
+    assert sweep.is_alive() and len(victims) >= 2, "the sweep ended before a worker could be killed"
     os.kill(victims[0], signal.SIGKILL)
     sweep.join(600)
     assert "error" not in finished, finished.get("error")
