@@ -14,6 +14,7 @@ worker) stops the run with that error, keeping the shards already written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -21,14 +22,12 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from compiler.errors import Diagnostic, InterventionError
 from compiler.ir import NO_SPAN, Span
-from interp_dsl import embedded
 from interp_dsl.sweeps import batch_runner
 from runtime.fingerprints import architecture_fingerprint, weights_fingerprint
 from runtime.shards import ShardSink
@@ -93,11 +92,11 @@ class ModelSource:
     @classmethod
     def of(cls, model: Any, where: Span) -> tuple["ModelSource", tuple[torch.nn.Module, Any] | None]:
         """The source of `model`, and the (module, tokenizer) to ship when it has no loadable name."""
-        from interp_dsl.models import LanguageModel
+        from interp_dsl.models import LanguageModel, local_source
         engine = model._engine
         dtype = next((p.dtype for p in engine.module.parameters() if p.is_floating_point()), torch.float32)
         language = isinstance(model, LanguageModel)
-        name = _loadable(engine.name) if language else None
+        name = local_source(engine.name) if language else None
         if name is not None:
             return cls(name, dtype, language), None
         if engine.fake_mode is not None:
@@ -112,16 +111,6 @@ class ModelSource:
             module, tokenizer = shipped
             return LanguageModel(module, tokenizer=tokenizer) if self.language else Model(module)
         return LanguageModel(self.name, dtype=self.dtype)
-
-
-def _loadable(name: str) -> str | None:
-    """`name` as a worker can load it: the embedded model's name, or an absolute path."""
-    if embedded.is_embedded(name):
-        return name
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf" and path.is_file() or path.is_dir() and (path / "config.json").exists():
-        return str(path.resolve())
-    return None
 
 
 class ShardWorker:
@@ -144,9 +133,8 @@ class ShardWorker:
         if self.device == "cuda":
             module.to(self.device)
         self.weights, self.architecture = weights_fingerprint(module), architecture_fingerprint(module)
-        self.plan = plan
-        run = batch_runner(model, plan, invokes, compile)
-        self.execute = lambda inputs, params: run(inputs, {k: _to(v, self.device) for k, v in params.items()})
+        self.plan = dataclasses.replace(plan, params=_to(plan.params, self.device), points=_to(plan.points, self.device))
+        self.execute = batch_runner(model, self.plan, invokes, compile)
 
     def describe(self) -> dict[str, Any]:
         if self.failure is not None:
@@ -168,12 +156,17 @@ class ShardWorker:
         """The diagnostics, with spans inside Ray's worker (not the user's) moved to the sweep's origin."""
         import ray
         inside = os.path.dirname(ray.__file__)
-        return [Diagnostic(self.origin, d.message, d.hint, d.severity)
+        return [dataclasses.replace(d, span=self.origin)
                 if d.span == NO_SPAN or os.path.abspath(d.span.file).startswith(inside) else d
                 for d in e.diagnostics]
 
 
 def _to(value: Any, device: str) -> Any:
+    """Parameter values (tensors, in dicts and lists) on `device`."""
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 

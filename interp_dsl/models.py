@@ -431,14 +431,24 @@ def _refuse_if_too_big(config: Any) -> None:
             "or LanguageModel(config, weights=\"fake\") and model.scan(...)")
 
 
-def _resolve_directory(source: str) -> Path:
+def local_source(source: str) -> str | None:
+    """What `source` names on this machine: the embedded model's name, or the absolute path of a
+    `.gguf` file or a HF directory; None when it names none of those."""
     if embedded.is_embedded(source):
-        return embedded.cached_dir(embedded.embedded_gguf())
+        return source
     path = Path(source).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return embedded.cached_dir(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return path
+    if path.suffix == ".gguf" and path.is_file() or path.is_dir() and (path / "config.json").exists():
+        return str(path.resolve())
+    return None
+
+
+def _resolve_directory(source: str) -> Path:
+    found = local_source(source)
+    if found is not None and embedded.is_embedded(found):
+        return embedded.cached_dir(embedded.embedded_gguf())
+    if found is not None:
+        path = Path(found)
+        return embedded.cached_dir(path) if path.suffix == ".gguf" else path
     raise InterventionError.at(
         user_span(), f"no model found at {source!r}: there is no model hub at run time",
         f"give a local HF directory, a .gguf file, or the embedded default "

@@ -76,3 +76,12 @@ def test_cached_values_exist_after_the_trace_only(llama):
     assert cache.model.model.norm.output.shape == (1, 8, 32)
     with pytest.raises(AttributeError, match="'model.model.layers' was not cached"):
         cache.model.model.layers
+
+
+@pytest.mark.parametrize("module", ["model.__class__", "model.model.layers.0.__dict__", "../etc", 3])
+def test_cache_modules_reach_only_modules_the_forward_calls(llama, module):
+    """A name outside the model's called modules (a private attribute, a path, a number) is refused
+    at the user's line before anything is recorded."""
+    with pytest.raises(InterventionError, match=r"test_cache.py:\d+"):
+        with llama.trace(PROMPT, compile="off") as tracer:
+            tracer.cache(modules=[module])
