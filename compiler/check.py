@@ -30,6 +30,7 @@ from compiler.signatures import GENERATOR, Event, SiteTable, call_count, quiet_f
 from compiler.validate import problems
 
 BEFORE_FORWARD = -1
+GRADIENT = -2  # the schedule of backwards, gradients and what is computed from them (see HookedRun)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class TypedProgram:
 
     program: Program
     types: dict[int, Type]
-    schedule: tuple[int, ...]  # per op: index into `events`, or BEFORE_FORWARD
+    schedule: tuple[int, ...]  # per op: index into `events`, BEFORE_FORWARD or GRADIENT
     events: tuple[Event, ...]
     fakes: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -97,6 +98,7 @@ class _Checker:
                       and v.dtype != torch.bool}
         self.diags: list[Diagnostic] = []
         self.when: list[int] = []
+        self.gradient_sites: list[int] = []  # forward events whose gradients the program takes
         self.failed: set[int] = set()
 
     def error(self, op: Op, message: str, hint: str = "") -> None:
@@ -126,10 +128,24 @@ class _Checker:
 
     def schedule(self) -> None:
         when_of: dict[int, int] = {}
+        grads_of: dict[int, frozenset[tuple[int, int]]] = {}  # value -> (pass, event) of gradients used
+        passes = sum(op.opcode == "backward" for op in self.program.ops)
         for op in self.program.ops:
             deps = [when_of.get(r, BEFORE_FORWARD) for r in op.refs()]
+            grads = frozenset().union(*(grads_of.get(r, frozenset()) for r in op.refs()))
             latest = max(deps, default=BEFORE_FORWARD)
-            if op.opcode in ("read", "write"):
+            if op.opcode in ("backward", "grad", "setgrad"):
+                at = GRADIENT
+                self._schedule_gradient(op, passes, grads, grads_of)
+            elif GRADIENT in deps:
+                at = GRADIENT
+                if op.opcode == "write":
+                    self.error(op, f"cannot write {self.describe(op.site)}: the value written is computed "  # type: ignore[arg-type]
+                                   "from a gradient, which exists only once the forward has ended",
+                               "to change a gradient on its way back, assign to the site's `.grad`")
+                elif op.opcode == "stop":
+                    self.error(op, "stop() at a gradient: the forward has ended before any gradient exists")
+            elif op.opcode in ("read", "write"):
                 at = self.site_event(op)
                 at = BEFORE_FORWARD if at is None else at
                 if op.opcode == "write" and latest > at:
@@ -141,13 +157,49 @@ class _Checker:
                         "values flow forward only; read from an earlier module, or save the value "
                         "in one trace and write it in a second",
                     )
-            elif op.opcode == "stop" and not op.args:
-                at = max(self.when, default=BEFORE_FORWARD)
+            elif op.opcode == "stop" and not op.args:  # after every site, gradients' sites too
+                at = max(self.when + self.gradient_sites, default=BEFORE_FORWARD)
             else:
                 at = latest
             self.when.append(at)
             if op.result is not None:
                 when_of[op.result] = at
+                grads_of.setdefault(op.result, grads)  # a gradient read has set its own
+
+    def _schedule_gradient(self, op: Op, passes: int, grads: frozenset[tuple[int, int]],
+                           grads_of: dict[int, frozenset[tuple[int, int]]]) -> None:
+        """Check where a backward, a gradient read or a gradient write can run: gradients flow
+        from the metric back to the inputs, so a gradient write may use only gradients that reach
+        it first (of its own site, or of sites later in the forward) in its own pass."""
+        if op.opcode == "backward":
+            if self.program.generation is not None:
+                self.error(op, "backward() in a generation: gradients are taken in a single forward",
+                           "use model.trace(...) for gradients")
+            if grads:
+                self.error(op, "backward() of a value computed from a gradient: the metric must come "
+                               "from the forward", "differentiate a value of the forward (e.g. a logit)")
+            return
+        event = self.site_event(op)
+        if event is not None:
+            self.gradient_sites.append(event)
+        where = self.describe(op.site)  # type: ignore[arg-type]
+        if op.backward_pass >= passes:
+            self.error(op, f"the gradient of {where} is used, but no backward() follows to compute it",
+                       "call .backward() on a scalar of the forward, e.g. "
+                       "`with model.output.logits[0, -1].max().backward():`")
+            return
+        if op.opcode == "grad":
+            grads_of[op.result] = frozenset({(op.backward_pass, -1 if event is None else event)})  # type: ignore[index]
+            return
+        for other_pass, other_event in sorted(grads):
+            if other_pass != op.backward_pass:
+                self.error(op, f"the gradient written at {where} is computed from a gradient of "
+                               "another backward pass", "use gradients of the same backward()")
+            elif event is not None and other_event < event:
+                self.error(op, f"the gradient written at {where} is computed from the gradient of "
+                               f"{self._event_text(self.table.order[other_event])}, which the backward "
+                               "reaches later", "gradients flow backward: use the gradient of this site "
+                               "or of a later one")
 
     def _event_text(self, event: Event) -> str:
         path, phase, call = event
@@ -287,23 +339,63 @@ class _Checker:
         return True
 
     def _write(self, op: Op) -> bool:
+        found = self._path_target(op)
+        if found is None:
+            return False
+        where, target = found
+        value = ops.materialize(op.args[0], self.fake)
+        return self._compatible(op, where, target, value, partial=bool(op.path))
+
+    def _grad(self, op: Op) -> bool:
+        found = self._gradient_target(op)
+        if found is not None:
+            self.fake[op.result] = materialize(found[1]).clone()  # type: ignore[index]
+        return found is not None
+
+    def _setgrad(self, op: Op) -> bool:
+        found = self._gradient_target(op)
+        if found is None:
+            return False
+        value = ops.materialize(op.args[1], self.fake)
+        return self._compatible(op, f"the gradient of {found[0]}", found[1], value, partial=bool(op.path))
+
+    def _gradient_target(self, op: Op) -> tuple[str, Any] | None:
+        found = self._path_target(op)
+        if found is not None and not (is_tensor_like(found[1]) and found[1].dtype.is_floating_point):
+            self.error(op, f"{found[0]} is a {format_type(type_of(found[1]))}: only floating-point "
+                           "tensors have gradients", "take the gradient of a tensor of the module's value")
+            return None
+        return found
+
+    def _backward(self, op: Op) -> bool:
+        metric = ops.materialize(op.args[0], self.fake)
+        if not (is_tensor_like(metric) and metric.dtype.is_floating_point and metric.numel() == 1):
+            shown = format_type(type_of(metric))
+            self.error(op, f"backward() differentiates a floating-point scalar, found {shown}",
+                       "reduce it first, e.g. `.sum()`, or index one element: `logits[0, -1, token]`")
+            return False
+        return True
+
+    def _path_target(self, op: Op) -> tuple[str, Any] | None:
+        """The part of a site's value that a write, a gradient read or a gradient write names:
+        the site's value for the op's invoke, indexed along `op.path` (None after an error)."""
         live = self._site_live(op)
         if live is None:
-            return False
+            return None
         site = op.site
         assert site is not None
         where = self.describe(site)
         target = ops.site_value(live, site.kind)
         target = ops.slice_rows(target, self._rows(site), self.table.batch_size)
-        value = ops.materialize(op.args[0], self.fake)
         bounds_source = {**self.fake, **self.real_params}
         for step_arg in op.path:
             step = ops.materialize(step_arg, self.fake)
             if is_tensor_like(target):
                 problem = index_problem(tuple(target.shape), ops.materialize(step_arg, bounds_source))
                 if problem:
-                    self.error(op, f"index out of range writing {where}: {problem}")
-                    return False
+                    verb = {"write": "writing", "grad": "reading the gradient of"}.get(op.opcode, "writing the gradient of")
+                    self.error(op, f"index out of range {verb} {where}: {problem}")
+                    return None
                 target = shape_rules.infer("getitem", [target, step], {}) or \
                     materialize(target)[materialize(step)]
             elif isinstance(target, (tuple, list)) and isinstance(step, int):
@@ -311,14 +403,14 @@ class _Checker:
                     self.error(op, f"{where} is a tuple of {len(target)} "
                                    f"({format_type(type_of(target))}); index {step} is out of range",
                                "in transformers 5.x decoder layers return a tensor, not a tuple")
-                    return False
+                    return None
                 target = target[step]
             elif isinstance(target, dict) and step in target:
                 target = target[step]
             else:
                 self.error(op, f"cannot index {format_type(type_of(target))} with {step!r} in {where}")
-                return False
-        return self._compatible(op, where, target, value, partial=bool(op.path))
+                return None
+        return where, target
 
     def _compatible(self, op: Op, where: str, target: Any, value: Any, partial: bool) -> bool:
         if not is_tensor_like(target):

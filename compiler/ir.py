@@ -152,7 +152,9 @@ class Site:
         return "post" if self.kind == "output" else "pre"
 
 
-OPCODES = ("read", "write", "call", "module", "weight", "param", "save", "stop")
+OPCODES = ("read", "write", "call", "module", "weight", "param", "save", "stop", "backward", "grad",
+           "setgrad")
+SITE_OPCODES = ("read", "write", "grad", "setgrad")  # the ops that name a site
 
 Point = tuple[tuple[str, int], ...]  # vectorised sweep axis name -> index into that axis's values
 
@@ -199,6 +201,11 @@ class Op:
     save    keep args[0] after the run under the name `target` (an identifier), made at generation
             `step` (a step block's save) and vectorised sweep `point` (one save per point)
     stop    end the forward once everything before it has run (args[0]: at this value's site)
+    backward  once the forward has ended, back-propagate from args[0] (a scalar); the program's
+            backwards are its passes 0, 1, ... in program order
+    grad    result = the gradient at `site`[path...] in backward pass args[0] (a Const int)
+    setgrad in backward pass args[0], the gradient at `site`[path...] becomes args[1] on its way
+            back (the modules before the site see the new gradient)
     """
 
     opcode: str
@@ -220,16 +227,26 @@ class Op:
             raise ValueError(f"a {self.opcode} has no step or point: only a save carries them")
         if self.opcode == "save" and not (isinstance(self.target, str) and self.target.isidentifier()):
             raise ValueError(f"a save's name is an identifier (letters, digits, _), not {self.target!r}")
-        needs_site = self.opcode in ("read", "write")
+        needs_site = self.opcode in SITE_OPCODES
         if needs_site != (self.site is not None):
             raise ValueError(f"{self.opcode} {'needs' if needs_site else 'takes no'} site")
-        has_result = self.opcode not in ("write", "save", "stop")
+        has_result = self.opcode not in ("write", "save", "stop", "backward", "setgrad")
         if has_result != (self.result is not None):
             raise ValueError(f"{self.opcode} {'defines' if has_result else 'defines no'} value")
         if self.opcode == "param" and self.type is None:
             raise ValueError("a param declares its type")
         if self.opcode == "write" and len(self.args) != 1:
             raise ValueError("a write takes exactly one value")
+        if self.opcode in ("grad", "setgrad") and not (
+                self.args and isinstance(self.args[0], Const) and type(self.args[0].value) is int
+                and self.args[0].value >= 0 and len(self.args) == (1 if self.opcode == "grad" else 2)):
+            raise ValueError(f"a {self.opcode} names its backward pass (a Const int)"
+                             + (" and the new gradient" if self.opcode == "setgrad" else ""))
+
+    @property
+    def backward_pass(self) -> int:
+        """The backward pass a grad or setgrad belongs to."""
+        return self.args[0].value  # type: ignore[union-attr,return-value]
 
     @property
     def save_key(self) -> SaveKey:
@@ -242,6 +259,13 @@ class Op:
         for a in (*self.args, *(v for _, v in self.kwargs), *self.path):
             _collect_refs(a, out)
         return out
+
+
+def refs_of(arg: Arg) -> list[int]:
+    """Ids of the values an argument refers to."""
+    out: list[int] = []
+    _collect_refs(arg, out)
+    return out
 
 
 def _collect_refs(arg: Arg, out: list[int]) -> None:

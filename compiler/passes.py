@@ -8,14 +8,16 @@ from compiler.ir import Arg, Const, EllipsisArg, ListArg, Op, Program, Ref, Slic
 
 
 def drop_dead_reads(program: Program) -> tuple[Program, dict[int, int]]:
-    """Remove `read`s whose value nothing uses and repeated identical writes; number values densely.
+    """Remove `read`s and `grad`s whose value nothing uses and repeated identical writes; number
+    values densely.
 
     Frontends emit such reads as a by-product (`m.output[:, 0] = 0` reads `m.output` before
-    Python calls `__setitem__`). Returns the new program and old id -> new id.
+    Python calls `__setitem__`; `h.grad[:] = 0` reads the gradient). Returns the new program and
+    old id -> new id.
     Post: every remaining read is used; ids are 0..n-1 in program order.
     """
     used = {r for op in program.ops for r in op.refs()}
-    kept = [op for op in program.ops if not (op.opcode == "read" and op.result not in used)]
+    kept = [op for op in program.ops if not (op.opcode in ("read", "grad") and op.result not in used)]
     # `x[i] += v` on a module value writes twice (the in-place op, then Python's __setitem__).
     kept = [op for i, op in enumerate(kept) if not (op.opcode == "write" and i and kept[i - 1] == op)]
     renumber: dict[int, int] = {}

@@ -102,6 +102,12 @@ def format_op(op: Op, types: dict[int, Type] | None = None) -> str:
         body = f"weight {op.target}"
     elif op.opcode == "stop":
         body = "stop" + (f" at {args[0]}" if args else "")
+    elif op.opcode == "backward":
+        body = f"backward {args[0]}"
+    elif op.opcode == "grad":
+        body = f"grad {format_site(op.site)}{format_index(op.path)} pass {args[0]}"  # type: ignore[arg-type]
+    elif op.opcode == "setgrad":
+        body = f"setgrad {format_site(op.site)}{format_index(op.path)} pass {args[0]} <- {args[1]}"  # type: ignore[arg-type]
     else:
         body = f"{'module ' if op.opcode == 'module' else ''}{op.target}({', '.join(args)})"
     if types is not None and op.result in types and op.opcode != "param":

@@ -214,8 +214,14 @@ def _target_problem(op: Op) -> str | None:
         return "a save keeps one value"
     if code in ("param", "save"):
         return None if target else f"a {code} has a name"
-    if code in ("read", "write", "stop"):
-        return None if not target else f"a {code} has no target"
+    if code in ("read", "write", "stop", "backward", "grad", "setgrad"):
+        if target:
+            return f"a {code} has no target"
+        if code == "backward" and not (len(op.args) == 1 and isinstance(op.args[0], Ref) and not op.kwargs):
+            return "a backward takes one value (the scalar it differentiates)"
+        if code in ("grad", "setgrad") and not op.args[0].value < MAX_INDEX:  # type: ignore[union-attr]
+            return "a backward pass is a small non-negative integer"
+        return None
     return f"unknown opcode {code!r}"
 
 

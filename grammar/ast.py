@@ -198,7 +198,16 @@ class Steps:
     span: Span = _span()
 
 
-Stmt = Let | Assign | Save | Stop | Steps
+@dataclass(frozen=True)
+class Backward:
+    """`backward metric { ... }`: back-propagate from `metric`; `.grad` in the body is its gradient."""
+
+    metric: "Expr"
+    body: tuple["Let | Assign | Save", ...]
+    span: Span = _span()
+
+
+Stmt = Let | Assign | Save | Stop | Steps | Backward
 
 
 @dataclass(frozen=True)

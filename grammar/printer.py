@@ -99,9 +99,11 @@ def _sweep_values(values: ast.Range | ast.ListLit) -> str:
     return f"{values.start}..{values.stop}" if isinstance(values, ast.Range) else expr(values)
 
 
-def _opening(decl: ast.Invoke | ast.Steps) -> str:
+def _opening(decl: ast.Invoke | ast.Steps | ast.Backward) -> str:
     if isinstance(decl, ast.Invoke):
         return f"invoke {decl.prompt} {{"
+    if isinstance(decl, ast.Backward):
+        return f"backward {expr(decl.metric)} {{"
     if decl.selector is None:
         return "steps all {"
     return f"steps [{', '.join(expr(i) for i in decl.selector)}] {{"
@@ -118,10 +120,10 @@ def format_module(module: ast.Module) -> str:
             out.append(indent + own.pop(0).text)
         out.append(indent + text + (f"  {trailing[line]}" if line in trailing else ""))
 
-    def block(decl: ast.Invoke | ast.Steps, indent: str) -> None:
+    def block(decl: ast.Invoke | ast.Steps | ast.Backward, indent: str) -> None:
         emit(_opening(decl), decl.span.line, indent)
         for s in decl.body:
-            if isinstance(s, ast.Steps):
+            if isinstance(s, (ast.Steps, ast.Backward)):
                 block(s, indent + "    ")
             else:
                 emit(statement(s), s.span.line, indent + "    ")

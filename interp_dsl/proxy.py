@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,7 +37,7 @@ _DUNDERS = {
     "__radd__": "add", "__rsub__": "sub", "__rmul__": "mul", "__rtruediv__": "truediv",
     "__rfloordiv__": "floordiv", "__rmod__": "mod", "__rpow__": "pow", "__rmatmul__": "matmul",
 }
-_GRADIENT_ATTRS = ("grad", "requires_grad", "retain_grad", "backward", "register_hook")
+GradientOf = tuple[Site, tuple[Arg, ...], int]  # a gradient's site, path in the site's value, backward pass
 
 
 class Proxy:
@@ -46,7 +48,7 @@ class Proxy:
     """
 
     __slots__ = ("_tracer", "_id", "_origin", "_value", "_missing", "_saved", "_save_name", "_steps",
-                 "__weakref__")
+                 "_grad_of", "_retained", "__weakref__")
 
     def __init__(self, tracer: "Tracer", id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None):
         object.__setattr__(self, "_tracer", tracer)
@@ -57,6 +59,8 @@ class Proxy:
         object.__setattr__(self, "_saved", False)
         object.__setattr__(self, "_save_name", None)
         object.__setattr__(self, "_steps", None)  # in a generation step block: its value id per step
+        object.__setattr__(self, "_grad_of", None)  # a gradient: where (GradientOf)
+        object.__setattr__(self, "_retained", None)  # `.retain_grad()`: the saved gradient's proxy
 
     # ------------------------------------------------------------------------------ life cycle
     @property
@@ -114,7 +118,11 @@ class Proxy:
         return self._inplace_result(name, self._tracer.call(name, (self, other), {}))
 
     def _write_through(self, result: "Proxy") -> "Proxy":
-        if self._origin is not None:
+        if self._grad_of is not None:
+            site, path, number = self._grad_of
+            self._tracer.set_grad(site, path, number, result)
+            object.__setattr__(result, "_grad_of", self._grad_of)
+        elif self._origin is not None:
             site, path = self._origin
             self._tracer.write(site, path, result)
             object.__setattr__(result, "_origin", self._origin)
@@ -127,6 +135,7 @@ class Proxy:
         if tracer is None or not tracer.recording:
             return func(*_unwrap(args), **_unwrap(kwargs))
         name = vocabulary.name_of(func)
+        kwargs = _without_defaults(func, kwargs)
         dunder = getattr(func, "__name__", "")
         if name is None and dunder in _DUNDERS:
             name = _DUNDERS[dunder]
@@ -143,10 +152,11 @@ class Proxy:
         if name.startswith("_"):
             raise AttributeError(name)
         if not self._live:
+            if name == "grad" and self._retained is not None:
+                return self._retained.value
             return getattr(self.value, name)
-        if name in _GRADIENT_ATTRS:
-            raise UnsupportedOperationError.at(
-                user_span(), f"`.{name}`: gradients are not supported yet", "run without gradients")
+        if name in ("grad", "backward", "retain_grad", "requires_grad", "register_hook"):
+            return self._gradient_attribute(name)
         if not self._is_tensor():
             return self._tracer.call("field", (self, name), {})
         full = f"Tensor.{name}"
@@ -178,10 +188,32 @@ class Proxy:
         except Exception:  # no fake pass for this model: assume a tensor; the final check decides
             return True
 
+    def _gradient_attribute(self, name: str) -> Any:
+        """`.grad` (a gradient of this module value, readable and writable), `.backward()`,
+        `.retain_grad()`, and `.requires_grad` (always true here for a module's value)."""
+        tracer = self._tracer
+        if name == "grad":
+            return tracer.grad(self)
+        if name == "backward":
+            return lambda gradient=None, retain_graph=None: tracer.backward(self, gradient)
+        if name == "retain_grad":
+            return lambda: object.__setattr__(self, "_retained", tracer.grad(self).save())
+        if name == "requires_grad":
+            return self._origin is not None or self._grad_of is not None
+        raise UnsupportedOperationError.at(
+            user_span(), "register_hook takes a Python function, which an experiment cannot hold",
+            "read or change the gradient with `.grad` inside `with metric.backward():`")
+
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _GRADIENT_ATTRS:
+        if name == "grad" and self._live:
+            self._tracer.set_grad_of(self, value)
+            return
+        if name == "requires_grad" and self._live:
+            if value is True and self._origin is not None:
+                return  # a module value whose gradient is used is made to require one
             raise UnsupportedOperationError.at(
-                user_span(), f"setting `.{name}`: gradients are not supported yet")
+                user_span(), f"requires_grad = {value!r}: only a module's value can require a gradient here",
+                "read `.grad` of a module's .output/.input; it requires a gradient by itself")
         raise UnsupportedOperationError.at(
             user_span(), f"cannot set attribute {name!r} on a traced value",
             "write a module's value with `module.output = ...` or `value[...] = ...`")
@@ -198,7 +230,11 @@ class Proxy:
         if fan.contains(index):
             fan.apply(self.__setitem__, index, value)
             return
-        if self._origin is not None:
+        if self._grad_of is not None:
+            site, path, number = self._grad_of
+            self._tracer.set_grad(site, (*path, self._tracer.encode(index)), number, value)
+            self._rebind(self._tracer.grad_at(site, path, number))
+        elif self._origin is not None:
             site, path = self._origin
             self._tracer.write(site, (*path, self._tracer.encode(index)), value)
             self._rebind(self._tracer.reread(self._origin))
@@ -350,6 +386,23 @@ def record_call(tracer: "Tracer", name: str, args: tuple[Any, ...], kwargs: dict
     if inplace and args and isinstance(args[0], Proxy):
         return args[0]._inplace_result(name, result)
     return result
+
+
+def _without_defaults(func: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments the user gave: Python functions of torch.nn.functional hand every
+    parameter to `__torch_function__`, the ones left at their defaults included."""
+    defaults = _defaults(func)
+    return {k: v for k, v in kwargs.items()
+            if not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])}
+
+
+@functools.cache
+def _defaults(func: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _find_tracer(obj: Any) -> "Tracer | None":

@@ -106,6 +106,23 @@ class StepBlock:
             tracer._block, tracer.step, tracer._loop_step = None, 0, None
 
 
+class BackwardBlock:
+    """What `metric.backward()` returns: used as `with metric.backward():`, the `.grad`s read or
+    written in the body belong to this backward pass (nnsight 0.8); called plainly, the `.grad`s
+    recorded before it do (the older spelling)."""
+
+    def __init__(self, tracer: "Tracer", number: int):
+        self.tracer, self.number = tracer, number
+        self._outer: int | None = None
+
+    def __enter__(self) -> "BackwardBlock":
+        self._outer, self.tracer.open_backward = self.tracer.open_backward, self.number
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracer.open_backward = self._outer
+
+
 class StepSelector:
     """`tracer.iter[...]`: steps by slice, int or list, checked against `max_new_tokens`."""
 
@@ -191,6 +208,8 @@ class Tracer:
         self._loop_step: int | None = None  # inside `for step in tracer.iter[...]`: that step
         self._result: RunResult | None = None
         self.remote: Any = None  # an interp_dsl.client.Remote: the program runs on that server
+        self.backward_passes = 0  # backward() calls recorded so far
+        self.open_backward: int | None = None  # the pass of the `with metric.backward():` block open
         if inputs is not None:
             self.current_invoke = self._add_invoke(inputs)
         self.invoker = Invoker(self, 0) if inputs is not None else None
@@ -409,6 +428,50 @@ class Tracer:
         encoded = tuple(self.encode(a) for a in args)
         enc_kwargs = tuple((k, self.encode(v)) for k, v in kwargs.items())
         return self._proxy(self._emit("module", True, target=path, args=encoded, kwargs=enc_kwargs))  # type: ignore
+
+    # ------------------------------------------------------------------------------ gradients
+    def backward(self, metric: Proxy, gradient: Any = None) -> BackwardBlock:
+        """Back-propagate from `metric` (a scalar) once the forward has ended."""
+        if gradient is not None:
+            raise UnsupportedOperationError.at(
+                user_span(), "backward(gradient=...) is not supported: differentiate a scalar",
+                "reduce the value first, e.g. (value * weights).sum().backward()")
+        self._emit("backward", args=(self.encode(metric),))
+        self.backward_passes += 1
+        return BackwardBlock(self, self.backward_passes - 1)
+
+    def grad(self, proxy: Proxy) -> Proxy:
+        """`proxy.grad`: the gradient of a module's value in the open backward block's pass, or
+        (outside one) in the next backward()."""
+        if proxy._grad_of is not None:
+            raise UnsupportedOperationError.at(user_span(), "`.grad` of a gradient: second derivatives "
+                                               "are not supported")
+        if proxy._origin is None:
+            raise UnsupportedOperationError.at(
+                user_span(), "`.grad` is taken of a module's value (.output, .input, .inputs, or an "
+                "index of one), not of a value computed in the experiment",
+                "take the gradient of the module's value and compute from it")
+        site, path = proxy._origin
+        number = self.backward_passes if self.open_backward is None else self.open_backward
+        return self.grad_at(site, path, number)
+
+    def grad_at(self, site: Site, path: tuple[Arg, ...], number: int) -> Proxy:
+        proxy = self._proxy(self._emit("grad", True, site=site, path=path, args=(Const(number),)))  # type: ignore[arg-type]
+        object.__setattr__(proxy, "_grad_of", (site, path, number))
+        return proxy
+
+    def set_grad_of(self, proxy: Proxy, value: Any) -> None:
+        """`proxy.grad = value`."""
+        gradient = self.grad(proxy)
+        site, path, number = gradient._grad_of  # type: ignore[misc]
+        self.set_grad(site, path, number, value)
+
+    def set_grad(self, site: Site, path: tuple[Arg, ...], number: int, value: Any) -> None:
+        if fan.contains(value) or (self.fan is not None and self.fan.point):
+            raise UnsupportedOperationError.at(
+                user_span(), "a gradient write that depends on a vectorised (integer) sweep axis is "
+                "not supported", "write the gradient at fixed sites, or sweep a float parameter")
+        self._emit("setgrad", site=site, path=path, args=(Const(number), self.encode(value)))
 
     def weight(self, path: str) -> Proxy:
         return self._proxy(self._emit("weight", True, target=path))  # type: ignore[arg-type]

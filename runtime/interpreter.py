@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from compiler import ops
-from compiler.check import BEFORE_FORWARD, TypedProgram
+from compiler.check import BEFORE_FORWARD, GRADIENT, TypedProgram
 from compiler.errors import ExecutionError
 from compiler.ir import Op, SaveKey, Site, by_name
 from compiler.signatures import GENERATOR
+from runtime.backward import BackwardPasses
 from runtime.decode import DecodePlan, StepFn, StepInputs, decode, step_kwargs
 
 
@@ -60,8 +61,10 @@ class HookedRun:
         self.positions = {e: i for i, e in enumerate(typed.events)}
         self.by_event: dict[int, list[Op]] = defaultdict(list)
         for i, (op, at) in enumerate(zip(typed.program.ops, typed.schedule, strict=True)):
-            if only is None or i in only:
+            if (only is None or i in only) and at != GRADIENT:
                 self.by_event[at].append(op)
+        self.gradients = BackwardPasses(typed, lambda site: _rows(site, batch), batch.size, self.positions) \
+            if GRADIENT in typed.schedule else None
         self.handles: list[Any] = []
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.adhoc_depth = 0
@@ -73,12 +76,17 @@ class HookedRun:
         try:
             self._run_ops(self.by_event.get(BEFORE_FORWARD, []), None)
             try:
-                with torch.no_grad():
+                with torch.no_grad() if self.gradients is None else torch.enable_grad():
                     self.result.output = (forward or self._forward)()
             except _Stop:
                 self.result.stopped = True
         finally:
             self.remove_hooks()
+        if self.gradients is not None:
+            with torch.no_grad():
+                self.gradients.run(lambda op: self._run_ops([op], None), self.values, self.params)
+            self.result.output = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach,
+                                                                   self.result.output)
         self.result.saves = by_name(self.result.saved)
         return self.result
 
@@ -99,7 +107,7 @@ class HookedRun:
     # ---------------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> list[Any]:
         wanted: dict[str, set[str]] = defaultdict(set)
-        for index in self.by_event:
+        for index in {*self.by_event, *(self.gradients.events if self.gradients else ())}:
             if index != BEFORE_FORWARD:
                 path, phase, _ = self.typed.events[index]
                 if path != GENERATOR:  # not a module: the decoding loop reports it
@@ -115,28 +123,34 @@ class HookedRun:
                     lambda m, a, k, o, p=path: self._on_post(p, o), with_kwargs=True))
         return handles
 
-    def _event_ops(self, path: str, phase: str) -> list[Op] | None:
+    def _event(self, path: str, phase: str) -> int | None:
+        """The index of the event a hook call is, counting the module's calls (None when the
+        program does nothing there, or inside an ad-hoc module call)."""
         if self.adhoc_depth:
             return None
         n = self.calls[(path, phase)]
         self.calls[(path, phase)] = n + 1
-        index = self.positions.get((path, phase, n))
-        return self.by_event.get(index) if index is not None else None
+        return self.positions.get((path, phase, n))
 
     def _on_pre(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        todo = self._event_ops(path, "pre")
-        if not todo:
+        index = self._event(path, "pre")
+        if index is None:
             return None
         live = (tuple(args), dict(kwargs))
-        new = self._run_ops(todo, live)
+        new = self._run_ops(self.by_event.get(index, []), live)
+        if self.gradients is not None:
+            for kind in ("input", "inputs"):
+                new = self.gradients.keep(index, kind, new, self.values)
         self._maybe_stop()
         return new if new is not live else None
 
     def _on_post(self, path: str, output: Any) -> Any:
-        todo = self._event_ops(path, "post")
-        if not todo:
+        index = self._event(path, "post")
+        if index is None:
             return None
-        new = self._run_ops(todo, output)
+        new = self._run_ops(self.by_event.get(index, []), output)
+        if self.gradients is not None:
+            new = self.gradients.keep(index, "output", new, self.values)
         self._maybe_stop()
         return new if new is not output else None
 
@@ -188,6 +202,8 @@ class HookedRun:
             self.result.values[op.args[0].id] = value  # type: ignore[union-attr]
         elif code == "stop":
             self.stop_requested = True
+        elif code in ("grad", "setgrad"):  # the backward runs these in its hooks
+            raise RuntimeError("the forward ended before this site ran, so it has no gradient")
         return live
 
 

@@ -38,6 +38,7 @@ _NAMESPACES = {"torch": "torch", "F": "torch.nn.functional", "einops": "einops",
 _BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in the proxy API
 _DTYPES = vocabulary.DTYPES  # "float32" -> torch.float32
 _VALUE_ATTRIBUTES = ("shape", "dtype", "ndim", "size", "dim")
+_GRADIENT_ATTRIBUTES = ("backward", "retain_grad", "requires_grad", "register_hook")
 
 
 class _Namespace:
@@ -89,6 +90,8 @@ class Lowering:
                 self.tracer.stop()
             elif isinstance(s, ast.Steps):
                 self._steps(s)
+            elif isinstance(s, ast.Backward):
+                self._backward(s)
             else:
                 self._assign(s)
         except InterventionError as e:
@@ -102,6 +105,17 @@ class Lowering:
                          "add a line: generate max_new_tokens=8")
         key = slice(None) if s.selector is None else self._subscript(s.selector)
         with self.tracer.iter[key]:
+            for statement in s.body:
+                self._statement(statement)
+        self.current = s.span
+
+    def _backward(self, s: ast.Backward) -> None:
+        metric = self.eval(s.metric)
+        if not isinstance(metric, Proxy):
+            raise experiment_error(s.metric.span, "backward differentiates a value computed by the model",
+                                   "a scalar such as model.lm_head.output[0, -1, token(\" Paris\")]")
+        self.current = s.span
+        with metric.backward():
             for statement in s.body:
                 self._statement(statement)
         self.current = s.span
@@ -124,6 +138,15 @@ class Lowering:
                 current = self.eval(target)
                 value = self._operator(_INPLACE[s.op], current, self.eval(s.value))
             self.env[target.id] = value
+        elif isinstance(target, ast.Attr) and target.name == "grad":
+            owner = self.eval(target.obj)
+            if not isinstance(owner, Proxy):
+                raise experiment_error(target.span, "only a module value's .grad can be assigned")
+            self.current = s.span
+            if augmented:
+                value = self._operator(_INPLACE[s.op], owner.grad, self.eval(s.value))
+            self.current = s.span
+            owner.grad = value
         elif isinstance(target, ast.Attr) and target.name in SITE_KINDS:
             owner = self.eval(target.obj)
             if not isinstance(owner, (Envoy, Model)):
@@ -145,7 +168,7 @@ class Lowering:
             owner[index] = value
         else:
             raise experiment_error(target.span, "cannot assign to this",
-                         "assign a name, a module's .output/.input/.inputs, or an index of one")
+                         "assign a name, a module's .output/.input/.inputs, a .grad, or an index of one")
 
     # expressions
     def eval(self, e: ast.Expr) -> Any:
@@ -222,6 +245,9 @@ class Lowering:
             raise experiment_error(span, f"{owner._display} ({type(module).__name__}) has no submodule, parameter or site {name!r}",
                          did_you_mean(name, declared) or f"its submodules: {', '.join(list(module._modules)[:8]) or 'none'}")
         if isinstance(owner, Proxy):
+            if name in _GRADIENT_ATTRIBUTES:
+                raise experiment_error(span, f"`.{name}` is Python's spelling; in .ivx a gradient is "
+                                             "read in a backward block", "backward metric { save g = h.grad }")
             if name in _VALUE_ATTRIBUTES or not hasattr(Proxy, name):
                 return getattr(owner, name)  # the proxy allows vocabulary methods and output fields only
         elif isinstance(owner, torch.Tensor):  # a loaded tensor: its methods are recorded like a value's
