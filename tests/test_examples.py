@@ -80,6 +80,20 @@ def twin_patching(m, point):
     return tracer
 
 
+def twin_attribution_patching(m, point):
+    layer = point["layer"]
+    with m.trace() as tracer:
+        with tracer.invoke([EIFFEL]):
+            h = m.model.layers[layer].output[:, -1, :]
+        with tracer.invoke(["The Colosseum is in the city of"]):
+            p_paris = torch.softmax(m.lm_head.output[:, -1, :], dim=-1)[:, paris(m)]
+            p_paris.save("p_corrupt")
+            with p_paris.sum().backward():
+                delta = h - m.model.layers[layer].output[:, -1, :]
+                (delta * m.model.layers[layer].output.grad[:, -1, :]).sum(dim=-1).save("attribution")
+    return tracer
+
+
 STEER = load_file(str(EXAMPLES / "data" / "steer.safetensors"))["paris_minus_rome"]
 
 
@@ -122,6 +136,7 @@ TWINS = {
     "noise": (twin_noise, None),
     "transplant": (twin_transplant, None),
     "patching": (twin_patching, [0, 25]),
+    "attribution_patching": (twin_attribution_patching, [0, 29]),
     "steering": (twin_steering, [0, 3]),
 }
 
@@ -161,6 +176,26 @@ def test_examples_show_what_they_claim(smollm):
     generate = load_experiment(EXAMPLES / "generate_steering.ivx")
     texts = [decode(lower(generate, smollm, p).result.output[0, -8:]) for p in generate.points()]
     assert texts[0].startswith(" Rome") and texts[-1].startswith(" Paris")
+
+
+def test_attribution_patching_estimates_activation_patching(smollm, monkeypatch, tmp_path):
+    """The claim in examples/attribution_patching.ivx's header: over the 30 layers, its estimate
+    follows the real patching effect (Pearson and rank correlation)."""
+    import interp_dsl.ivx as experiment
+    from interp_dsl.cli import main
+    monkeypatch.setattr(experiment, "resolve_model", lambda exp, override=None: smollm)
+    for name in ("attribution_patching", "patching"):
+        assert main(["run", str(EXAMPLES / f"{name}.ivx"), "--out", str(tmp_path / name)]) == 0
+    attribution = load_results(tmp_path / "attribution_patching")
+    estimate = attribution.saves["attribution"].flatten()
+    effect = load_results(tmp_path / "patching").saves["p_paris"].flatten() - attribution.saves["p_corrupt"][0]
+    assert estimate.shape == effect.shape == (30,)
+
+    def correlation(a, b):
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    ranks = lambda x: x.argsort().argsort().float()  # noqa: E731
+    assert correlation(estimate, effect) > 0.95
+    assert correlation(ranks(estimate), ranks(effect)) > 0.95
 
 
 @pytest.mark.parametrize("name", sorted(TWINS))
