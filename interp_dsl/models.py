@@ -13,6 +13,7 @@ from compiler.errors import InterventionError, did_you_mean
 from compiler.ir import SITE_KINDS, Generation
 from compiler.signatures import GENERATOR
 from interp_dsl import embedded
+from interp_dsl.edits import Editor
 from interp_dsl.envoy import Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
@@ -38,6 +39,7 @@ class Model:
         object.__setattr__(self, "_engine", engine)
         object.__setattr__(self, "_target", Target(engine, self._batch))
         object.__setattr__(self, "_envoy", Envoy(self, engine.module, "", engine.root))
+        object.__setattr__(self, "_edits", ())  # persistent edits (interp_dsl/edits.py)
 
     # -------------------------------------------------------------------------- user surface
     def trace(self, *args: Any, compile: str | None = None, remote: Any = False, **kwargs: Any) -> Tracer:
@@ -63,7 +65,7 @@ class Model:
             raise InterventionError.at(
                 user_span(), "this model has no weights (built from a config for checking)",
                 "use model.scan(...) to check shapes, run remotely (remote=True), or load real weights to run")
-        tracer = Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile)
+        tracer = Tracer(self._target, (args, kwargs) if args or kwargs else None, compile=compile, edits=self._edits)
         tracer.remote = server
         return tracer
 
@@ -94,7 +96,18 @@ class Model:
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like `trace`, but only checks on fake tensors: shapes and dtypes, no values computed."""
-        return Tracer(self._target, (args, kwargs) if args or kwargs else None, execute=False)
+        return Tracer(self._target, (args, kwargs) if args or kwargs else None, execute=False, edits=self._edits)
+
+    def edit(self, inplace: bool = False) -> Editor:
+        """`with model.edit() as edited:` interventions written in the block (as in a trace, without
+        an input) become part of every later trace on `edited`, for each of its invokes and every
+        generation step; `model` is unchanged. With `inplace=True`, `model` itself is edited.
+        Edits accumulate; `clear_edits()` removes them."""
+        return Editor(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove this model's persistent edits (from `edit(inplace=True)`, or of an edited copy)."""
+        object.__setattr__(self, "_edits", ())
 
     def compile_stats(self) -> CompileStats:
         """Counters of compiled execution on this model (artefacts, compilations, calls, fallbacks)."""

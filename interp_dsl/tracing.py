@@ -30,6 +30,7 @@ from compiler.ir import (
 from compiler.passes import drop_dead_reads, remap
 from compiler.signatures import GENERATOR
 from interp_dsl import fan
+from interp_dsl.edits import Edit, edit_ops, edit_params
 from interp_dsl.proxy import Proxy
 from interp_dsl.spans import user_span
 from runtime.engine import Engine
@@ -183,13 +184,15 @@ class Tracer:
     target, never in module globals. On exit it hands the recorded program to the target's engine.
     """
 
-    def __init__(self, target: Target, inputs: InvokeInput | None, execute: bool = True, compile: str = "off"):
+    def __init__(self, target: Target, inputs: InvokeInput | None, execute: bool = True, compile: str = "off",
+                 edits: tuple[Edit, ...] = ()):
         self.target = target
+        self.edits = edits  # the persistent edits of the model traced: their ops begin the program
         self.execute = execute
         self.compile = compile
         self.ops: list[Op] = []
         self._next_id = 0
-        self.params: dict[str, Any] = {}  # keeps the tensors alive, so their ids stay unique
+        self.params: dict[str, Any] = edit_params(edits)  # keeps the tensors alive, so their ids stay unique
         self._tensor_params: dict[int, int] = {}
         self.invoke_inputs: list[InvokeInput] = []
         self.current_invoke: int | None = None
@@ -504,7 +507,12 @@ class Tracer:
         return self._program()[0]
 
     def _program(self) -> tuple[Program, dict[int, int]]:
-        return drop_dead_reads(Program(tuple(self.ops), max(1, len(self.invoke_inputs)), generation=self.generation))
+        n_invokes = max(1, len(self.invoke_inputs))
+        ops = tuple(self.ops)
+        if self.edits:
+            steps = self.generation.max_new_tokens if self.generation is not None else 1
+            ops = (*edit_ops(self.edits, n_invokes, self._next_id, steps, self._calls_per_step), *ops)
+        return drop_dead_reads(Program(ops, n_invokes, generation=self.generation))
 
     def explain_graph(self) -> str:
         """After a compiled trace: the patched graph's code around each site."""
@@ -545,8 +553,8 @@ class Tracer:
         typer = self.typer()
         typer.record(self.ops)
         run = self.engine.run if self.remote is None else self.remote.runner(self.engine)
-        self.typed, result = run(program, self.batch(), self.params, compile=self.compile,
-                                 execute=self.execute, typer=typer, ids=ids)
+        self.typed, result = run(program, self.batch(), self.params, compile=self.compile, execute=self.execute,
+                                 typer=None if self.edits else typer, ids=None if self.edits else ids)
         for proxy in self._proxies:
             if proxy._steps is not None and proxy._saved:
                 values = [result.values[ids[i]] for i in proxy._steps if ids.get(i) in result.values]
