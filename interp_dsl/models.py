@@ -14,6 +14,7 @@ from compiler.ir import SITE_KINDS, Generation
 from compiler.signatures import GENERATOR
 from interp_dsl import embedded
 from interp_dsl.edits import Editor
+from interp_dsl.session import Session
 from interp_dsl.envoy import Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
@@ -104,6 +105,12 @@ class Model:
         generation step; `model` is unchanged. With `inplace=True`, `model` itself is edited.
         Edits accumulate; `clear_edits()` removes them."""
         return Editor(self, inplace)
+
+    def session(self, remote: Any = False) -> Session:
+        """`with model.session() as session:` the traces in the block run in order, and a value a
+        trace computed is available to the traces after it without `.save()` (on any model);
+        `session.exit()` ends the block early. See interp_dsl/session.py."""
+        return Session(remote)
 
     def clear_edits(self) -> None:
         """Remove this model's persistent edits (from `edit(inplace=True)`, or of an edited copy)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.edits import Edit, edit_ops, edit_params
 from interp_dsl.proxy import Proxy
+from interp_dsl.session import current_session
 from interp_dsl.spans import user_span
 from runtime.engine import Engine
 from runtime.interpreter import Batch, RunResult
@@ -199,7 +201,8 @@ class Tracer:
         self.recording = False
         self.call_index: dict[str, int] = {}
         self._saved: list[Proxy] = []
-        self._proxies: list[Proxy] = []
+        self._proxies: list[weakref.ref[Proxy]] = []  # values the user may still hold
+        self.session = current_session()  # an open `model.session()`: unsaved values stay available
         self._typer: IncrementalTyper | None = None
         self._batch: Batch | None = None
         self.span_source = user_span  # where ops say they come from; the .ivx lowering replaces it
@@ -302,7 +305,7 @@ class Tracer:
         """Repeat the ops recorded in a step block for its other steps: each copy refers to its own
         step's sites (call indices shifted by whole steps) and its own values; params and weights
         are shared. A proxy made in the block then stands for one value per step."""
-        body, proxies = self.ops[block.start:], self._proxies[block.first_proxy:]
+        body, proxies = self.ops[block.start:], self._alive(block.first_proxy)
         per_step: dict[int, list[int]] = {op.result: [op.result] for op in body
                                           if op.result is not None and op.opcode not in ("param", "weight")}
         first = block.steps[0]
@@ -345,7 +348,7 @@ class Tracer:
 
     def _proxy(self, id: int, origin: tuple[Site, tuple[Arg, ...]] | None = None) -> Proxy:
         proxy = Proxy(self, id, origin)
-        self._proxies.append(proxy)
+        self._proxies.append(weakref.ref(proxy))
         return proxy
 
     def encode(self, obj: Any) -> Arg:
@@ -545,17 +548,23 @@ class Tracer:
         """The fake value of a proxy (shape and dtype, no data), checking the ops so far."""
         return self.typer().values(self.ops)[proxy._id]
 
+    def _alive(self, start: int = 0) -> list[Proxy]:
+        """The proxies made from the `start`-th on that something still refers to."""
+        return [p for p in (ref() for ref in self._proxies[start:]) if p is not None]
+
     def _finish(self) -> None:
         if not self.invoke_inputs:
             raise InterventionError.at(user_span(), "the trace has no input",
                                        "pass one to model.trace(...) or use tracer.invoke(...)")
+        if self.session is not None and self.execute and self.fan is None:
+            self.session.keep(self, self._alive())
         program, ids = self._program()
         typer = self.typer()
         typer.record(self.ops)
         run = self.engine.run if self.remote is None else self.remote.runner(self.engine)
         self.typed, result = run(program, self.batch(), self.params, compile=self.compile, execute=self.execute,
                                  typer=None if self.edits else typer, ids=None if self.edits else ids)
-        for proxy in self._proxies:
+        for proxy in self._alive():
             if proxy._steps is not None and proxy._saved:
                 values = [result.values[ids[i]] for i in proxy._steps if ids.get(i) in result.values]
                 if values or not self.execute:
@@ -572,6 +581,8 @@ class Tracer:
             else:
                 proxy._resolve(missing="model.scan(...) computes shapes, not values; use .shape")
         self._result = result
+        if self.session is not None:
+            self.session.hide(result)
         for saved in {id(x): x for x in self.saved_lists}.values():
             if self.execute:
                 saved.resolve()
