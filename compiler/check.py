@@ -26,7 +26,7 @@ from compiler.ir import (
 )
 from compiler.printer import format_type
 from compiler.shape_rules import is_tensor_like, materialize
-from compiler.signatures import GENERATOR, Event, SiteTable, call_count, quiet_fake_mode
+from compiler.signatures import Event, SiteTable, call_count, quiet_fake_mode
 from compiler.validate import problems
 
 BEFORE_FORWARD = -1
@@ -244,8 +244,8 @@ class _Checker:
         return self.table.values[event]
 
     def _rows(self, site: Site) -> slice:
-        """An invoke's rows; a generation's ids are the whole batch from any invoke."""
-        return slice(0, self.table.batch_size) if site.module == GENERATOR else self.rows[site.invoke]
+        """An invoke's rows (a generation's ids too)."""
+        return self.rows[site.invoke]
 
     def _read(self, op: Op) -> bool:
         live = self._site_live(op)

@@ -208,9 +208,9 @@ class HookedRun:
 
 
 def _rows(site: Site, batch: Batch) -> slice:
-    """The rows of the batch a site refers to: its invoke's, or all for a generation's ids (as
-    in nnsight, `model.generator.output` is the whole batch from any invoke)."""
-    return slice(0, batch.size) if site.module == GENERATOR else batch.rows[site.invoke]
+    """The rows of the batch a site refers to: its invoke's (`model.generator.output` too, as
+    in nnsight 0.8: an invoke's prompt and new tokens)."""
+    return batch.rows[site.invoke]
 
 
 def _snapshot(value: Any) -> Any:
