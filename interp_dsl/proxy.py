@@ -99,6 +99,10 @@ class Proxy:
         """Keep this value after the trace (`name` labels it in results; default `save<n>`)."""
         if not self._live:
             return self
+        from interp_dsl.conditions import HIDDEN  # conditions.py builds on this module
+        if isinstance(name, str) and name.startswith(HIDDEN):
+            raise UnsupportedOperationError.at(user_span(), f"save names starting with {HIDDEN!r} are "
+                                               "the library's own", "choose another name")
         self._tracer.save(self, name)
         return self
 

@@ -17,15 +17,14 @@ import contextvars
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import InterventionError
-from compiler.ir import by_name
+from interp_dsl.conditions import HIDDEN
 from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
     from interp_dsl.proxy import Proxy
     from interp_dsl.tracing import Tracer
-    from runtime.interpreter import RunResult
 
-KEPT = "session_value_"  # the save name prefix of a value kept for later traces (hidden from saves)
+KEPT = f"{HIDDEN}session_"  # the save name prefix of a value kept for later traces
 _OPEN: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("interp_dsl_session", default=None)
 
 
@@ -71,11 +70,6 @@ class Session:
         for proxy in alive:
             if not proxy._saved and proxy._steps is None:
                 tracer.save(proxy, f"{KEPT}{self.traces}_{proxy._id}")
-
-    def hide(self, result: "RunResult") -> None:
-        """The kept values are not the trace's saves."""
-        result.saved = {k: v for k, v in result.saved.items() if not k.name.startswith(KEPT)}
-        result.saves = by_name(result.saved)
 
 
 def current_session() -> Session | None:

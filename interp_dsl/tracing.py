@@ -31,6 +31,20 @@ from compiler.ir import (
 from compiler.passes import drop_dead_reads, remap
 from compiler.signatures import GENERATOR
 from interp_dsl import fan
+from interp_dsl.conditions import (
+    FALSE,
+    HIDDEN,
+    CondBlock,
+    Condition,
+    LogLine,
+    condition_of,
+    hide,
+    holds,
+    keep_condition,
+    log,
+    print_logs,
+    selected,
+)
 from interp_dsl.edits import Edit, edit_ops, edit_params
 from interp_dsl.proxy import Proxy
 from interp_dsl.session import current_session
@@ -214,6 +228,9 @@ class Tracer:
         self._loop_step: int | None = None  # inside `for step in tracer.iter[...]`: that step
         self._result: RunResult | None = None
         self.remote: Any = None  # an interp_dsl.client.Remote: the program runs on that server
+        self.conditions: list[Condition] = []  # the open `tracer.cond` blocks' conditions, and-ed
+        self.conditional_saves: dict[str, str | bool] = {}  # save name -> its kept condition
+        self.logs: list[LogLine] = []  # tracer.log(...) calls, printed after the run
         self.backward_passes = 0  # backward() calls recorded so far
         self.open_backward: int | None = None  # the pass of the `with metric.backward():` block open
         if inputs is not None:
@@ -267,6 +284,16 @@ class Tracer:
         also walked as `cache.model.model.layers[0].output`. `device` / `dtype` convert the values."""
         from interp_dsl.cache import record_cache
         return record_cache(self, modules, device, dtype, detach, include_output, include_inputs)
+
+    def cond(self, condition: Any) -> CondBlock:
+        """`with tracer.cond(c):` writes in the block apply where `c` holds (a select), and saves
+        are kept only when it holds. See interp_dsl/conditions.py."""
+        return CondBlock(self, condition_of(condition))
+
+    def log(self, *values: Any) -> None:
+        """Print `values` once the trace has run (traced values as their tensors); inside
+        `tracer.cond` only when its condition holds."""
+        log(self, values)
 
     def barrier(self, participants: int) -> Any:
         """nnsight's cross-invoke barrier. Accepted and a no-op: the scheduler already orders
@@ -413,6 +440,10 @@ class Tracer:
         return proxy
 
     def write(self, site: Site, path: tuple[Arg, ...], value: Any) -> None:
+        if self.conditions:
+            value = selected(self, value, self.reread((site, path)))
+            if value is None:
+                return
         if fan.contains(value):
             fan.apply(lambda v: self.write(site, path, v), value)
         elif self.fan is not None and self.fan.point:
@@ -477,6 +508,10 @@ class Tracer:
             raise UnsupportedOperationError.at(
                 user_span(), "a gradient write that depends on a vectorised (integer) sweep axis is "
                 "not supported", "write the gradient at fixed sites, or sweep a float parameter")
+        if self.conditions:
+            value = selected(self, value, self.grad_at(site, path, number))
+            if value is None:
+                return
         self._emit("setgrad", site=site, path=path, args=(Const(number), self.encode(value)))
 
     def weight(self, path: str) -> Proxy:
@@ -486,8 +521,10 @@ class Tracer:
         """Keep `proxy`'s value as `name`, at the step of a `for step in tracer.iter[...]` loop and
         the point of the vectorised sweep axes a fanned save is being made at."""
         if name is None:
-            name = proxy._save_name or f"save{len(self._saved)}"
+            name = proxy._save_name or f"save{sum(not p._save_name.startswith(HIDDEN) for p in self._saved)}"
         _refuse_save_name(name, self.span_source())
+        if self.conditions and not name.startswith(HIDDEN):
+            self.conditional_saves[name] = keep_condition(self)
         object.__setattr__(proxy, "_saved", True)
         object.__setattr__(proxy, "_save_name", name)
         self._saved.append(proxy)
@@ -581,8 +618,15 @@ class Tracer:
             else:
                 proxy._resolve(missing="model.scan(...) computes shapes, not values; use .shape")
         self._result = result
-        if self.session is not None:
-            self.session.hide(result)
+        if self.conditional_saves or self.logs:
+            named = {k.name: v for k, v in result.saved.items() if k.step is None and not k.point}
+            for proxy in self._alive():
+                condition = self.conditional_saves.get(proxy._save_name or "", True)
+                if proxy._saved and self.execute and not holds(condition, named):
+                    proxy._resolve(missing=FALSE)
+            if self.execute:
+                print_logs(self.logs, named)
+        hide(result)
         for saved in {id(x): x for x in self.saved_lists}.values():
             if self.execute:
                 saved.resolve()
