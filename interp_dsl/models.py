@@ -14,7 +14,7 @@ from compiler.ir import SITE_KINDS, Generation
 from compiler.signatures import GENERATOR
 from interp_dsl import embedded
 from interp_dsl.edits import Editor
-from interp_dsl.session import Session
+from interp_dsl.session import Session, current_session
 from interp_dsl.envoy import Envoy
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
@@ -58,6 +58,9 @@ class Model:
         model built from its config (`weights="fake"`) is enough."""
         from interp_dsl.client import resolve
         server = resolve(remote)
+        session = current_session()
+        if server is None and session is not None:
+            server = session.remote
         if server is not None and compile not in (None, "auto", "off"):
             raise InterventionError.at(user_span(), f"compile={compile!r} chooses how a local run executes",
                                        "drop it: a remote job runs as its server runs it")
@@ -109,7 +112,8 @@ class Model:
     def session(self, remote: Any = False) -> Session:
         """`with model.session() as session:` the traces in the block run in order, and a value a
         trace computed is available to the traces after it without `.save()` (on any model);
-        `session.exit()` ends the block early. See interp_dsl/session.py."""
+        `session.exit()` ends the block early. `remote` as in `trace`: the traces in the block run
+        there. See interp_dsl/session.py."""
         return Session(remote)
 
     def clear_edits(self) -> None:

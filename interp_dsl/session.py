@@ -6,6 +6,9 @@ what it computed and you still hold (a Python name bound to a traced value) is k
 trace (on this model or another one) uses it as an input parameter of its own program. Python
 code between traces runs in order with them (an optimizer step between training traces).
 `session.exit()` ends the session early; the traces already run keep their results.
+`model.session(remote=True)` runs its traces on `ivx serve`: each trace is a job, and a kept value
+comes back with the job's saves and goes out again as a parameter of the traces that use it (the
+server keeps nothing between jobs).
 
 The open session is found through a context variable: it is the `with` block's, not the model's,
 so traces of two models can share one session.
@@ -36,9 +39,8 @@ class Session:
     """`with model.session():` traces whose unsaved values the traces after them may use."""
 
     def __init__(self, remote: Any = False):
-        if remote:
-            raise InterventionError.at(user_span(), "model.session(remote=True) is not supported yet",
-                                       "run each trace with remote=True and .save() what the next one needs")
+        from interp_dsl.client import resolve
+        self.remote = resolve(remote)  # the server the session's traces run on, unless they say
         self.traces = 0
         self._token: contextvars.Token[Session | None] | None = None
 

@@ -163,6 +163,25 @@ def test_remote_generate_equals_local(server, keys, local, fake, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_a_remote_session_equals_a_local_one(server, keys, local, fake, capsys):
+    """Values flow between the session's traces without .save(), each trace a job."""
+    def run(model, where):
+        with model.session(remote=where):
+            with model.trace("the eiffel tower is in the city of"):
+                hidden = model.model.layers[2].output[:, -1, :]
+            with model.trace("rome is in"):
+                model.model.layers[0].output[:, -1, :] = hidden
+                logits = model.lm_head.output.save()
+        return hidden.value, logits.value
+
+    want = run(local, False)
+    capsys.readouterr()
+    got = run(fake, remote(server.url, keys[1]))
+    assert capsys.readouterr().err.count("] COMPLETED") == 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]
 
 

@@ -83,9 +83,7 @@ def test_outside_a_session_an_unsaved_value_is_refused(llama):
             llama.model.layers[0].output[:, -1, :] = hidden
 
 
-def test_sessions_do_not_nest_and_remote_sessions_are_not_supported(llama):
-    with pytest.raises(InterventionError, match="not supported yet"):
-        llama.session(remote=True)
+def test_sessions_do_not_nest(llama):
     with llama.session():
         with pytest.raises(InterventionError, match="sessions do not nest"):
             with llama.session():
