@@ -11,7 +11,8 @@ a model's edits. The edit holds IR ops and their parameter values, nothing else.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +45,10 @@ class Editor:
         self.tracer: Tracer | None = None
 
     def __enter__(self) -> "Model":
+        """The edited model (`with model.edit() as edited:`, seed 004); it also unpacks as
+        nnsight 0.8.1's `(tracer, edited)`. With `inplace=True`, the model itself."""
         from interp_dsl.tracing import Tracer
-        self.edited = self.model if self.inplace else with_edits(self.model, self.model._edits)
+        self.edited = self.model if self.inplace else with_edits(self.model, self.model._edits, self)
         tracer = self.tracer = Tracer(self.model._target, None, execute=False)
         tracer.__enter__()
         tracer.current_invoke = 0  # every invoke of a later trace: recorded as the first
@@ -72,13 +75,21 @@ class Editor:
         return False
 
 
-def with_edits(model: "Model", edits: tuple[Edit, ...]) -> "Model":
+def with_edits(model: "Model", edits: tuple[Edit, ...], editor: Editor) -> "Model":
     """Another wrapper of the same module (same engine, site tables and compiled graphs) whose
-    traces carry `edits`."""
-    new = object.__new__(type(model))
+    traces carry `edits`; unpacked, it is `(editor, itself)`."""
+    new = object.__new__(_edited_class(type(model)))
     new.__dict__.update(model.__dict__)
     object.__setattr__(new, "_edits", edits)
+    object.__setattr__(new, "_editor", editor)
     return new
+
+
+@functools.cache
+def _edited_class(base: type) -> type:
+    def __iter__(self: Any) -> Iterator[Any]:
+        return iter((self._editor, self))
+    return type(base.__name__, (base,), {"__iter__": __iter__, "__module__": base.__module__})
 
 
 def edit_params(edits: tuple[Edit, ...]) -> dict[str, Any]:

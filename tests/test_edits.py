@@ -57,6 +57,16 @@ def test_the_edit_applies_to_each_invoke_and_before_the_traces_own_interventions
     assert torch.all(after.value[:, 1] == 1) and after.value[:, 0].abs().sum() == 0
 
 
+def test_nnsight_0_8_spelling_unpacks_the_tracer_and_the_edited_model(llama):
+    original = logits(llama)
+    with llama.edit() as (tracer, edited):
+        edited.model.layers[2].mlp.output[:] = 0
+    assert not torch.equal(logits(edited), original) and torch.equal(logits(llama), original)
+    with llama.edit() as copy:  # seed 004's spelling: the edited model itself
+        llama.model.layers[2].mlp.output[:] = 0
+    assert torch.equal(logits(copy), logits(edited))
+
+
 def test_inplace_edits_accumulate_and_clear_edits_removes_them(llama):
     original = logits(llama)
     with llama.edit(inplace=True) as same:
