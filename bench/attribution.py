@@ -8,10 +8,11 @@ for every layer, the change of the clean answer's logit on the corrupt prompt wh
 last-position hidden state is patched in: (clean - corrupt) . d logit / d corrupt. Columns:
   interp_dsl attribution  a `model.sweep` with a vectorised layer axis and a backward
   hand-written autograd   forward hooks that keep the hidden states, `retain_grad`, `backward()`
+  nnsight 0.8.1           the same in nnsight, one trace per batch (with the `bench` extra)
   activation patching     interp_dsl's batched sweep: the real patch at every layer
 The attribution columns are checked against each other before their times count, and the estimate
-is compared with the real effect (Pearson correlation over pairs x layers). nnsight is not timed
-here. One run; times are wall seconds.
+is compared with the real effect (Pearson correlation over pairs x layers). One run; times are
+wall seconds.
 """
 
 from __future__ import annotations
@@ -109,6 +110,32 @@ def hand_autograd(model: LanguageModel, data: dict[str, list[str]], batch: int, 
     return torch.cat(out)
 
 
+def nnsight_attribution(model: LanguageModel, data: dict[str, list[str]], batch: int, token: int) -> torch.Tensor:
+    """nnsight 0.8.1 (the `bench` extra): the same, one trace per batch, gradients read in the
+    reverse order nnsight requires."""
+    import warnings
+
+    from nnsight import LanguageModel as NNsightModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 0.8.1 prefers TransformersModel(repo_id); this wraps a loaded module
+        nn_model = NNsightModel(model.module, tokenizer=model.tokenizer)
+    layers, n = nn_model.model.layers, len(model.model.layers)
+    out = []
+    for start in range(0, len(data["clean"]), batch):
+        with nn_model.trace() as tracer:
+            with tracer.invoke(data["clean"][start: start + batch]):
+                clean = [layers[i].output[:, -1, :] for i in range(n)]
+            with tracer.invoke(data["corrupt"][start: start + batch]):
+                corrupt = [layers[i].output for i in range(n)]
+                logit = nn_model.lm_head.output[:, -1, token]
+                with logit.sum().backward():
+                    found = [((clean[i] - corrupt[i][:, -1, :]) * corrupt[i].grad[:, -1, :]).sum(dim=-1)
+                             for i in reversed(range(n))]
+                    result = torch.stack(found[::-1], dim=1).save()
+        out.append(result)
+    return torch.cat(out).detach()
+
+
 def encode(model: LanguageModel, texts: list[str]) -> dict[str, torch.Tensor]:
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
@@ -138,14 +165,23 @@ def main() -> None:
     t_dsl, ours = timed(lambda: attribution(model, data, args.batch, token))
     t_hand, hand = timed(lambda: hand_autograd(model, data, args.batch, token))
     torch.testing.assert_close(ours["attribution"], hand, rtol=1e-3, atol=1e-3)
+    columns = [("interp_dsl attribution", t_dsl), ("hand-written autograd", t_hand)]
+    try:
+        import nnsight  # noqa: F401
+    except ImportError:
+        print("nnsight is not installed (pip install -e '.[bench]'): its column is left out")
+    else:
+        t_nn, theirs = timed(lambda: nnsight_attribution(model, data, args.batch, token))
+        torch.testing.assert_close(theirs, hand, rtol=1e-3, atol=1e-3)
+        columns.append(("nnsight 0.8.1 attribution", t_nn))
     t_patch, patched = timed(lambda: patching(model, data, args.batch, token))
+    columns.append(("activation patching (sweep)", t_patch))
     effect = patched["logit"] - ours["base"]
     pearson = float(torch.corrcoef(torch.stack([ours["attribution"].flatten(), effect.flatten()]))[0, 1])
     n = args.pairs * 30
     print(f"{args.pairs} pairs x 30 layers, batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
     print(f"{'column':28} {'seconds':>8} {'layer-estimates/s':>18} {'ratio':>6}")
-    for name, seconds in (("interp_dsl attribution", t_dsl), ("hand-written autograd", t_hand),
-                          ("activation patching (sweep)", t_patch)):
+    for name, seconds in columns:
         print(f"{name:28} {seconds:8.1f} {n / seconds:18.0f} {seconds / t_hand:6.2f}")
     print(f"attribution vs activation patching: Pearson {pearson:.3f} over {n} (pair, layer) values; "
           f"attribution is {t_patch / t_dsl:.1f}x faster")
