@@ -65,7 +65,7 @@ def reads_last_position_only(program: Program, head: str) -> bool:
     reads = {op.result for op in program.ops if op.opcode == "read" and op.site.module == head}  # type: ignore[union-attr]
     for op in program.ops:
         if op.site is not None and (op.site.module == "" or (op.site.module == head and
-                                                              (op.opcode == "write" or op.site.kind != "output"))):
+                                                              (op.opcode != "read" or op.site.kind != "output"))):
             return False
         used = reads.intersection(op.refs())
         if used and not (op.opcode == "call" and op.target == "getitem" and op.refs() == [op.args[0].id]  # type: ignore[union-attr]

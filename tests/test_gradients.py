@@ -218,6 +218,27 @@ def test_compiled_modes_fall_back_with_the_reason_and_agree(llama):
     assert torch.equal(compiled, run("off"))
 
 
+def test_a_sweep_with_gradients_equals_one_trace_per_prompt(llama):
+    """Batched and left-padded rows, the head on the last position only where the program allows
+    it (not here: the head's own gradient is read)."""
+    prompts = [PROMPT, "rome is in", "the colosseum is in the city of rome"]
+    with llama.sweep(prompts, batch_size=2, progress=False) as sweep:
+        logits = llama.lm_head.output
+        with logits[:, -1, 5].sum().backward():
+            llama.model.layers[1].output.grad[:, -1].save("g1")
+            logits.grad[:, -1].save("head")
+            logits.grad[:, 0].save("head_first")
+    assert sweep.results.saves["head_first"].abs().sum() == 0  # the metric reads the last position only
+    for i, prompt in enumerate(prompts):
+        with llama.trace(prompt):
+            logits = llama.lm_head.output
+            with logits[:, -1, 5].sum().backward():
+                g1 = llama.model.layers[1].output.grad[:, -1].save()
+                head = logits.grad[:, -1].save()
+        torch.testing.assert_close(sweep.results.saves["g1"][i], g1.value[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sweep.results.saves["head"][i], head.value[0], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- errors
 def test_backward_of_a_non_scalar_is_located(llama):
     with pytest.raises(CheckError) as e:
