@@ -23,6 +23,7 @@ from compiler.ir import (
     TensorType,
     TupleType,
     Type,
+    refs_of,
 )
 from compiler.printer import format_type
 from compiler.shape_rules import is_tensor_like, materialize
@@ -31,6 +32,7 @@ from compiler.validate import problems
 
 BEFORE_FORWARD = -1
 GRADIENT = -2  # the schedule of backwards, gradients and what is computed from them (see HookedRun)
+MAX_PASSES = 32  # backward passes one program may take (each costs a backward of the whole model)
 
 
 @dataclass(frozen=True)
@@ -130,13 +132,19 @@ class _Checker:
         when_of: dict[int, int] = {}
         grads_of: dict[int, frozenset[tuple[int, int]]] = {}  # value -> (pass, event) of gradients used
         passes = sum(op.opcode == "backward" for op in self.program.ops)
+        passes_seen = 0
         for op in self.program.ops:
             deps = [when_of.get(r, BEFORE_FORWARD) for r in op.refs()]
             grads = frozenset().union(*(grads_of.get(r, frozenset()) for r in op.refs()))
             latest = max(deps, default=BEFORE_FORWARD)
+            if op.opcode == "backward":
+                passes_seen += 1
+                if passes_seen == MAX_PASSES + 1:
+                    self.error(op, f"more than {MAX_PASSES} backward passes in one program",
+                               "differentiate a sum of the metrics, or split the work over traces")
             if op.opcode in ("backward", "grad", "setgrad"):
                 at = GRADIENT
-                self._schedule_gradient(op, passes, grads, grads_of)
+                self._schedule_gradient(op, passes, grads, grads_of, when_of)
             elif GRADIENT in deps:
                 at = GRADIENT
                 if op.opcode == "write":
@@ -167,7 +175,7 @@ class _Checker:
                 grads_of.setdefault(op.result, grads)  # a gradient read has set its own
 
     def _schedule_gradient(self, op: Op, passes: int, grads: frozenset[tuple[int, int]],
-                           grads_of: dict[int, frozenset[tuple[int, int]]]) -> None:
+                           grads_of: dict[int, frozenset[tuple[int, int]]], when_of: dict[int, int]) -> None:
         """Check where a backward, a gradient read or a gradient write can run: gradients flow
         from the metric back to the inputs, so a gradient write may use only gradients that reach
         it first (of its own site, or of sites later in the forward) in its own pass."""
@@ -183,6 +191,15 @@ class _Checker:
         if event is not None:
             self.gradient_sites.append(event)
         where = self.describe(op.site)  # type: ignore[arg-type]
+        path_refs = [r for a in op.path for r in refs_of(a)]
+        if any(when_of.get(r, BEFORE_FORWARD) == GRADIENT for r in path_refs):
+            self.error(op, f"the index into the gradient of {where} is computed from a gradient",
+                       "index with numbers or values of the forward")
+        later = max((when_of.get(r, BEFORE_FORWARD) for r in path_refs), default=BEFORE_FORWARD)
+        if event is not None and later > event:
+            self.error(op, f"the index into the gradient of {where} is computed from "
+                           f"{self._event_text(self.table.order[later])}, which runs later in the forward",
+                       "index with values computed before the site runs")
         if op.backward_pass >= passes:
             self.error(op, f"the gradient of {where} is used, but no backward() follows to compute it",
                        "call .backward() on a scalar of the forward, e.g. "

@@ -217,8 +217,10 @@ def _target_problem(op: Op) -> str | None:
     if code in ("read", "write", "stop", "backward", "grad", "setgrad"):
         if target:
             return f"a {code} has no target"
-        if code == "backward" and not (len(op.args) == 1 and isinstance(op.args[0], Ref) and not op.kwargs):
+        if code == "backward" and not (len(op.args) == 1 and isinstance(op.args[0], Ref) and not op.path):
             return "a backward takes one value (the scalar it differentiates)"
+        if code in ("backward", "grad", "setgrad") and op.kwargs:
+            return f"a {code} takes no keyword arguments"
         if code in ("grad", "setgrad") and not op.args[0].value < MAX_INDEX:  # type: ignore[union-attr]
             return "a backward pass is a small non-negative integer"
         return None

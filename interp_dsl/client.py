@@ -70,6 +70,10 @@ class Remote:
         if not execute:
             return typed, checked
         where = self._where()
+        trained = [name for name, v in params.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        if trained and any(op.opcode == "backward" for op in program.ops):
+            raise RemoteError.at(where, "a remote job cannot give your tensors their gradients (.grad stays "
+                                        "on the server)", "train tensors that require grad in a local run")
         for op in program.ops:
             problem = unsendable(checked.values.get(op.args[0].id)) if op.opcode == "save" else None  # type: ignore[union-attr]
             if problem:

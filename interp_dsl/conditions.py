@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 HIDDEN = "ivx_hidden_"  # the prefix of saves a frontend makes for itself (conditions, logs, sessions)
 FALSE = "its `tracer.cond` condition was false when the trace ran"
+NOT_COMPUTED = "its `tracer.cond` condition was not computed: the forward stopped before it"
 
 Condition = bool | Proxy | torch.Tensor
 
@@ -54,12 +55,26 @@ class CondBlock:
         if tracer.fan is not None and not isinstance(self.condition, bool):
             raise InterventionError.at(user_span(), "tracer.cond on a traced value inside a sweep",
                                        "write torch.where(c, new, old) yourself, and save c to filter results")
+        if isinstance(self.condition, Proxy):
+            _refuse_non_boolean(tracer, self.condition)
         outer = tracer.conditions[-1] if tracer.conditions else True
         tracer.conditions.append(_and(tracer, outer, self.condition))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.tracer.conditions.pop()
+
+
+def _refuse_non_boolean(tracer: "Tracer", condition: Proxy) -> None:
+    try:
+        dtype = tracer.fake(condition).dtype
+    except InterventionError:
+        raise
+    except Exception:  # no shapes here (an edit): the final check decides
+        return
+    if dtype != torch.bool:
+        raise InterventionError.at(user_span(), f"a condition is a boolean, found a {str(dtype).removeprefix('torch.')} "
+                                   "value", "compare it: tracer.cond(x.sum() > 0)")
 
 
 def condition_of(value: Any) -> Condition:
@@ -121,11 +136,17 @@ def log(tracer: "Tracer", values: tuple[Any, ...]) -> None:
 
 
 def holds(condition: str | bool, saved: dict[str, Any]) -> bool:
-    """Whether a kept condition held in the run (every element, for a tensor)."""
+    """Whether a kept condition held in the run (every element, for a tensor); not when the run
+    never computed it."""
     if isinstance(condition, bool):
         return condition
     value = saved.get(condition)
     return bool(value.all()) if isinstance(value, torch.Tensor) else bool(value)
+
+
+def why_missing(condition: str | bool, saved: dict[str, Any]) -> str:
+    """Why a save under a condition that did not hold has no value."""
+    return NOT_COMPUTED if isinstance(condition, str) and condition not in saved else FALSE
 
 
 def print_logs(lines: list[LogLine], saved: dict[str, Any]) -> None:

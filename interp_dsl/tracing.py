@@ -32,7 +32,6 @@ from compiler.passes import drop_dead_reads, remap
 from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.conditions import (
-    FALSE,
     HIDDEN,
     CondBlock,
     Condition,
@@ -44,6 +43,7 @@ from interp_dsl.conditions import (
     log,
     print_logs,
     selected,
+    why_missing,
 )
 from interp_dsl.edits import Edit, edit_ops, edit_params
 from interp_dsl.proxy import Proxy
@@ -571,6 +571,9 @@ class Tracer:
 
     def batch(self) -> Batch:
         """The invokes' inputs as one batch (tokenised and padded)."""
+        if not self.invoke_inputs:
+            raise InterventionError.at(user_span(), "shapes are not known here: there is no input yet",
+                                       "read shapes in a trace (or model.scan(...)) with an input; an edit has none")
         if self._batch is None:
             self._batch = self.target.batch(self.invoke_inputs)
         return self._batch
@@ -623,7 +626,7 @@ class Tracer:
             for proxy in self._alive():
                 condition = self.conditional_saves.get(proxy._save_name or "", True)
                 if proxy._saved and self.execute and not holds(condition, named):
-                    proxy._resolve(missing=FALSE)
+                    proxy._resolve(missing=why_missing(condition, named))
             if self.execute:
                 print_logs(self.logs, named)
         hide(result)

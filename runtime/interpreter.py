@@ -7,6 +7,7 @@ order within an event. Hooks are removed after every run, also when it fails.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class HookedRun:
         for i, (op, at) in enumerate(zip(typed.program.ops, typed.schedule, strict=True)):
             if (only is None or i in only) and at != GRADIENT:
                 self.by_event[at].append(op)
-        self.gradients = BackwardPasses(typed, lambda site: _rows(site, batch), batch.size, self.positions) \
+        self.gradients = BackwardPasses(typed, lambda site: _rows(site, batch), batch.size, self.positions,
+                                        lambda op: self._run_ops([op], None), self.values) \
             if GRADIENT in typed.schedule else None
         self.handles: list[Any] = []
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
@@ -72,21 +74,23 @@ class HookedRun:
 
     def execute(self, forward: Callable[[], Any] | None = None) -> RunResult:
         """Run `forward` (default: the model on the batch) with the program at its hooks."""
+        gradients = self.gradients
         self.handles = self._install_hooks()
-        try:
-            self._run_ops(self.by_event.get(BEFORE_FORWARD, []), None)
+        with gradients.weights_require_grad(self.model) if gradients else contextlib.nullcontext():
             try:
-                with torch.no_grad() if self.gradients is None else torch.enable_grad():
-                    self.result.output = (forward or self._forward)()
-            except _Stop:
-                self.result.stopped = True
-        finally:
-            self.remove_hooks()
-        if self.gradients is not None:
-            with torch.no_grad():
-                self.gradients.run(lambda op: self._run_ops([op], None), self.values, self.params)
-            self.result.output = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach,
-                                                                   self.result.output)
+                self._run_ops(self.by_event.get(BEFORE_FORWARD, []), None)
+                try:
+                    with torch.no_grad() if gradients is None else torch.enable_grad():
+                        self.result.output = (forward or self._forward)()
+                except _Stop:
+                    self.result.stopped = True
+            finally:
+                self.remove_hooks()
+            if gradients is not None:
+                with torch.no_grad():
+                    gradients.run(self.params)
+                self.result.output = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach,
+                                                                       self.result.output)
         self.result.saves = by_name(self.result.saved)
         return self.result
 
@@ -140,7 +144,7 @@ class HookedRun:
         new = self._run_ops(self.by_event.get(index, []), live)
         if self.gradients is not None:
             for kind in ("input", "inputs"):
-                new = self.gradients.keep(index, kind, new, self.values)
+                new = self.gradients.keep(index, kind, new)
         self._maybe_stop()
         return new if new is not live else None
 
@@ -150,7 +154,7 @@ class HookedRun:
             return None
         new = self._run_ops(self.by_event.get(index, []), output)
         if self.gradients is not None:
-            new = self.gradients.keep(index, "output", new, self.values)
+            new = self.gradients.keep(index, "output", new)
         self._maybe_stop()
         return new if new is not output else None
 

@@ -85,6 +85,15 @@ def test_nested_conditions_are_anded_and_a_per_row_condition_selects_rows(llama)
     assert torch.all(out.value[0] == 7.0) and not torch.any(out.value[1] == 7.0)
 
 
+def test_a_condition_the_forward_never_computed_is_named(llama):
+    with llama.trace(PROMPT) as tracer:
+        llama.model.layers[0].output.stop()
+        with tracer.cond(llama.lm_head.output[0, -1, 0] > 0):
+            kept = llama.model.layers[0].output.save()
+    with pytest.raises(InterventionError, match="condition was not computed: the forward stopped before it"):
+        kept.value
+
+
 def test_a_gradient_write_under_a_condition(llama):
     with llama.trace(PROMPT) as tracer:
         logits = llama.lm_head.output
@@ -103,6 +112,10 @@ def test_conditions_and_logs_refused_where_they_cannot_mean_anything(llama):
         with llama.sweep([PROMPT], batch_size=1, progress=False) as sweep:
             with sweep.tracer.cond(llama.model.layers[0].output.sum() > 0):
                 pass
+    with pytest.raises(InterventionError, match="a condition is a boolean, found a float32 value"):
+        with llama.trace(PROMPT) as tracer:
+            with tracer.cond(llama.model.layers[0].output.sum()):
+                llama.model.layers[0].output.save()
     with pytest.raises(InterventionError, match="the library's own"):
         with llama.trace(PROMPT):
             llama.model.layers[0].output.save("ivx_hidden_0")

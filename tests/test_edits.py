@@ -132,4 +132,7 @@ def test_an_edit_refuses_saves_and_edits_that_write_nothing(llama):
     with pytest.raises(InterventionError, match="this edit writes no module value"):
         with llama.edit():
             llama.model.layers[0].output * 2
+    with pytest.raises(InterventionError, match="shapes are not known here: there is no input yet"):
+        with llama.edit():
+            llama.model.layers[0].output.shape
     assert llama._edits == ()

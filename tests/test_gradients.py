@@ -363,3 +363,86 @@ def test_generated_gradient_programs_equal_autograd_with_hooks(llama, program, t
     autograd(llama, metric, edits={layer: chain(layer) for layer in by_layer})
     for layer, count, proxy in reads:
         torch.testing.assert_close(proxy.value, seen[(layer, count)], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------- found by a hostile review
+def test_frozen_weights_give_the_gradients_trainable_ones_do(llama):
+    """A metric read at the site whose gradient is taken, and a metric that uses the site twice:
+    a frozen model gives what autograd gives with trainable weights."""
+    def run():
+        with llama.trace(PROMPT):
+            h = llama.model.layers[2].output
+            logits = llama.lm_head.output
+            with (logits[0, -1, 3] + (h * h).sum()).backward():
+                gh = h.grad.save()
+                gl = logits.grad.save()
+        return gh.value, gl.value
+    trainable = run()
+    llama.module.requires_grad_(False)
+    try:
+        frozen = run()
+    finally:
+        llama.module.requires_grad_(True)
+    assert all(p.requires_grad and p.grad is None for p in llama.module.parameters())
+    for a, b in zip(frozen, trainable, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert frozen[1][0, -1, 3] == 1 and frozen[1].abs().sum() == 1
+
+
+def test_a_gradient_is_of_the_value_at_the_site_before_later_in_place_work(net):
+    """Linear -> ReLU(inplace) -> Linear: the gradient of the first Linear's output is the one
+    before the ReLU masks it, as autograd gives it."""
+    model_net = torch.nn.Sequential(net.layer1, torch.nn.ReLU(inplace=True), net.layer2)
+    x = torch.rand(3, 5, generator=torch.Generator().manual_seed(2)) - 0.5
+    want_input = net.layer1(x).detach().requires_grad_()
+    net.layer2(torch.relu(want_input)).sum().backward()
+    for frozen in (True, False):
+        model_net.requires_grad_(not frozen)
+        wrapped = NNsight(model_net)
+        with wrapped.trace(x):
+            with wrapped.output.sum().backward():
+                g = wrapped[0].output.grad.save()
+        torch.testing.assert_close(g.value, want_input.grad, rtol=0, atol=0)
+    model_net.requires_grad_(False)
+
+
+def test_a_tensor_computed_from_a_trained_one_passes_its_gradient_on(llama):
+    wa = torch.randn(32, requires_grad=True)
+    scale = wa * 0.1  # computed before the trace: its gradient reaches wa, as backward() would
+    with llama.trace(PROMPT):
+        llama.model.layers[1].output[:, -1, :] += scale
+        llama.lm_head.output[0, -1, 3].backward()
+    want = wa.detach().clone().requires_grad_()
+    hook = llama.module.model.layers[1].register_forward_hook(lambda m, a, o: torch.cat([o[:, :-1], o[:, -1:] + want * 0.1], 1))
+    try:
+        llama.module(**llama.tokenizer(PROMPT, return_tensors="pt")).logits[0, -1, 3].backward()
+    finally:
+        hook.remove()
+        llama.module.zero_grad(set_to_none=True)
+    torch.testing.assert_close(wa.grad, want.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_indices_into_gradients_and_unreached_metrics_are_located(llama):
+    with pytest.raises(CheckError, match=r"index into the gradient of model.model.layers\[1\].output is "
+                                         r"computed from model.lm_head.output"):
+        with llama.trace(PROMPT):
+            top = llama.lm_head.output[0, -1].argmax(-1) % 8
+            with llama.lm_head.output.sum().backward():
+                llama.model.layers[1].output[0, top].grad.save()
+    with pytest.raises(CheckError, match="index into the gradient of .* is computed from a gradient"):
+        with llama.trace(PROMPT):
+            with llama.lm_head.output.sum().backward():
+                g2 = llama.model.layers[2].output.grad
+                llama.model.layers[1].output.grad[:, g2[0, 0].argmax(-1) % 8] = 0
+    with pytest.raises(InterventionError, match="the forward stopped before the value it differentiates"):
+        with llama.trace(PROMPT):
+            llama.model.layers[0].output.stop()
+            llama.lm_head.output.sum().backward()
+
+
+def test_backward_passes_are_bounded(llama):
+    with pytest.raises(CheckError, match="more than 32 backward passes"):
+        with llama.trace(PROMPT):
+            logits = llama.lm_head.output
+            for i in range(33):
+                logits[0, -1, i].backward()

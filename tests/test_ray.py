@@ -1,9 +1,11 @@
-"""Sweeps on Ray (a local instance, two workers): the same results as a local run, bit for bit;
+"""Sweeps on Ray (a local instance, two workers): the same results as a local run, bit for bit
+(computed, like each worker, on one thread: float sums may round differently on two);
 a worker killed mid-run and a driver killed mid-run lose nothing; an error in the experiment stops
 the run at the user's line with the shards already written kept."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +34,17 @@ def ray_instance():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def worker_threads():
+    """Compute a local reference on the torch threads of each worker here (2 CPUs, 2 workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def patch_sweep(model, prompts, out=None, **options):
     """Patch layer L (a vectorised axis) of the corrupt prompt with the clean one's residual,
     at two strengths (a parameter axis); keep the last position's logits."""
@@ -53,7 +66,8 @@ def pairs(path: Path, n: int) -> dict[str, Path]:
 def test_two_workers_give_the_local_results_bit_for_bit(ray_instance, tiny_dir, tmp_path):
     model = LanguageModel(str(tiny_dir))
     prompts = pairs(tmp_path, 40)
-    local = patch_sweep(model, prompts)
+    with worker_threads():
+        local = patch_sweep(model, prompts)
     on_ray = patch_sweep(model, prompts, tmp_path / "out", executor=ray_cluster(workers=2))
     assert on_ray.complete and on_ray.n_prompts == 40 and len(on_ray.manifest["shards"]) == 4
     assert on_ray.manifest["executor"] == {"kind": "ray", "workers": 2}
@@ -156,7 +170,8 @@ def test_a_worker_killed_mid_run_has_its_shard_retried_and_nothing_is_lost(ray_i
     assert victims[0] not in shard_workers()
     indexes = [s["index"] for s in results.manifest["shards"]]
     assert indexes == list(range(30)) and results.complete  # each shard once, none lost
-    assert torch.equal(results["logits"], patch_sweep(model, prompts)["logits"])
+    with worker_threads():
+        assert torch.equal(results["logits"], patch_sweep(model, prompts)["logits"])
 
 
 def test_an_error_in_the_experiment_stops_the_run_at_the_users_line(ray_instance, tiny_dir, tmp_path):
@@ -257,7 +272,8 @@ def test_a_killed_driver_resumes_to_the_local_result(tiny_dir, tmp_path):
     resumed = subprocess.run([*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                              start_new_session=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    with worker_threads():
+        assert main([*args, "--out", str(tmp_path / "local")]) == 0
     whole, local = load_results(out), load_results(tmp_path / "local")
     assert whole.complete and whole.n_prompts == 2000
     assert torch.equal(whole["logits"], local["logits"])

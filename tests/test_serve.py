@@ -182,6 +182,14 @@ def test_a_remote_session_equals_a_local_one(server, keys, local, fake, capsys):
         torch.testing.assert_close(a, b)
 
 
+def test_a_remote_job_does_not_train_tensors(server, keys, fake):
+    delta = torch.zeros(32, requires_grad=True)
+    with pytest.raises(RemoteError, match="cannot give your tensors their gradients"):
+        with fake.trace("the eiffel tower", remote=remote(server.url, keys[1])):
+            fake.model.layers[1].output[:, -1] += delta
+            fake.lm_head.output[0, -1, 3].backward()
+
+
 SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]
 
 
