@@ -310,6 +310,8 @@ def test_gradient_programs_round_trip_as_json_and_hostile_ones_are_refused(llama
         altered("grad", args=[{"$": "Const", "value": 2**40}]),
         altered("setgrad", args=[{"$": "Const", "value": 0}]),
         altered("grad", site=None),
+        altered("backward", path=[{"$": "Const", "value": 0}]),
+        altered("grad", kwargs=[["dim", {"$": "Const", "value": 0}]]),
     ]
     for payload in hostile:
         with pytest.raises(PayloadError):
