@@ -211,6 +211,14 @@ Stmt = Let | Assign | Save | Stop | Steps | Backward
 
 
 @dataclass(frozen=True)
+class Edit:
+    """`edit { ... }`: writes applied to every invoke of the experiment (a persistent edit)."""
+
+    body: tuple["Let | Assign", ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Invoke:
     prompt: str
     body: tuple[Stmt, ...]
@@ -225,7 +233,7 @@ class Generate:
     span: Span = _span()
 
 
-Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Generate | Invoke | Stmt
+Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Generate | Invoke | Edit | Stmt
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,9 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         selector = None if isinstance(c[0], Token) else c[0]
         return ast.Steps(selector, tuple(x for x in c[1:] if x is not None), self._s(meta))
 
+    def edit_block(self, meta: Any, c: list[Any]) -> ast.Edit:
+        return ast.Edit(tuple(x for x in c if x is not None), self._s(meta))
+
     def backward_block(self, meta: Any, c: list[Any]) -> ast.Backward:
         return ast.Backward(c[0], tuple(x for x in c[1:] if x is not None), self._s(meta))
 

@@ -99,9 +99,11 @@ def _sweep_values(values: ast.Range | ast.ListLit) -> str:
     return f"{values.start}..{values.stop}" if isinstance(values, ast.Range) else expr(values)
 
 
-def _opening(decl: ast.Invoke | ast.Steps | ast.Backward) -> str:
+def _opening(decl: ast.Invoke | ast.Steps | ast.Backward | ast.Edit) -> str:
     if isinstance(decl, ast.Invoke):
         return f"invoke {decl.prompt} {{"
+    if isinstance(decl, ast.Edit):
+        return "edit {"
     if isinstance(decl, ast.Backward):
         return f"backward {expr(decl.metric)} {{"
     if decl.selector is None:
@@ -120,7 +122,7 @@ def format_module(module: ast.Module) -> str:
             out.append(indent + own.pop(0).text)
         out.append(indent + text + (f"  {trailing[line]}" if line in trailing else ""))
 
-    def block(decl: ast.Invoke | ast.Steps | ast.Backward, indent: str) -> None:
+    def block(decl: ast.Invoke | ast.Steps | ast.Backward | ast.Edit, indent: str) -> None:
         emit(_opening(decl), decl.span.line, indent)
         for s in decl.body:
             if isinstance(s, (ast.Steps, ast.Backward)):
@@ -134,11 +136,11 @@ def format_module(module: ast.Module) -> str:
 
     previous: type | None = None
     for decl in module.body:
-        if out and (isinstance(decl, ast.Invoke) or previous is ast.Invoke or
+        if out and (isinstance(decl, (ast.Invoke, ast.Edit)) or previous in (ast.Invoke, ast.Edit) or
                     (type(decl) is not previous and not (own and own[0].line < decl.span.line))):
             out.append("")
         previous = type(decl)
-        if isinstance(decl, (ast.Invoke, ast.Steps)):
+        if isinstance(decl, (ast.Invoke, ast.Steps, ast.Edit)):
             block(decl, "")
         else:
             emit(statement(decl), decl.span.line, "")

@@ -68,7 +68,7 @@ class Editor:
                                        "belongs in a trace", "record saves, stops and gradients in "
                                        "`with model.trace(...)`, on the edited model")
         if not any(op.opcode == "write" for op in tracer.ops):
-            raise InterventionError.at(user_span(), "this edit writes no module value",
+            raise InterventionError.at(tracer.span_source(), "this edit writes no module value",
                                        "assign a module's .output/.input in the edit block")
         edit = Edit(tuple(tracer.ops), dict(tracer.params))
         object.__setattr__(self.edited, "_edits", (*self.edited._edits, edit))

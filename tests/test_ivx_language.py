@@ -180,6 +180,41 @@ invoke b {
     assert dsl.typed.program.ops[0].span.file == str(path)
 
 
+def test_an_edit_block_equals_the_edit_in_python_and_applies_to_every_invoke(tmp_path, tiny):
+    path = write(tmp_path, """
+prompt a = "the eiffel tower is in the city of"
+prompt b = "rome is in"
+
+edit {
+    let layer = model.model.layers[1]
+    layer.mlp.output[:, -1] = 0
+}
+
+invoke a {
+    save ha = model.model.layers[1].mlp.output[:, -1]
+}
+
+invoke b {
+    save hb = model.model.layers[1].mlp.output[:, -1]
+    save top = model.lm_head.output[:, -1, :].argmax(dim=-1)
+}
+""")
+    assert format_module(parse(path.read_text(), str(path))) == path.read_text().lstrip("\n")
+    dsl = lower(load_experiment(path), tiny, {})
+    with tiny.edit() as twin_model:
+        tiny.model.layers[1].mlp.output[:, -1] = 0
+    with twin_model.trace() as twin:
+        with twin.invoke(["the eiffel tower is in the city of"]):
+            tiny.model.layers[1].mlp.output[:, -1].save("ha")
+        with twin.invoke(["rome is in"]):
+            tiny.model.layers[1].mlp.output[:, -1].save("hb")
+            top = tiny.lm_head.output[:, -1, :].argmax(dim=-1).save("top")
+    assert dsl.program() == twin.program()
+    assert dsl.result.saves["ha"].abs().sum() == 0 and dsl.result.saves["hb"].abs().sum() == 0
+    assert torch.equal(dsl.result.saves["top"], top.value)
+    assert dsl.typed.program.ops[1].span.file == str(path) and dsl.typed.program.ops[1].span.line == 7
+
+
 def test_name_errors_are_all_reported_with_hints(tmp_path, tiny):
     path = write(tmp_path, """prompt a = "the eiffel tower"
 invoke a {

@@ -27,7 +27,7 @@ from grammar.parser import IvxSyntaxError
 from interp_dsl import embedded
 from interp_dsl.config_models import config_model_for
 from interp_dsl.ivx.declare import Experiment, experiment_from_text
-from interp_dsl.ivx.lower import Lowering, generation_settings
+from interp_dsl.ivx.lower import Lowering, edited, generation_settings
 from interp_dsl.models import LanguageModel
 from runtime.files import atomic_write_text
 
@@ -121,6 +121,10 @@ PARSE_CACHE_VERSION = 1  # bump when the syntax tree's records change (grammar e
 
 
 def _check_point(exp: Experiment, spec: LanguageModel, point: dict[str, Any]) -> tuple[list[Diagnostic], bool]:
+    try:
+        spec = edited(exp, spec, point)  # type: ignore[assignment]
+    except InterventionError as e:
+        return e.diagnostics, False
     tracer = spec.scan()
     diagnostics: list[Diagnostic] = []
     try:

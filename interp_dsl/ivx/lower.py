@@ -60,6 +60,8 @@ class Lowering:
     # statements
     def run(self) -> None:
         for decl in self.exp.module.body:
+            if isinstance(decl, ast.Edit):
+                continue  # recorded on the model before the trace (`edited`)
             if isinstance(decl, ast.Invoke):
                 self._invoke(decl)
             elif isinstance(decl, (ast.Let, ast.Assign, ast.Save, ast.Stop)):
@@ -342,10 +344,28 @@ def _kind(value: Any) -> str:
     return {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(value), type(value).__name__)
 
 
+def edited(exp: Experiment, model: Model, point: dict[str, Any]) -> Model:
+    """`model` with the experiment's `edit { ... }` blocks recorded as a persistent edit (the
+    model itself when it has none): their writes begin every invoke's program."""
+    blocks = [d for d in exp.module.body if isinstance(d, ast.Edit)]
+    if not blocks:
+        return model
+    with model.edit() as new:
+        lowering = Lowering(exp, model, model._target.open, point)  # type: ignore[arg-type]
+        for block in blocks:
+            for statement in block.body:
+                lowering._statement(statement)
+        if lowering.diagnostics:
+            raise ExperimentError(lowering.diagnostics)
+        lowering.current = blocks[-1].span  # an edit that writes nothing is reported at its block
+    return new
+
+
 def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,
           compile: str | None = None) -> Tracer:
     """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
     `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
+    model = edited(exp, model, point)
     tracer = model.trace(compile=compile) if execute else model.scan()
     if exp.generate is not None:
         tracer.generation = generation_settings(exp, model)

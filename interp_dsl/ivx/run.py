@@ -14,7 +14,7 @@ from compiler.errors import InterventionError
 from compiler.ir import Span
 from grammar import ast
 from interp_dsl.ivx.declare import Experiment, ExperimentError, experiment_error
-from interp_dsl.ivx.lower import Lowering, generation_settings, lower
+from interp_dsl.ivx.lower import Lowering, edited, generation_settings, lower
 from interp_dsl.models import LanguageModel, Model
 from interp_dsl.sweeps import Sweep
 
@@ -90,6 +90,7 @@ def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = Non
     describe = {"experiment": str(exp.path), "text": exp.text}
     if exp.generate is not None:
         generation_settings(exp, model)  # a bad argument is an error at the `generate` line
+    model = edited(exp, model, {})
     run = Sweep(model, sources, batch_size=batch_size, out=out, compile=compile, shard_size=shard_size,
                 progress=progress, describe=describe, restart=restart, generate=exp.generate, remote=remote,
                 executor=executor)
