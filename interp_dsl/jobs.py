@@ -257,7 +257,10 @@ class JobQueue:
             if expected > limits.max_result_bytes:
                 return _limit(f"the saves are {expected} bytes; this key's limit is "
                               f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes")
-            _, result = engine.run(record.program, record.batch, record.params)
+            batch = record.batch  # the head on the last position alone where that is all the job reads
+            if engine.last_position_head(record.program):
+                batch = dataclasses.replace(batch, kwargs={**batch.kwargs, "logits_to_keep": 1})
+            _, result = engine.run(record.program, batch, record.params)
             try:
                 output = result.output if record.program.generation is not None else None
                 body = encode_result(result.values, result.stopped, output)

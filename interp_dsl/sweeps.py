@@ -22,12 +22,11 @@ import torch
 
 from compiler.errors import InterventionError, did_you_mean
 from compiler.ir import Generation, Program, SaveKey, tensor_name, to_json
-from compiler.passes import reads_last_position_only, stop_after_last_site
+from compiler.passes import stop_after_last_site
 from interp_dsl import fan
 from interp_dsl.spans import user_span
 from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
-from runtime.engine import Engine
 from runtime.files import versions
 from runtime.fingerprints import architecture_fingerprint, value_digest, weights_fingerprint
 from runtime.interpreter import Batch
@@ -172,7 +171,7 @@ class Sweep:
         if program.generation is None:  # a generation computes the logits itself, and runs to its end
             program = stop_after_last_site(program)
         kwargs = {"logits_to_keep": 1} if program.generation is None and self.remote is None and \
-            _head_reads_last_only(self.tracer.engine, program) else {}  # a job sends token ids only
+            self.tracer.engine.last_position_head(program) else {}  # a job sends token ids only: the server decides
         axis_names = {n for names, _ in self.groups for n in names}
         points = [dict(itertools.chain.from_iterable(zip(names, combo, strict=True) for (names, _), combo
                                                      in zip(self.groups, combos, strict=True)))
@@ -396,14 +395,6 @@ def _source(value: Any) -> Source:
         raise InterventionError.at(user_span(), "sweep prompts are a list of strings, a PromptFile, "
                                    "a Path to a .txt/.jsonl/.csv file, or a dict of those")
     return rows
-
-
-def _head_reads_last_only(engine: Engine, program: Program) -> bool:
-    head = getattr(engine.module, "get_output_embeddings", lambda: None)()
-    if head is None or "logits_to_keep" not in engine.forward_params:
-        return False
-    path = next((p for p, m in engine.module.named_modules() if m is head), None)
-    return path is not None and reads_last_position_only(program, path)
 
 
 def _one_token_longer(batch: Batch) -> Batch:

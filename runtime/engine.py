@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from compiler.check import IncrementalTyper, TypedProgram, allocation_limit, check
 from compiler.errors import InterventionError
 from compiler.ir import NO_SPAN, Generation, Program, Span
+from compiler.passes import reads_last_position_only
 from compiler.signatures import SiteTable, generation_table, module_paths, record_sites
 from runtime.compiled import CompiledRunner, CompileStats
 from runtime.decode import DecodePlan, next_inputs, positions_of, step_kwargs
@@ -165,6 +166,16 @@ class Engine:
             self._warn_fallback(mode, reason)
             return typed, result
         return typed, run(self.module, typed, batch, params)
+
+    def last_position_head(self, program: Program) -> bool:
+        """Whether the model's head may run on the last position alone for `program` (HF's
+        `logits_to_keep=1`): the forward takes that argument and the program uses the head's
+        output only at `[:, -1]` (compiler.passes.reads_last_position_only)."""
+        head = getattr(self.module, "get_output_embeddings", lambda: None)()
+        if head is None or "logits_to_keep" not in self.forward_params or program.generation is not None:
+            return False
+        path = next((p for p, m in self.module.named_modules() if m is head), None)
+        return path is not None and reads_last_position_only(program, path)
 
     def compile_stats(self) -> CompileStats:
         """Counters of compiled execution on this engine (artefacts, compilations, calls, fallbacks)."""

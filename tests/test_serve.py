@@ -190,6 +190,37 @@ def test_a_remote_job_does_not_train_tensors(server, keys, fake):
             fake.lm_head.output[0, -1, 3].backward()
 
 
+def test_a_job_reading_only_the_last_logits_runs_the_head_on_the_last_position(tiny_dir, tmp_path):
+    """The server decides it (a job sends token ids only), as a local sweep does: in process."""
+    from compiler.ir import dumps
+    from interp_dsl.jobs import JobQueue
+    from interp_dsl.wire import decode_result
+    model = LanguageModel(tiny_dir)
+    new_key(tmp_path / "keys.txt", "bob")
+    key = read_keys(tmp_path / "keys.txt")[0]
+    with model.trace("the eiffel tower is in the city of") as tracer:
+        last = model.lm_head.output[:, -1, :].save()
+    program, batch = tracer.program(), tracer.batch()
+    body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"], list(batch.rows),
+                      batch.pad_id, tracer.params)
+    shapes = []
+    from torch._subclasses.fake_tensor import FakeTensor
+    handle = model.module.lm_head.register_forward_hook(
+        lambda m, a, o: None if isinstance(o, FakeTensor) else shapes.append(tuple(o.shape)))
+    queue = JobQueue(model)
+    queue.start()
+    try:
+        record = queue.submit(body, key)
+        while queue.status(record.id, key)["status"] not in ("COMPLETED", "ERROR"):
+            time.sleep(0.02)
+        values, _, _ = decode_result(queue.result(record.id, key))
+    finally:
+        handle.remove()
+        queue.close()
+    assert shapes == [(1, 1, 64)]  # the head ran once, on one position
+    torch.testing.assert_close(values[program.saves()["save0"]], last.value, rtol=1e-5, atol=1e-6)  # other sums
+
+
 SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]
 
 
