@@ -89,6 +89,9 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
     assert torch.equal(on_ray["answer"], probe["answer"])
     torch.testing.assert_close(on_ray["h22"], probe["h22"], rtol=1e-5, atol=1e-5)  # 1 thread vs 2
     assert "1 prompts x layer[30] = 30 rows" in out and "p_paris: float32[rows]" in out
+    pairs = load_results(tmp_path / "attribution-pairs")  # 32 clean/corrupt pairs, one backward per batch
+    assert pairs.complete and pairs.n_prompts == 32 and pairs.grid("attribution").shape == (32, 30)
+    assert torch.isfinite(pairs["attribution"]).all() and pairs["attribution"].abs().sum() > 0
     assert "%0 = read model.layers.29.output@0 : f32[1, 9, 576]" in out
     # the steered generation over a dataset, as `ivx show` prints it
     assert "[coef=1.0] 'Everyone knows that The Brandenburg Gate can be found in' -> \" Paris" in out
