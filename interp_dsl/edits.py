@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from compiler.errors import InterventionError
 from compiler.ir import Op
 from compiler.passes import remap
-from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
     from interp_dsl.models import Model

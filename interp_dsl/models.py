@@ -14,8 +14,8 @@ from compiler.ir import SITE_KINDS, Generation
 from compiler.signatures import GENERATOR
 from interp_dsl import embedded
 from interp_dsl.edits import Editor
-from interp_dsl.session import Session, current_session
 from interp_dsl.envoy import Envoy
+from interp_dsl.session import Session, current_session
 from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep
 from interp_dsl.tracing import Target, Tracer

@@ -11,8 +11,8 @@ from helpers import layers, layers_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.validate import PayloadError
 from compiler.ir import dumps, loads
+from compiler.validate import PayloadError
 from interp_dsl import CheckError, InterventionError, NNsight
 from runtime.engine import CompileFallbackWarning
 
@@ -56,7 +56,7 @@ def test_gradients_of_layer_outputs_equal_autograd(lm):
             grads = [h.grad.save() for h in reversed(hidden)]  # nnsight's reverse order
             last = hidden[0].grad[:, -1].save()
     want = autograd(lm, answer, keep=(0, 1, 2))
-    for i, g in zip((2, 1, 0), grads):
+    for i, g in zip((2, 1, 0), grads, strict=True):
         torch.testing.assert_close(g.value, want[i], rtol=0, atol=0)
     torch.testing.assert_close(last.value, want[0][:, -1], rtol=0, atol=0)
     assert all(p.grad is None for p in lm.module.parameters())  # the model's weights are not touched
@@ -202,7 +202,7 @@ def test_tensors_that_require_grad_are_trained_through_the_trace(llama):
     want_losses, want_grads, want_weights = train(hooked)
     assert losses == pytest.approx(want_losses, rel=1e-6)
     assert losses[-1] < losses[0] - 0.2
-    for got, want in zip([*grads, weights], [*want_grads, want_weights]):
+    for got, want in zip([*grads, weights], [*want_grads, want_weights], strict=True):
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
