@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from compiler.ir import Arg, Const, EllipsisArg, ListArg, Op, Program, Ref, SliceArg, TupleArg
 
@@ -29,13 +30,16 @@ def drop_dead_reads(program: Program) -> tuple[Program, dict[int, int]]:
 
 
 def _renumbered(op: Op, ids: dict[int, int]) -> Op:
-    return dataclasses.replace(
-        op,
-        result=ids[op.result] if op.result is not None else None,
-        args=tuple(remap(a, ids) for a in op.args),
-        kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs),
-        path=tuple(remap(a, ids) for a in op.path),
-    )
+    return copied(op, ids, ids[op.result] if op.result is not None else None)
+
+
+def copied(op: Op, ids: dict[int, int], result: int | None, **fields: Any) -> Op:
+    """`op` with the values it uses renamed by `ids` (others kept), its result `result`, and other
+    `fields` replaced: a renumbered op, or one copy of a repeated block (a generation step, an
+    edit applied to an invoke)."""
+    return dataclasses.replace(op, result=result, args=tuple(remap(a, ids) for a in op.args),
+                               kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs),
+                               path=tuple(remap(a, ids) for a in op.path), **fields)
 
 
 def remap(arg: Arg, ids: dict[int, int]) -> Arg:

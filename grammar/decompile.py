@@ -198,18 +198,11 @@ class _Decompiler:
         raise NotPrintable.at(op.span or NO_SPAN, f"the op {name!r} has no .ivx spelling",
                               "the language has no bitwise operators or functional setitem")
 
-    def _backward(self, op: Op) -> None:
-        self._gradient(op)
-
-    def _grad(self, op: Op) -> None:
-        self._gradient(op)
-
-    def _setgrad(self, op: Op) -> None:
-        self._gradient(op)
-
     def _gradient(self, op: Op) -> None:
         raise NotPrintable.at(op.span or NO_SPAN, "a program with gradients is not printed as .ivx yet",
                               "keep it as IR (JSON), which holds every op")
+
+    _backward = _grad = _setgrad = _gradient
 
 
 def _generate(generation: Generation) -> ast.Generate:

@@ -66,12 +66,9 @@ class CondBlock:
 
 
 def _refuse_non_boolean(tracer: "Tracer", condition: Proxy) -> None:
-    try:
-        dtype = tracer.fake(condition).dtype
-    except InterventionError:
-        raise
-    except Exception:  # no shapes here (an edit): the final check decides
+    if not tracer.invoke_inputs:  # an edit: no shapes yet, the traces of the edited model check it
         return
+    dtype = tracer.fake(condition).dtype
     if dtype != torch.bool:
         raise InterventionError.at(user_span(), f"a condition is a boolean, found a {str(dtype).removeprefix('torch.')} "
                                    "value", "compare it: tracer.cond(x.sum() > 0)")

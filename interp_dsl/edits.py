@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from compiler.errors import InterventionError
 from compiler.ir import Op
-from compiler.passes import remap
+from compiler.passes import copied
 
 if TYPE_CHECKING:
     from interp_dsl.models import Model
@@ -125,10 +125,7 @@ def edit_ops(edits: tuple[Edit, ...], n_invokes: int, first_id: int, steps: int,
                     if op.result is not None:
                         result = ids[op.result] = next_id
                         next_id += 1
-                    out.append(dataclasses.replace(
-                        op, result=result, site=site, args=tuple(remap(a, ids) for a in op.args),
-                        kwargs=tuple((key, remap(v, ids)) for key, v in op.kwargs),
-                        path=tuple(remap(a, ids) for a in op.path)))
+                    out.append(copied(op, ids, result, site=site))
     return out
 
 

@@ -20,14 +20,13 @@ import contextvars
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import InterventionError
-from interp_dsl.conditions import HIDDEN
+from interp_dsl.conditions import hidden_save
 from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
     from interp_dsl.proxy import Proxy
     from interp_dsl.tracing import Tracer
 
-KEPT = f"{HIDDEN}session_"  # the save name prefix of a value kept for later traces
 _OPEN: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("interp_dsl_session", default=None)
 
 
@@ -40,8 +39,7 @@ class Session:
 
     def __init__(self, remote: Any = False):
         from interp_dsl.client import resolve
-        self.remote = resolve(remote)  # the server the session's traces run on, unless they say
-        self.traces = 0
+        self.remote = resolve(remote)  # the server the session's traces run on
         self._token: contextvars.Token[Session | None] | None = None
 
     def __enter__(self) -> "Session":
@@ -67,11 +65,11 @@ class Session:
 
     # ------------------------------------------------------------------- used by the tracer
     def keep(self, tracer: "Tracer", alive: list["Proxy"]) -> None:
-        """Before a trace runs: save the values the user still holds, for the traces after it."""
-        self.traces += 1
+        """Before a trace runs: save the values the user still holds (under hidden names), for the
+        traces after it."""
         for proxy in alive:
             if not proxy._saved and proxy._steps is None:
-                tracer.save(proxy, f"{KEPT}{self.traces}_{proxy._id}")
+                hidden_save(tracer, proxy)
 
 
 def current_session() -> Session | None:

@@ -28,7 +28,7 @@ from compiler.ir import (
     Span,
     TupleArg,
 )
-from compiler.passes import drop_dead_reads, remap
+from compiler.passes import copied, drop_dead_reads
 from compiler.signatures import GENERATOR
 from interp_dsl import fan
 from interp_dsl.conditions import (
@@ -215,6 +215,7 @@ class Tracer:
         self.recording = False
         self.call_index: dict[str, int] = {}
         self._saved: list[Proxy] = []
+        self._named_saves = 0  # saves of the user's (not the hidden ones): the default names count them
         self._proxies: list[weakref.ref[Proxy]] = []  # values the user may still hold
         self.session = current_session()  # an open `model.session()`: unsaved values stay available
         self._typer: IncrementalTyper | None = None
@@ -350,11 +351,7 @@ class Tracer:
                     result = ids[op.result] = self._next_id
                     self._next_id += 1
                     per_step[op.result].append(result)
-                self.ops.append(dataclasses.replace(
-                    op, result=result, site=site, step=step if op.opcode == "save" else None,
-                    args=tuple(remap(a, ids) for a in op.args),
-                    kwargs=tuple((k, remap(v, ids)) for k, v in op.kwargs),
-                    path=tuple(remap(a, ids) for a in op.path)))
+                self.ops.append(copied(op, ids, result, site=site, step=step if op.opcode == "save" else None))
         for index in range(block.start, block.start + len(body)):  # the first step's saves too
             if self.ops[index].opcode == "save":
                 self.ops[index] = dataclasses.replace(self.ops[index], step=first)
@@ -521,10 +518,12 @@ class Tracer:
         """Keep `proxy`'s value as `name`, at the step of a `for step in tracer.iter[...]` loop and
         the point of the vectorised sweep axes a fanned save is being made at."""
         if name is None:
-            name = proxy._save_name or f"save{sum(not p._save_name.startswith(HIDDEN) for p in self._saved)}"
+            name = proxy._save_name or f"save{self._named_saves}"
         _refuse_save_name(name, self.span_source())
-        if self.conditions and not name.startswith(HIDDEN):
-            self.conditional_saves[name] = keep_condition(self)
+        if not name.startswith(HIDDEN):
+            self._named_saves += 1
+            if self.conditions:
+                self.conditional_saves[name] = keep_condition(self)
         object.__setattr__(proxy, "_saved", True)
         object.__setattr__(proxy, "_save_name", name)
         self._saved.append(proxy)

@@ -27,6 +27,20 @@ from compiler.errors import ExecutionError, InterventionError
 from compiler.ir import Op, Site, refs_of
 
 
+@contextmanager
+def weights_requiring_grad(module: torch.nn.Module) -> Iterator[None]:
+    """For a forward and its backward: every floating-point weight of `module` requires a
+    gradient (a frozen model gets gradients too; `autograd.grad` never writes the weights' `.grad`)."""
+    frozen = [p for p in module.parameters() if p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 class BackwardPasses:
     """The gradient part of one run of a typed program. `execute` runs one op of the program;
     `values` are the run's values by id."""
@@ -57,18 +71,6 @@ class BackwardPasses:
     def events(self) -> set[int]:
         """The forward events whose values the gradient ops need."""
         return set(self.by_event)
-
-    @contextmanager
-    def weights_require_grad(self, module: torch.nn.Module) -> Iterator[None]:
-        """For the forward and the backward: every floating-point weight requires a gradient."""
-        frozen = [p for p in module.parameters() if p.is_floating_point() and not p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(True)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
 
     def keep(self, event: int, kind: str, live: Any) -> Any:
         """At a forward event: keep the tensors whose gradients are taken there, hooked; the

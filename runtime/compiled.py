@@ -151,12 +151,12 @@ class CompiledRunner:
         if mode == "cudagraphs" and not any(p.is_cuda for p in self.module.parameters()):
             return self._fallback(("cudagraphs",), "CUDA graphs need the model on a CUDA device")
         key = self._key(mode, typed, batch, static)
-        if any(op.opcode == "backward" for op in typed.program.ops):
-            return self._fallback(key, "the program takes gradients (backward), which the compiled "
-                                       "path does not run yet")
         if key in self.failed:
             self.stats.fallbacks += 1
             return None
+        if any(op.opcode == "backward" for op in typed.program.ops):
+            return self._fallback(key, "the program takes gradients (backward), which the compiled "
+                                       "path does not run yet")
         artefact = self.artefacts.get(key)
         if artefact is None:
             dynamic = len(batch.rows) == 1 and not static

@@ -20,7 +20,7 @@ from compiler.check import BEFORE_FORWARD, GRADIENT, TypedProgram
 from compiler.errors import ExecutionError
 from compiler.ir import Op, SaveKey, Site, by_name
 from compiler.signatures import GENERATOR
-from runtime.backward import BackwardPasses
+from runtime.backward import BackwardPasses, weights_requiring_grad
 from runtime.decode import DecodePlan, StepFn, StepInputs, decode, step_kwargs
 
 
@@ -76,7 +76,7 @@ class HookedRun:
         """Run `forward` (default: the model on the batch) with the program at its hooks."""
         gradients = self.gradients
         self.handles = self._install_hooks()
-        with gradients.weights_require_grad(self.model) if gradients else contextlib.nullcontext():
+        with weights_requiring_grad(self.model) if gradients else contextlib.nullcontext():
             try:
                 self._run_ops(self.by_event.get(BEFORE_FORWARD, []), None)
                 try:
