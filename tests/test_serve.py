@@ -359,6 +359,14 @@ PROGRAM = json.dumps({"$": "Program", "ops": [], "n_invokes": 1, "version": 1})
      400, "op 0 (call getattr)"),
     (_job(program=json.dumps({"$": "Program", "ops": [{"$": "Op", "opcode": "call", "result": 0,
                                                        "target": "torch.load"}]})), 400, "op 0"),
+    (_job(program=json.dumps({"$": "Program", "ops": [  # a gradient whose pass names code, not a number
+        {"$": "Op", "opcode": "grad", "result": 0, "args": [{"$": "Const", "value": "os.system"}],
+         "site": {"$": "Site", "module": "model.layers.0", "kind": "output"}}]})), 400, "op 0: a grad names its backward pass"),
+    (_job(program=json.dumps({"$": "Program", "ops": [  # a backward with a target to call
+        {"$": "Op", "opcode": "param", "result": 0, "target": "p0",
+         "type": {"$": "ScalarType", "kind": "float"}},
+        {"$": "Op", "opcode": "backward", "target": "eval", "args": [{"$": "Ref", "id": 0}]}]})),
+     400, "op 1 (backward eval)"),
     (_job(ids=torch.tensor([[2, 3, 999]])), 400, "token ids run from 0 to 63"),
     (_job(rows=((0, 1), (1, 2))), 400, "rows must split the batch's 1 rows"),
     (_job(params={"p0": torch.ones(3)}), 400, "unknown p0"),
