@@ -207,7 +207,17 @@ class Backward:
     span: Span = _span()
 
 
-Stmt = Let | Assign | Save | Stop | Steps | Backward
+@dataclass(frozen=True)
+class Cache:
+    """`cache acts` / `cache acts = modules`: save modules' outputs (every module's by default)
+    under `acts.<module path>` (nnsight's `tracer.cache()`)."""
+
+    name: str
+    modules: "Expr | None"
+    span: Span = _span()
+
+
+Stmt = Let | Assign | Save | Stop | Steps | Backward | Cache
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,14 @@ class Invoke:
 
 
 @dataclass(frozen=True)
+class Trace:
+    """`trace { ... }`: one forward of a session; names it binds are usable in the traces after it."""
+
+    body: tuple["Invoke | Stmt", ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Generate:
     """`generate max_new_tokens=8, seed=0`: the experiment generates, with these arguments."""
 
@@ -233,7 +251,7 @@ class Generate:
     span: Span = _span()
 
 
-Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Generate | Invoke | Edit | Stmt
+Decl = ModelDecl | PromptDecl | ParamDecl | TensorDecl | SweepDecl | ZipSweepDecl | Generate | Invoke | Edit | Trace | Stmt
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,12 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def edit_block(self, meta: Any, c: list[Any]) -> ast.Edit:
         return ast.Edit(tuple(x for x in c if x is not None), self._s(meta))
 
+    def trace_block(self, meta: Any, c: list[Any]) -> ast.Trace:
+        return ast.Trace(tuple(x for x in c if x is not None), self._s(meta))
+
+    def cache_stmt(self, meta: Any, c: list[Any]) -> ast.Cache:
+        return ast.Cache(str(c[0]), c[1], self._s(meta))
+
     def backward_block(self, meta: Any, c: list[Any]) -> ast.Backward:
         return ast.Backward(c[0], tuple(x for x in c[1:] if x is not None), self._s(meta))
 

@@ -90,6 +90,8 @@ def statement(s: ast.Decl) -> str:
         return f"save {s.name} = {expr(s.value)}"
     if isinstance(s, ast.Stop):
         return "stop"
+    if isinstance(s, ast.Cache):
+        return f"cache {s.name}" + (f" = {expr(s.modules)}" if s.modules is not None else "")
     if isinstance(s, ast.Generate):
         return "generate " + ", ".join(f"{k.name}={expr(k.value)}" for k in s.kwargs)
     raise TypeError(f"not a statement: {s!r}")
@@ -99,7 +101,12 @@ def _sweep_values(values: ast.Range | ast.ListLit) -> str:
     return f"{values.start}..{values.stop}" if isinstance(values, ast.Range) else expr(values)
 
 
-def _opening(decl: ast.Invoke | ast.Steps | ast.Backward | ast.Edit) -> str:
+_Block = ast.Invoke | ast.Steps | ast.Backward | ast.Edit | ast.Trace
+
+
+def _opening(decl: _Block) -> str:
+    if isinstance(decl, ast.Trace):
+        return "trace {"
     if isinstance(decl, ast.Invoke):
         return f"invoke {decl.prompt} {{"
     if isinstance(decl, ast.Edit):
@@ -122,10 +129,10 @@ def format_module(module: ast.Module) -> str:
             out.append(indent + own.pop(0).text)
         out.append(indent + text + (f"  {trailing[line]}" if line in trailing else ""))
 
-    def block(decl: ast.Invoke | ast.Steps | ast.Backward | ast.Edit, indent: str) -> None:
+    def block(decl: _Block, indent: str) -> None:
         emit(_opening(decl), decl.span.line, indent)
         for s in decl.body:
-            if isinstance(s, (ast.Steps, ast.Backward)):
+            if isinstance(s, (ast.Steps, ast.Backward, ast.Invoke)):
                 block(s, indent + "    ")
             else:
                 emit(statement(s), s.span.line, indent + "    ")
@@ -136,11 +143,11 @@ def format_module(module: ast.Module) -> str:
 
     previous: type | None = None
     for decl in module.body:
-        if out and (isinstance(decl, (ast.Invoke, ast.Edit)) or previous in (ast.Invoke, ast.Edit) or
+        if out and (isinstance(decl, (ast.Invoke, ast.Edit, ast.Trace)) or previous in (ast.Invoke, ast.Edit, ast.Trace) or
                     (type(decl) is not previous and not (own and own[0].line < decl.span.line))):
             out.append("")
         previous = type(decl)
-        if isinstance(decl, (ast.Invoke, ast.Steps, ast.Edit)):
+        if isinstance(decl, (ast.Invoke, ast.Steps, ast.Edit, ast.Trace, ast.Backward)):
             block(decl, "")
         else:
             emit(statement(decl), decl.span.line, "")

@@ -103,12 +103,14 @@ class _Node:
 
 
 def record_cache(tracer: "Tracer", modules: Iterable[Any] | None, device: Any, dtype: torch.dtype | None,
-                 detach: bool, include_output: bool, include_inputs: bool) -> Cache:
+                 detach: bool, include_output: bool, include_inputs: bool, prefix: str | None = None) -> Cache:
     """Save the chosen modules' values (every module the forward calls, by default) in `tracer`'s
-    current invoke; the returned cache reads them after the trace."""
+    current invoke; the returned cache reads them after the trace. With `prefix` (an `.ivx` cache)
+    the saves are named by the module path, parts joined by `__` (`acts__model__layers__0` for
+    `model.model.layers[0].output`; `...__inputs` for its inputs)."""
     events = tracer.engine.site_table(tracer.batch(), tracer.generation).calls  # "path/pre", "path/post"
     called = list(dict.fromkeys(event.rpartition("/")[0] for event in events))
-    paths = called if modules is None else [_path_of(m, called) for m in modules]
+    paths = called if modules is None else [p for m in modules for p in _paths_of(m, called)]
 
     def convert(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -122,18 +124,21 @@ def record_cache(tracer: "Tracer", modules: Iterable[Any] | None, device: Any, d
 
     cache = Cache()
     for path in paths:
-        kept = {}
+        key, kept = f"{ROOT}.{path}" if path else ROOT, {}
         for kind, wanted in (("output", include_output), ("inputs", include_inputs)):
             if wanted:
                 proxy = tracer.read(tracer.site(path, kind))
-                tracer.save(proxy, f"cache_{len(tracer._saved)}_{kind}")
+                name = f"cache_{len(tracer._saved)}_{kind}" if prefix is None else \
+                    "__".join([prefix, *(path.split(".") if path else []), *(["inputs"] if kind == "inputs" else [])])
+                tracer.save(proxy, name)
                 kept[kind] = proxy
-        cache[f"{ROOT}.{path}" if path else ROOT] = Entry(kept.get("output"), kept.get("inputs"), convert)
+        cache[key] = Entry(kept.get("output"), kept.get("inputs"), convert)
     return cache
 
 
-def _path_of(module: Any, called: list[str]) -> str:
-    """A module of `modules=`: an envoy (`model.model.layers[0]`) or its path as nnsight writes it."""
+def _paths_of(module: Any, called: list[str]) -> list[str]:
+    """A module of `modules=`: an envoy (`model.model.layers[0]`) or its path as nnsight writes it;
+    a module list the forward never calls itself (`model.model.layers`) stands for its modules."""
     path = getattr(module, "_path", None)
     if path is None:
         if not isinstance(module, str):
@@ -141,9 +146,12 @@ def _path_of(module: Any, called: list[str]) -> str:
                                        f"not a {type(module).__name__}")
         path = module.removeprefix(ROOT).removeprefix(".") if module == ROOT or module.startswith(ROOT + ".") \
             else module
+    items = [p for p in called if p.startswith(f"{path}.") and p[len(path) + 1:].isdigit()] if path else []
+    if path not in called and items:
+        return items
     if path not in called:
         shown = f"{ROOT}.{path}" if path else ROOT
         raise InterventionError.at(user_span(), f"cache: the forward never calls {shown}",
                                    did_you_mean(shown, [f"{ROOT}.{p}" if p else ROOT for p in called]) or
                                    "name modules the forward calls")
-    return path
+    return [path]

@@ -213,33 +213,39 @@ def _fmt(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from compiler.printer import format_program
-    from interp_dsl.ivx import load_experiment, lower, resolve_model
+    from interp_dsl.ivx import load_experiment, lower_traces, resolve_model, session_blocks
 
     exp = load_experiment(args.file, *_bindings(args))
     if exp.generate is not None and (args.ivx or args.graph):
         raise _usage("--ivx and --graph explain one forward; a generation's IR is unrolled per step "
                      "(each decode step compiles to a graph of its own): run `ivx explain FILE` without them")
+    if args.ivx and session_blocks(exp) is not None:
+        raise _usage("--ivx prints one program as .ivx, and a session is several: run `ivx explain FILE` "
+                     "to see each trace's IR")
     model = resolve_model(exp, args.model)
     point = exp.points()[0]
-    tracer = lower(exp, model, point, execute=args.graph, compile="graph")
+    tracers = lower_traces(exp, model, point, execute=args.graph, compile="graph")
     if exp.sweeps:
         axes = ", ".join(f"{k} ({len(v)} values)" for k, v in exp.sweeps.items())
         print(f"# sweep over {axes}; shown at {point}")
-    if args.graph:
-        if tracer.result.graph is None:
-            raise _usage("compiled execution is not possible for this experiment (see the warning above)")
-        print(tracer.explain_graph())
-    elif args.ivx:
-        from grammar.decompile import to_ivx
-        print(format_module(to_ivx(tracer.typed.program)), end="")
-    else:
-        print(format_program(tracer.typed.program, tracer.typed.types, spans=True))
-    print(f"# structural hash {tracer.typed.program.structural_hash()}")
+    for number, tracer in enumerate(tracers, 1):
+        if len(tracers) > 1:
+            print(f"# trace {number} of {len(tracers)}")
+        if args.graph:
+            if tracer.result.graph is None:
+                raise _usage("compiled execution is not possible for this experiment (see the warning above)")
+            print(tracer.explain_graph())
+        elif args.ivx:
+            from grammar.decompile import to_ivx
+            print(format_module(to_ivx(tracer.typed.program)), end="")
+        else:
+            print(format_program(tracer.typed.program, tracer.typed.types, spans=True))
+        print(f"# structural hash {tracer.typed.program.structural_hash()}")
     return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
-    from interp_dsl.ivx import load_experiment, resolve_model, sweep
+    from interp_dsl.ivx import load_experiment, resolve_model, run_session, session_blocks, sweep
 
     texts, params = _bindings(args)
     declared = [d.name for d in parse_file(args.file).body if isinstance(d, ast.PromptDecl)]
@@ -255,19 +261,26 @@ def _run(args: argparse.Namespace) -> int:
         from interp_dsl.client import remote
         server = dataclasses.replace(remote(args.remote, quiet=args.quiet), origin=Span(f"--remote {args.remote}", 0))
     cluster = _cluster(args)
+    session = session_blocks(exp) is not None
+    if session and (args.prompts or server or cluster):
+        raise _usage("a session (trace blocks) runs each of its traces once, here; --prompts, --remote and "
+                     "--executor stream prompt rows through a file with one trace")
     model = resolve_model(exp, args.model, weights="fake") if server or cluster else resolve_model(exp, args.model)
     out = Path(args.out or Path("runs") / exp.path.stem)
     if out.exists() and not out.is_dir():
         raise _usage(f"--out {out} is a file; results go in a directory")
     started = time.time_ns()
-    try:
-        run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
-                    shard_size=args.shard_size, progress=False if args.quiet else None, restart=args.restart,
-                    remote=server or False, executor=cluster or "local")
-    except InterventionError as e:
-        if not _kept_shards(e, out, started):
-            raise
-        return EXIT_INVALID
+    if session:
+        run: Any = run_session(exp, model, out, compile=args.compile, restart=args.restart)
+    else:
+        try:
+            run = sweep(exp, model, batch_size=args.batch_size, out=out, compile=args.compile,
+                        shard_size=args.shard_size, progress=False if args.quiet else None, restart=args.restart,
+                        remote=server or False, executor=cluster or "local")
+        except InterventionError as e:
+            if not _kept_shards(e, out, started):
+                raise
+            return EXIT_INVALID
     if not args.quiet:
         from interp_dsl.ivx.show import summarise
         print(summarise(run.results, getattr(model, "tokenizer", None)))

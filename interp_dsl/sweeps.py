@@ -274,7 +274,7 @@ class Sweep:
             **({"executor": pool.describe()} if pool is not None else {}),
             "prompts": {n: _describe_source(s) for n, s in self.sources.items()},
             "n_prompts": self.total,
-            "points": [{k: _plain(v) for k, v in p.items()} for p in plan.points],
+            "points": [{k: plain_value(v) for k, v in p.items()} for p in plan.points],
             "fan_axes": plan.fan_axes, "dims": dims, "batch_size": plan.batch_size,
             "shard_prompts": plan.shard_prompts,
             "passes": (["stop_after_last_site"] if plan.program.generation is None else [])
@@ -373,7 +373,8 @@ def _source_text(source: Source) -> str:
     return str(source.path) if isinstance(source, PromptFile) else "the prompts given as a list"
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """A sweep value as JSON data (a tensor as a list)."""
     return value.tolist() if isinstance(value, torch.Tensor) else value
 
 

@@ -595,7 +595,7 @@ class Tracer:
         if not self.invoke_inputs:
             raise InterventionError.at(user_span(), "the trace has no input",
                                        "pass one to model.trace(...) or use tracer.invoke(...)")
-        if self.session is not None and self.execute and self.fan is None:
+        if self.session is not None and self.fan is None:
             self.session.keep(self, self._alive())
         program, ids = self._program()
         typer = self.typer()

@@ -85,3 +85,16 @@ def test_cache_modules_reach_only_modules_the_forward_calls(llama, module):
     with pytest.raises(InterventionError, match=r"test_cache.py:\d+"):
         with llama.trace(PROMPT, compile="off") as tracer:
             tracer.cache(modules=[module])
+
+
+def test_a_module_list_the_forward_never_calls_stands_for_its_modules(lm):
+    with lm.trace(PROMPT) as tracer:
+        cache = tracer.cache(modules=[layers(lm)])
+    reference = hooked(lm)
+    prefix = "model.transformer.h" if hasattr(lm.module, "transformer") else "model.model.layers"
+    assert list(cache) == [f"{prefix}.{i}" for i in range(len(layers(lm)))]
+    for path in cache:
+        output = reference[path][2]
+        output = output[0] if isinstance(output, tuple) else output
+        torch.testing.assert_close(cache[path].output if isinstance(cache[path].output, torch.Tensor)
+                                   else cache[path].output[0], output)

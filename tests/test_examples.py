@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from interp_dsl import load_results
-from interp_dsl.ivx import load_experiment, lower
+from interp_dsl.ivx import load_experiment, lower, lower_traces
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -127,7 +127,22 @@ def twin_generate_steering(m, point):
     return tracer
 
 
+def twin_steering_session(m, point):
+    with m.session():
+        with m.trace() as first:
+            with first.invoke([EIFFEL]):
+                h_paris = m.model.layers[24].output[:, -1, :]
+            with first.invoke(["The Colosseum is in the city of"]):
+                direction = h_paris - m.model.layers[24].output[:, -1, :]
+        with m.trace() as second:
+            with second.invoke(["The Colosseum is a stadium in the city of"]):
+                m.model.layers[24].output[:, -1, :] += point["coef"] * direction
+                torch.softmax(m.lm_head.output[:, -1, :], dim=-1)[:, paris(m)].save("p_paris")
+    return [first, second]
+
+
 TWINS = {
+    "steering_session": (twin_steering_session, None),
     "generate_steering": (twin_generate_steering, [0, 2]),
     "probe_dataset": (twin_probe_dataset, None),
     "hidden_states": (twin_hidden_states, None),
@@ -152,14 +167,17 @@ def test_example_equals_its_twin(smollm, name):
     points = exp.points()
     for point in [points[i] for i in indices] if indices else points:
         torch.manual_seed(0)
-        dsl = lower(exp, smollm, point)
+        traces = lower_traces(exp, smollm, point)
         torch.manual_seed(0)
-        python = twin(smollm, point)
-        assert dsl.program() == python.program()
-        assert dsl.program().structural_hash() == python.program().structural_hash()
-        assert dsl.result.saves.keys() == python.result.saves.keys()
-        for key in dsl.result.saves:
-            assert_close(dsl.result.saves[key], python.result.saves[key])
+        twins = twin(smollm, point)
+        twins = twins if isinstance(twins, list) else [twins]  # a session: a tracer per trace
+        assert len(traces) == len(twins)
+        for dsl, python in zip(traces, twins, strict=True):
+            assert dsl.program() == python.program()
+            assert dsl.program().structural_hash() == python.program().structural_hash()
+            assert dsl.result.saves.keys() == python.result.saves.keys()
+            for key in dsl.result.saves:
+                assert_close(dsl.result.saves[key], python.result.saves[key])
 
 
 def test_examples_show_what_they_claim(smollm):
@@ -173,6 +191,9 @@ def test_examples_show_what_they_claim(smollm):
     steer = load_experiment(EXAMPLES / "steering.ivx")
     ps = [lower(steer, smollm, p).result.saves["p_paris"].item() for p in steer.points()]
     assert ps == sorted(ps) and ps[-1] > 0.3
+    session = load_experiment(EXAMPLES / "steering_session.ivx")
+    ps = [lower(session, smollm, p).result.saves["p_paris"].item() for p in session.points()]
+    assert ps == sorted(ps) and ps[0] < 0.001 and ps[-1] > 0.3
     generate = load_experiment(EXAMPLES / "generate_steering.ivx")
     texts = [decode(lower(generate, smollm, p).result.output[0, -8:]) for p in generate.points()]
     assert texts[0].startswith(" Rome") and texts[-1].startswith(" Paris")

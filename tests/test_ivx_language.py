@@ -84,6 +84,8 @@ statements = st.one_of(
     st.builds(ast.Save, names, exprs()),
     st.builds(ast.Let, names, exprs()),
     st.just(ast.Stop()),
+    st.builds(ast.Cache, names, st.none() | module_paths | st.lists(module_paths, max_size=2).map(
+        lambda xs: ast.ListLit(tuple(xs)))),
 )
 declarations = st.one_of(
     st.builds(ast.ModelDecl, st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=10)),
@@ -92,6 +94,8 @@ declarations = st.one_of(
     st.builds(ast.SweepDecl, names, st.lists(st.one_of(ints, floats), min_size=1, max_size=4).map(
         lambda xs: ast.ListLit(tuple(xs)))),
     st.builds(ast.Invoke, names, st.lists(statements, max_size=4).map(tuple)),
+    st.builds(ast.Trace, st.lists(st.one_of(statements, st.builds(
+        ast.Invoke, names, st.lists(statements, max_size=2).map(tuple))), max_size=3).map(tuple)),
     statements,
 )
 

@@ -93,6 +93,10 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
     assert pairs.complete and pairs.n_prompts == 32 and pairs.grid("attribution").shape == (32, 30)
     assert torch.isfinite(pairs["attribution"]).all() and pairs["attribution"].abs().sum() > 0
     assert "%0 = read model.layers.29.output@0 : f32[1, 9, 576]" in out
+    session = load_results(tmp_path / "steering_session")  # docs/ivx.md: a session of two traces
+    assert session.complete and session.manifest["session"] == 2
+    assert session.grid("p_paris").flatten().tolist() == sorted(session.grid("p_paris").flatten().tolist())
+    assert "# trace 2 of 2" in out
     # the steered generation over a dataset, as `ivx show` prints it
     assert "[coef=1.0] 'Everyone knows that The Brandenburg Gate can be found in' -> \" Paris" in out
 
@@ -100,3 +104,5 @@ def test_readme_ivx_commands_run(smollm, monkeypatch, tmp_path, capsys):
 def test_readme_shows_the_patching_example_verbatim():
     shown = [code for _, _, code in blocks("ivx", [README])]
     assert shown and shown[0] == (ROOT / "examples" / "patching.ivx").read_text()
+    sessions = [code for _, _, code in blocks("ivx", [ROOT / "docs" / "ivx.md"]) if "trace {" in code]
+    assert sessions == [(ROOT / "examples" / "steering_session.ivx").read_text()]

@@ -88,3 +88,19 @@ def test_sessions_do_not_nest(llama):
         with pytest.raises(InterventionError, match="sessions do not nest"):
             with llama.session():
                 pass
+
+
+def test_a_scan_in_a_session_keeps_shapes_for_the_traces_after_it(llama):
+    with llama.session():
+        with llama.scan("the eiffel tower is in the city of"):
+            hidden = llama.model.layers[1].output[:, -1, :]
+        with llama.scan("rome is in"):
+            llama.model.layers[1].output[:, -1, :] = hidden
+            out = llama.lm_head.output[:, -1].save()
+    assert out.shape == (1, 64)
+    with pytest.raises(InterventionError, match="shapes do not broadcast"):
+        with llama.session():
+            with llama.scan("the eiffel tower is in the city of"):
+                hidden = llama.model.layers[1].output[:, :, :5]
+            with llama.scan("rome is in"):
+                llama.model.layers[1].output[:, -1, :] += hidden

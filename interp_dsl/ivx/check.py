@@ -25,10 +25,12 @@ from compiler.printer import DTYPE_SHORT
 from grammar import ast
 from grammar.parser import IvxSyntaxError
 from interp_dsl import embedded
+from interp_dsl.conditions import HIDDEN
 from interp_dsl.config_models import config_model_for
 from interp_dsl.ivx.declare import Experiment, experiment_from_text
-from interp_dsl.ivx.lower import Lowering, edited, generation_settings
+from interp_dsl.ivx.lower import lower_traces
 from interp_dsl.models import LanguageModel
+from interp_dsl.tracing import Tracer
 from runtime.files import atomic_write_text
 
 _LENGTH_DEPENDENT = ("index out of range", "slice ")
@@ -121,20 +123,13 @@ PARSE_CACHE_VERSION = 1  # bump when the syntax tree's records change (grammar e
 
 
 def _check_point(exp: Experiment, spec: LanguageModel, point: dict[str, Any]) -> tuple[list[Diagnostic], bool]:
-    try:
-        spec = edited(exp, spec, point)  # type: ignore[assignment]
-    except InterventionError as e:
-        return e.diagnostics, False
-    tracer = spec.scan()
+    tracers: list[Tracer] = []
     diagnostics: list[Diagnostic] = []
     try:
-        if exp.generate is not None:
-            tracer.generation = generation_settings(exp, spec)
-        with tracer:
-            Lowering(exp, spec, tracer, point).run()
+        lower_traces(exp, spec, point, execute=False, opened=tracers)
     except InterventionError as e:
         diagnostics = e.diagnostics
-    return diagnostics, any(op.opcode == "save" for op in tracer.ops)
+    return diagnostics, any(op.opcode == "save" and not op.target.startswith(HIDDEN) for t in tracers for op in t.ops)
 
 
 def _placeholders(module: ast.Module) -> tuple[dict[str, Any], dict[str, Any], set[str]]:

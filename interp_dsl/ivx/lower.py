@@ -17,6 +17,8 @@ from compiler.errors import Diagnostic, InterventionError, did_you_mean
 from compiler.ir import SITE_KINDS, Generation, Span
 from grammar import ast
 from interp_dsl import fan
+from interp_dsl.cache import record_cache
+from interp_dsl.conditions import HIDDEN
 from interp_dsl.envoy import Envoy
 from interp_dsl.fan import Fanned
 from interp_dsl.ivx.declare import Experiment, ExperimentError, experiment_error
@@ -39,6 +41,7 @@ _BUILTINS = {"abs": abs}  # Python's own, recorded as the `abs` operator like in
 _DTYPES = vocabulary.DTYPES  # "float32" -> torch.float32
 _VALUE_ATTRIBUTES = ("shape", "dtype", "ndim", "size", "dim")
 _GRADIENT_ATTRIBUTES = ("backward", "retain_grad", "requires_grad", "register_hook")
+_STATEMENTS = (ast.Let, ast.Assign, ast.Save, ast.Stop, ast.Steps, ast.Backward, ast.Cache)
 
 
 class _Namespace:
@@ -55,19 +58,32 @@ class Lowering:
         self.env: dict[str, Any] = {**exp.tensors, **point}
         self.current = Span(str(exp.path), 0)
         self.diagnostics: list[Diagnostic] = []
+        self.session_saves: dict[str, Span] = {}  # a session's saves so far, by name
         tracer.span_source = lambda: self.current
 
     # statements
-    def run(self) -> None:
-        for decl in self.exp.module.body:
-            if isinstance(decl, ast.Edit):
-                continue  # recorded on the model before the trace (`edited`)
+    def run(self, body: tuple[ast.Decl, ...] | None = None) -> None:
+        """Lower the file's invokes and statements (or `body`'s) into the current tracer."""
+        for decl in self.exp.module.body if body is None else body:
             if isinstance(decl, ast.Invoke):
                 self._invoke(decl)
-            elif isinstance(decl, (ast.Let, ast.Assign, ast.Save, ast.Stop)):
+            elif isinstance(decl, _STATEMENTS):
                 self._statement(decl)
         if self.diagnostics:
             raise ExperimentError(self.diagnostics)
+
+    def trace(self, tracer: Tracer, body: tuple[ast.Decl, ...]) -> None:
+        """Lower one trace of a session into `tracer`; names bound before stay in scope."""
+        self.tracer = tracer
+        tracer.span_source = lambda: self.current
+        self.run(body)
+        for op in tracer.ops:  # results hold every trace's saves, by name
+            if op.opcode == "save" and not op.target.startswith(HIDDEN):
+                if op.target in self.session_saves:
+                    earlier = self.session_saves[op.target]
+                    raise experiment_error(op.span or self.current, f"save {op.target} is also made by an earlier trace "
+                                           f"(line {earlier.line})", "name each save of a session once")
+                self.session_saves[op.target] = op.span or self.current
 
     def _invoke(self, block: ast.Invoke) -> None:
         if block.prompt not in self.exp.prompts:
@@ -94,6 +110,8 @@ class Lowering:
                 self._steps(s)
             elif isinstance(s, ast.Backward):
                 self._backward(s)
+            elif isinstance(s, ast.Cache):
+                self._cache(s)
             else:
                 self._assign(s)
         except InterventionError as e:
@@ -122,6 +140,20 @@ class Lowering:
                 self._statement(statement)
         self.current = s.span
 
+    def _cache(self, s: ast.Cache) -> None:
+        """`cache acts [= modules]`: each module's output saved as `acts__<path>`."""
+        modules = None
+        if s.modules is not None:
+            value = self.eval(s.modules)
+            modules = []
+            for item in value if isinstance(value, list) else [value]:
+                if not isinstance(item, Envoy):
+                    raise experiment_error(s.modules.span, f"cache takes modules, not a {_kind(item)}",
+                                           "cache acts = [model.model.layers[0], model.lm_head]")
+                modules.append(item)
+        self.current = s.span
+        record_cache(self.tracer, modules, None, None, True, True, False, prefix=s.name)
+
     def _save(self, s: ast.Save) -> None:
         value = self.eval(s.value)
         if not isinstance(value, (Proxy, Fanned)):
@@ -129,6 +161,7 @@ class Lowering:
                          "save values derived from module .output, .input or .inputs")
         self.current = s.span
         value.save(s.name)
+        self.env[s.name] = value  # a saved value is usable by name after its line (in a session's later traces too)
 
     def _assign(self, s: ast.Assign) -> None:
         """Evaluate in Python's order: `t = v` computes v first; `t op= v` computes t's parts,
@@ -188,7 +221,10 @@ class Lowering:
 
     def _e_Name(self, e: ast.Name) -> Any:
         if e.id in self.env:
-            return self.env[e.id]
+            value = self.env[e.id]
+            if isinstance(value, Proxy) and not value._live:  # an earlier trace's value: a tensor now
+                return value.value
+            return value
         if e.id in _NAMESPACES:
             return _Namespace(_NAMESPACES[e.id])
         if e.id in _DTYPES:
@@ -364,14 +400,66 @@ def edited(exp: Experiment, model: Model, point: dict[str, Any]) -> Model:
 def lower(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,
           compile: str | None = None) -> Tracer:
     """Record `exp` at one sweep point as a trace on `model`; on return it has run (or, with
-    `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines."""
+    `execute=False`, only been checked). Raises ExperimentError / CheckError at the file's lines.
+    A session's traces all run; the last is returned (`lower_traces` returns each)."""
+    return lower_traces(exp, model, point, execute, compile)[-1]
+
+
+def lower_traces(exp: Experiment, model: Model, point: dict[str, Any], execute: bool = True,
+                 compile: str | None = None, opened: list[Tracer] | None = None) -> list[Tracer]:
+    """The traces of `exp` at one sweep point, each run (or checked) in turn: one, or a
+    session's (`trace { ... }` blocks, in a `model.session()`, so a value one computes is
+    usable by those after it). `opened` collects the traces as they start (an error leaves
+    them there, recorded up to it)."""
+    tracers: list[Tracer] = [] if opened is None else opened
     model = edited(exp, model, point)
-    tracer = model.trace(compile=compile) if execute else model.scan()
-    if exp.generate is not None:
-        tracer.generation = generation_settings(exp, model)
-    with tracer:
-        Lowering(exp, model, tracer, point).run()
-    return tracer
+
+    def open_trace() -> Tracer:
+        tracer = model.trace(compile=compile) if execute else model.scan()
+        tracers.append(tracer)
+        if exp.generate is not None:
+            tracer.generation = generation_settings(exp, model)
+        return tracer
+    blocks = session_blocks(exp)
+    if blocks is None:
+        with open_trace() as tracer:
+            Lowering(exp, model, tracer, point).run()
+        return tracers
+    lowering: Lowering | None = None
+    with model.session():
+        for body in blocks:
+            with open_trace() as tracer:
+                if lowering is None:
+                    lowering = Lowering(exp, model, tracer, point)
+                lowering.trace(tracer, body)
+    return tracers
+
+
+def session_blocks(exp: Experiment) -> list[tuple[ast.Decl, ...]] | None:
+    """A session's traces, each as the statements it lowers (top-level statements go with the
+    trace after them); None when the file has no `trace` block. Invokes outside a trace, a
+    statement after the last trace and generation are refused at their lines."""
+    body = exp.module.body
+    if not any(isinstance(d, ast.Trace) for d in body):
+        return None
+    blocks: list[tuple[ast.Decl, ...]] = []
+    pending: list[ast.Decl] = []
+    for decl in body:
+        if isinstance(decl, ast.Invoke):
+            raise experiment_error(decl.span, "this file is a session (it has trace blocks): this invoke is outside them",
+                                   "put it in a trace block: trace { invoke p { ... } }")
+        if isinstance(decl, ast.Generate):
+            raise experiment_error(decl.span, "a session's traces are forwards; generation is not part of sessions",
+                                   "generate in a file without trace blocks")
+        if isinstance(decl, ast.Trace):
+            blocks.append((*pending, *decl.body))
+            pending = []
+        elif isinstance(decl, _STATEMENTS):
+            pending.append(decl)
+    if pending:
+        raise experiment_error(pending[0].span, "a statement after the last trace block runs in no trace",
+                               "move it into a trace block")
+    return blocks
 
 
 def generation_settings(exp: Experiment, model: Model) -> Generation:

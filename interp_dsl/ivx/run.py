@@ -4,6 +4,8 @@ sweep over its prompts (`ivx run`)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,17 @@ from typing import Any
 import torch
 
 from compiler.errors import InterventionError
-from compiler.ir import Span
+from compiler.ir import Span, to_json
 from grammar import ast
+from grammar.printer import format_module
 from interp_dsl.ivx.declare import Experiment, ExperimentError, experiment_error
-from interp_dsl.ivx.lower import Lowering, edited, generation_settings, lower
+from interp_dsl.ivx.lower import Lowering, edited, generation_settings, lower_traces
 from interp_dsl.models import LanguageModel, Model
-from interp_dsl.sweeps import Sweep
+from interp_dsl.sweeps import Sweep, plain_value
+from interp_dsl.tracing import Tracer
+from runtime.files import versions
+from runtime.fingerprints import value_digest, weights_fingerprint
+from runtime.shards import Results, ShardSink, load_results
 
 
 def resolve_model(exp: Experiment, override: str | None = None, weights: str = "random") -> Model:
@@ -49,15 +56,16 @@ class RunOutput:
 
 
 def run(exp: Experiment, model: Model, compile: str | None = None) -> RunOutput:
-    """Run every sweep point and collect the saves. Sweep values are parameters, so every point
-    of a sweep runs the same compiled graph (see `Model.trace` for the `compile` modes)."""
+    """Run every sweep point and collect the saves (of every trace of a session). Sweep values are
+    parameters, so every point of a sweep runs the same compiled graph (see `Model.trace` for the
+    `compile` modes)."""
     points = exp.points()
     per_point: list[dict[str, Any]] = []
     hashes: list[str] = []
     for point in points:
-        tracer = lower(exp, model, point, compile=compile)
-        per_point.append({n: v for n, v in tracer.result.saves.items()})
-        hashes.append(tracer.typed.program.structural_hash())
+        tracers = lower_traces(exp, model, point, compile=compile)
+        per_point.append({n: v for tracer in tracers for n, v in tracer.result.saves.items()})
+        hashes.append(_hash(tracers))
     names = list(per_point[0])
     if exp.sweeps:
         axes = [len(exp.sweeps[g[0]]) for g in exp.axes()]
@@ -66,6 +74,63 @@ def run(exp: Experiment, model: Model, compile: str | None = None) -> RunOutput:
     else:
         saves = {n: _as_tensor(per_point[0][n]) for n in names}
     return RunOutput(saves, points, hashes)
+
+
+def _hash(tracers: list[Tracer]) -> str:
+    """The structural hash of a trace's program; of a session, of its programs in order."""
+    hashes = [t.typed.program.structural_hash() for t in tracers]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("\0".join(hashes).encode()).hexdigest()
+
+
+def _session_hash(exp: Experiment, tracers: list[Tracer]) -> str:
+    """A session's identity: its programs, and its statements (arithmetic on an earlier trace's
+    values runs between traces, so the programs alone do not show it); comments do not count."""
+    text = format_module(ast.Module(exp.module.body))
+    return hashlib.sha256(f"{_hash(tracers)}\0{text}".encode()).hexdigest()
+
+
+@dataclass
+class SessionRun:
+    """An `ivx run` of a session: its results (one row per sweep point) and whether it ran."""
+
+    results: Results
+    ran: int
+
+
+def run_session(exp: Experiment, model: Model, out: Path, compile: str | None = None,
+                restart: bool = False) -> SessionRun:
+    """Run a session (`trace` blocks) at every sweep point and write the saves of all its traces
+    as one shard in `out` (a row per point), under a manifest like a sweep's. A session is run
+    whole: a directory holding its complete results is not run again."""
+    for name in exp.sources:
+        line = next(d.span for d in exp.module.body if isinstance(d, ast.PromptDecl) and d.name == name)
+        raise experiment_error(line, f"prompt {name} streams rows from a file, and a session runs each trace once",
+                               "give a session its prompts as text or a list: prompt p = [\"a\", \"b\"]")
+    points = exp.points()
+    scanned = lower_traces(exp, model, points[0], execute=False)  # the programs, checked, before any run
+    header = {
+        "experiment": str(exp.path), "text": exp.text, "session": len(scanned),
+        "ir_hash": _session_hash(exp, scanned), "values": {n: value_digest(v) for n, v in sorted(exp.tensors.items())},
+        "model": model._engine.name, "weights": weights_fingerprint(model._engine.module),
+        "prompts": {n: {"literal": rows[:2], "rows": len(rows)} for n, rows in exp.prompts.items()},
+        "n_prompts": 1, "points": [{k: plain_value(v) for k, v in p.items()} for p in points], "fan_axes": {},
+        "dims": [("+".join(g), len(exp.sweeps[g[0]])) for g in exp.axes()], "batch_size": 1, "shard_prompts": 1,
+        "passes": [], "versions": versions(), "ir": [to_json(t.typed.program, spans=False) for t in scanned],
+    }
+    with ShardSink(out, header, restart=restart) as sink:
+        if sink.complete:
+            return SessionRun(load_results(out), 0)
+        sink.start()
+        output = []
+        for point in points:
+            tracers = lower_traces(exp, model, point, compile=compile)
+            output.append({n: _as_tensor(v) for t in tracers for n, v in t.result.saves.items()})
+        tensors = {n: torch.stack([p[n] for p in output]) for n in output[0]}
+        tensors |= {"__prompt__": torch.zeros(len(points), dtype=torch.long), "__point__": torch.arange(len(points)),
+                    "__fan__": torch.zeros(len(points), dtype=torch.long)}
+        sink.write(0, tensors, 0, 1, [{n: json.dumps(rows) for n, rows in exp.prompts.items()}])
+        sink.finish()
+    return SessionRun(load_results(out), 1)
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
