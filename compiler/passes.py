@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from compiler import ops
 from compiler.ir import Arg, Const, EllipsisArg, ListArg, Op, Program, Ref, SliceArg, TupleArg
+from compiler.shape_rules import is_tensor_like
+from compiler.signatures import SiteTable
 
 
 def drop_dead_reads(program: Program) -> tuple[Program, dict[int, int]]:
@@ -84,3 +87,65 @@ def _last_position(index: Arg) -> bool:
     full = SliceArg(Const(None), Const(None), Const(None))  # later items index the vocabulary: any will do
     return index.items[0] == full and index.items[1] == Const(-1) and not any(
         isinstance(i, EllipsisArg) for i in index.items[2:])
+
+
+def unbatchable(program: Program, table: SiteTable | None = None) -> str | None:
+    """Why copies of `program` cannot share one forward, side by side (see `side_by_side`), or None.
+    Every site names its invoke, so a copy reads only its own rows; what reaches past them is
+    ending the forward (`stop`), generating, back-propagating (one backward for the whole batch),
+    changing a value in place (a site value may be a tensor the rows share), and writing a tensor
+    that is not one row per batch row (position embeddings, a shared mask): with `table`, the
+    sites of the shared batch, every write is checked to land in a batch-first tensor."""
+    if program.generation is not None:
+        return "it generates"
+    for op in program.ops:
+        if op.opcode == "stop":
+            return "it ends the forward early"
+        if op.opcode in ("backward", "grad", "setgrad"):
+            return "it back-propagates"
+        if op.opcode == "call" and (op.target == "setitem" or op.target.endswith("_")
+                                    and op.target.startswith("Tensor.")):
+            return f"it changes a value in place ({op.target})"
+        if op.opcode == "write" and table is not None and not _writes_rows(op, table):
+            return f"it writes {op.site.module}.{op.site.kind}, a value the rows share"  # type: ignore[union-attr]
+    return None
+
+
+def _writes_rows(op: Op, table: SiteTable) -> bool:
+    """Whether a write lands in a tensor with one row per batch row (found by its constant path)."""
+    site = op.site
+    assert site is not None
+    live = table.values.get((site.module, site.phase, site.call))
+    target = None if live is None else ops.site_value(live, site.kind)
+    for step in op.path:
+        if is_tensor_like(target):
+            break
+        if not isinstance(step, Const) or not isinstance(target, (tuple, list, dict)):
+            return False
+        try:
+            target = target[step.value]
+        except (IndexError, KeyError, TypeError):
+            return False
+    return is_tensor_like(target) and target.dim() > 0 and target.shape[0] == table.batch_size
+
+
+def side_by_side(programs: list[Program]) -> tuple[Program, list[dict[int, int]]]:
+    """One program that runs `programs` (each of the same shape: equal but for spans and parameter
+    values) side by side in one batch: copy k takes invokes k*n .. k*n + n-1, and its params and
+    saves are named `b<k>_<name>`. Returns it and, per copy, its new value ids -> its own."""
+    n = programs[0].n_invokes
+    ops: list[Op] = []
+    back: list[dict[int, int]] = []
+    next_id = 0
+    for k, program in enumerate(programs):
+        ids = {op.result: next_id + i for i, op in enumerate(o for o in program.ops if o.result is not None)}
+        next_id += len(ids)
+        for op in program.ops:
+            fields: dict[str, Any] = {}
+            if op.site is not None:
+                fields["site"] = dataclasses.replace(op.site, invoke=op.site.invoke + k * n)
+            if op.opcode in ("param", "save"):
+                fields["target"] = f"b{k}_{op.target}"
+            ops.append(copied(op, ids, ids.get(op.result) if op.result is not None else None, **fields))
+        back.append({new: old for old, new in ids.items()})
+    return dataclasses.replace(programs[0], ops=tuple(ops), n_invokes=n * len(programs)), back

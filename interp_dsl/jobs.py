@@ -1,5 +1,7 @@
 """The job queue of `ivx serve`: jobs are validated when submitted, then one worker thread runs
-them on the served model, one at a time, in arrival order.
+them on the served model in arrival order. Waiting jobs with the same program but for parameter
+values (the same experiment from several users, on other prompts of the same length) share one
+forward, side by side in the batch, each getting its own saves (`compiler.passes.side_by_side`).
 
 A job's program arrives as IR JSON and is loaded by `compiler.ir.loads` (the closed vocabulary,
 checked op by op) before anything is looked up; its batch is rebuilt from token ids, never from
@@ -27,6 +29,7 @@ import torch
 
 from compiler.errors import InterventionError
 from compiler.ir import Program, Span, loads
+from compiler.passes import side_by_side, unbatchable
 from interp_dsl.keys import Key
 from interp_dsl.models import LanguageModel
 from interp_dsl.wire import Job, UnsendableValue, decode_job, diagnostics_json, encode_result, result_bytes
@@ -67,7 +70,10 @@ class JobRecord:
     files: dict[str, str]  # opaque token -> the client's file name
     batch: Batch
     params: dict[str, Any]
+    invokes: list[Any] = dataclasses.field(default_factory=list)  # the batch's invoke inputs, to batch jobs
+    together: Any = None  # jobs with an equal key share one forward (`passes.side_by_side`); None: alone
     status: str = QUEUED
+    shared: int = 1  # how many jobs its forward ran
     error: dict[str, Any] | None = None  # {"error", "kind", "diagnostics", "limit"}
     result: bytes | None = None
     finished: float = 0.0  # time.monotonic() when it ended
@@ -80,14 +86,16 @@ class JobRecord:
             out["error"] = self.error
         if self.status == COMPLETED and self.result is not None:
             out["result_bytes"] = len(self.result)
+            out["batched_jobs"] = self.shared
         return out
 
 
 class JobQueue:
     """Jobs for one model: `submit` validates and enqueues, a worker thread runs them."""
 
-    def __init__(self, model: LanguageModel):
+    def __init__(self, model: LanguageModel, batch_rows: int = 32):
         self.model = model
+        self.batch_rows = batch_rows  # most rows in one forward of jobs batched together; 1: never
         self.weights = weights_fingerprint(model._engine.module)  # sweeps record whose numbers they hold
         self.architecture = architecture_fingerprint(model._engine.module)  # clients check theirs matches
         self.jobs: dict[str, JobRecord] = {}
@@ -111,8 +119,10 @@ class JobQueue:
         except InterventionError as e:  # PayloadError: the op and the reason
             raise Refused(400, "; ".join(d.message for d in e.diagnostics),
                           diagnostics=diagnostics_json(e.diagnostics)) from None
-        batch = self._batch(job, program, key)
+        batch, invokes = self._batch(job, program, key)
         params = self._params(job, program)
+        together = None if unbatchable(program) else (program.structural_hash(), batch.pad_id,
+                                                      tuple(job.input_ids.shape[1:]))
         program, files = _opaque_spans(program)
         with self.lock:
             if self.closing:
@@ -122,7 +132,7 @@ class JobQueue:
             if active >= key.limits.max_jobs:
                 raise Refused(429, f"this key has {active} jobs queued or running; its limit is "
                                    f"{key.limits.max_jobs} (max_jobs)", "max_jobs")
-            record = JobRecord(secrets.token_hex(8), key, program, files, batch, params)
+            record = JobRecord(secrets.token_hex(8), key, program, files, batch, params, invokes, together)
             self.jobs[record.id] = record
             self.waiting.append(record)
             self.lock.notify_all()
@@ -153,7 +163,7 @@ class JobQueue:
             running = sum(1 for j in self.jobs.values() if j.status == RUNNING)
             return {"status": "closing" if self.closing else "ok", "model": self.model._engine.name,
                     "weights": self.weights, "architecture": self.architecture,
-                    "queued": len(self.waiting), "running": running}
+                    "queued": len(self.waiting), "running": running, "batch_rows": self.batch_rows}
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking jobs; queued ones fail with a reason, the running one finishes."""
@@ -173,8 +183,9 @@ class JobQueue:
                                f"or {RETAIN_SECONDS:.0f} s)")
         return record
 
-    def _batch(self, job: Job, program: Program, key: Key) -> Batch:
-        """The forward's batch, rebuilt from token ids exactly as the client built it."""
+    def _batch(self, job: Job, program: Program, key: Key) -> tuple[Batch, list[Any]]:
+        """The forward's batch, rebuilt from token ids exactly as the client built it, and its
+        invokes' inputs."""
         ids, mask = job.input_ids, job.attention_mask
         config = self.model.config
         vocab, context = config.vocab_size, getattr(config, "max_position_embeddings", None)
@@ -206,7 +217,7 @@ class JobQueue:
             batch = self.model._batch(invokes)
         except InterventionError as e:
             raise Refused(400, "; ".join(d.message for d in e.diagnostics)) from None
-        return dataclasses.replace(batch, pad_id=job.pad_id)
+        return dataclasses.replace(batch, pad_id=job.pad_id), invokes
 
     def _params(self, job: Job, program: Program) -> dict[str, Any]:
         wanted = program.params()
@@ -226,17 +237,87 @@ class JobQueue:
                     self.lock.wait()
                 if not self.waiting:
                     return
-                record = self.waiting.popleft()
-                record.status = RUNNING
-            outcome = self._run(record)
+                group = self._take()
+            outcomes = self._run_together(group) if len(group) > 1 else [self._run(group[0])]
             with self.lock:
-                if isinstance(outcome, bytes):
-                    record.result, record.status = outcome, COMPLETED
-                else:
-                    record.error, record.status = outcome, ERROR
-                record.finished = time.monotonic()
-                record.batch, record.params = None, {}  # type: ignore[assignment]  # free the tensors
+                for record, outcome in zip(group, outcomes, strict=True):
+                    if isinstance(outcome, bytes):
+                        record.result, record.status = outcome, COMPLETED
+                    else:
+                        record.error, record.status = outcome, ERROR
+                    record.finished = time.monotonic()
+                    record.batch, record.params, record.invokes = None, {}, []  # type: ignore[assignment]
                 self.lock.notify_all()
+
+    def _take(self) -> list[JobRecord]:
+        """The next job, and the waiting jobs that can share its forward (equal programs but for
+        parameter values, prompts of its length), up to `batch_rows` rows. Holds the lock."""
+        first = self.waiting.popleft()
+        group, rows = [first], first.batch.size
+        if first.together is not None:
+            for job in list(self.waiting):
+                if job.together == first.together and rows + job.batch.size <= self.batch_rows:
+                    self.waiting.remove(job)
+                    group.append(job)
+                    rows += job.batch.size
+        for job in group:
+            job.status, job.shared = RUNNING, len(group)
+        return group
+
+    def _run_together(self, group: list[JobRecord]) -> list[bytes | dict[str, Any]]:
+        """Run jobs side by side in one forward, each getting its own saves. Copies see only
+        their own rows (`passes.unbatchable`); if the shared forward fails, or a job's saves pass
+        its limit, each job runs alone, so that every error is its own."""
+        program, back = side_by_side([job.program for job in group])
+        params = {f"b{k}_{name}": value for k, job in enumerate(group) for name, value in job.params.items()}
+        engine = self.model._engine
+        first = next((op.span for op in program.ops), Span("<job>", 0))
+        engine.where = lambda: first
+        started = time.monotonic()
+        deadline = started + max(job.key.limits.max_seconds for job in group)
+
+        def check_deadline(module: Any, args: Any) -> None:
+            if time.monotonic() > deadline:
+                raise _Deadline()
+
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(check_deadline)
+        try:
+            batch = dataclasses.replace(self.model._batch([i for job in group for i in job.invokes]),
+                                        pad_id=group[0].batch.pad_id)
+            if unbatchable(program, engine.site_table(batch)):
+                raise ValueError("a write reaches rows of other jobs")
+            _, checked = engine.run(program, batch, params, execute=False)
+            own = [{old: values[new] for new, old in ids.items() if new in values}
+                   for ids, values in ((ids, checked.values) for ids in back)]
+            if any(result_bytes(v) > job.key.limits.max_result_bytes for v, job in zip(own, group, strict=True)):
+                raise ValueError("a job's saves pass its limit")
+            if engine.last_position_head(program):
+                batch = dataclasses.replace(batch, kwargs={**batch.kwargs, "logits_to_keep": 1})
+            _, result = engine.run(program, batch, params)
+        except Exception:
+            for job in group:
+                job.shared = 1
+            return [self._run(job) for job in group]
+        finally:
+            hook.remove()
+        outcomes: list[bytes | dict[str, Any]] = []
+        for job, ids in zip(group, back, strict=True):
+            limits = job.key.limits
+            try:
+                body = encode_result({old: result.values[new] for new, old in ids.items() if new in result.values},
+                                     result.stopped)
+            except UnsendableValue as e:
+                outcomes.append(self._error(job, InterventionError.at(_save_span(job.program, e.value_id), str(e))))
+                continue
+            if len(body) > limits.max_result_bytes:
+                outcomes.append(_limit(f"the result is {len(body)} bytes; this key's limit is "
+                                       f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes"))
+            elif time.monotonic() > started + limits.max_seconds:
+                outcomes.append(_limit(f"the job ran past this key's limit of {limits.max_seconds:g} "
+                                       "seconds (max_seconds)", "max_seconds"))
+            else:
+                outcomes.append(body)
+        return outcomes
 
     def _run(self, record: JobRecord) -> bytes | dict[str, Any]:
         """Run one job: its result body, or its error record."""

@@ -110,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-key", metavar="NAME", help="add a key named NAME to --keys, print it, and exit")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help=f"largest job body accepted (default {MAX_REQUEST_BYTES})")
+    p.add_argument("--batch-rows", type=int, default=32,
+                   help="waiting jobs with the same program (other prompts of the same length, other "
+                        "parameter values) share one forward of up to this many rows (default 32; 1: never)")
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -124,14 +127,14 @@ def serve_command(args: argparse.Namespace) -> int:
         keys = read_keys(keys_path) if keys_path is not None else None
     except (KeyFileError, OSError) as e:
         return _usage(str(e))
-    if not 0 < args.port < 65536 or args.max_request_bytes < 1:
-        return _usage("--port is 1..65535 and --max-request-bytes positive")
+    if not 0 < args.port < 65536 or args.max_request_bytes < 1 or args.batch_rows < 1:
+        return _usage("--port is 1..65535, --max-request-bytes and --batch-rows positive")
     try:
         import uvicorn
     except ImportError:
         return _usage(f"ivx serve needs FastAPI and uvicorn: {INSTALL_HINT}")
     model = LanguageModel(args.model)
-    app = make_app(JobQueue(model), keys, args.max_request_bytes)
+    app = make_app(JobQueue(model, args.batch_rows), keys, args.max_request_bytes)
     who = f"{len(keys)} API keys" if keys is not None else "no API key needed"
     print(f"ivx serve: {args.model} on http://{args.host}:{args.port} ({who}); Ctrl-C stops", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

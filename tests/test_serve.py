@@ -71,6 +71,14 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def get(self, path: str, key: str) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
     def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
@@ -219,6 +227,130 @@ def test_a_job_reading_only_the_last_logits_runs_the_head_on_the_last_position(t
         queue.close()
     assert shapes == [(1, 1, 64)]  # the head ran once, on one position
     torch.testing.assert_close(values[program.saves()["save0"]], last.value, rtol=1e-5, atol=1e-6)  # other sums
+
+
+def _scaled_job(model, prompt, scale, stop=False):
+    """A job body that scales layer 1's last position by `scale` and saves logits and a hidden
+    state, with the values the same trace gives run alone, locally."""
+    from compiler.ir import dumps
+    with model.trace(prompt) as tracer:
+        model.model.layers[1].output[:, -1] *= scale
+        hidden = model.model.layers[2].output.save()
+        logits = model.lm_head.output.save()
+        if stop:
+            model.model.layers[2].output.stop()
+    program, batch = tracer.program(), tracer.batch()
+    body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"], list(batch.rows),
+                      batch.pad_id, tracer.params)
+    saves = program.saves()
+    return body, {saves["save0"]: hidden.value, **({} if stop else {saves["save1"]: logits.value})}
+
+
+def test_jobs_with_one_program_share_a_forward_and_each_gets_its_own_rows(tiny_dir, tmp_path):
+    """Queued jobs of several keys (one program, other prompts of the same length, other scales)
+    run as one batch; each result equals its job run alone. A job of another length, another
+    program, or one that ends the forward early runs alone."""
+    from interp_dsl.jobs import JobQueue
+    from interp_dsl.wire import decode_result
+    model = LanguageModel(tiny_dir)
+    for name in ("bob", "carol"):
+        new_key(tmp_path / "keys.txt", name)
+    bob, carol = read_keys(tmp_path / "keys.txt")
+    jobs = [(bob, "the eiffel tower is", 0.0), (carol, "madison square garden is", 1.0),
+            (bob, "rome is a city", 3.0), (carol, "the eiffel tower is in the city of", 2.0),
+            (carol, "new york is a", 0.5)]
+    made = [(key, *_scaled_job(model, prompt, scale)) for key, prompt, scale in jobs]
+    made.append((bob, *_scaled_job(model, "paris is a city", 1.0, stop=True)))
+    from torch._subclasses.fake_tensor import FakeTensor
+    forwards = []  # rows of each real forward
+    handle = model.module.register_forward_pre_hook(
+        lambda m, a, k: None if isinstance(k["input_ids"], FakeTensor) else forwards.append(k["input_ids"].shape[0]),
+        with_kwargs=True)
+    queue = JobQueue(model, batch_rows=3)
+    try:
+        records = [queue.submit(body, key) for key, body, _ in made]  # all waiting before the worker starts
+        queue.start()
+        for record, (key, _, expected) in zip(records, made, strict=True):
+            while queue.status(record.id, key)["status"] not in ("COMPLETED", "ERROR"):
+                time.sleep(0.02)
+            status = queue.status(record.id, key)
+            values, _, _ = decode_result(queue.result(record.id, key))
+            assert values.keys() == expected.keys()
+            for i, value in expected.items():
+                torch.testing.assert_close(values[i], value, rtol=1e-5, atol=1e-6)
+            record.shared_seen = status["batched_jobs"]
+    finally:
+        handle.remove()
+        queue.close()
+    # 4-token prompts: jobs 0, 1, 2, 4 (3 rows at most: 0+1+2, then 4 alone); 8 tokens: job 3; stop: alone
+    assert [r.shared_seen for r in records] == [3, 3, 3, 1, 1, 1]
+    assert forwards == [3, 1, 1, 1]
+
+
+def test_jobs_queued_behind_a_running_one_share_the_next_forward_over_http(server, keys, local, fake):
+    """Three users' jobs (one program, other prompts and scales) wait while a slow job runs; they
+    then run as one forward, and each gets its own values."""
+    from interp_dsl.wire import decode_result
+    slow_one = threading.Thread(target=slow, args=(fake, remote(server.url, keys[1], quiet=True)))
+    slow_one.start()
+    deadline = time.monotonic() + 60
+    while server.health()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    made = [_scaled_job(local, prompt, scale) for prompt, scale in
+            (("the eiffel tower is", 0.0), ("madison square garden is", 2.0), ("rome is a city", -1.0))]
+    posted = [server.post(body, keys[1]) for body, _ in made]
+    assert [code for code, _ in posted] == [202, 202, 202]
+    slow_one.join()
+    for (_, job), (_, expected) in zip(posted, made, strict=True):
+        while json.loads(server.get(f"/v1/jobs/{job['id']}", keys[1])[1])["status"] not in ("COMPLETED", "ERROR"):
+            time.sleep(0.02)
+        status = json.loads(server.get(f"/v1/jobs/{job['id']}", keys[1])[1])
+        assert status["status"] == "COMPLETED" and status["batched_jobs"] == 3, status
+        code, body = server.get(f"/v1/jobs/{job['id']}/result", keys[1])
+        values, _, _ = decode_result(body)
+        for i, value in expected.items():
+            torch.testing.assert_close(values[i], value, rtol=1e-4, atol=1e-5)  # other thread counts
+
+
+def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_private(tiny_dir, tmp_path):
+    """An in-place op could change a tensor the rows share: such jobs run alone. Writes into the
+    rotary embedding's (cos, sin), one row per batch row here (the batch carries position ids),
+    share a forward and stay in their own rows."""
+    from compiler.ir import dumps
+    from interp_dsl.jobs import JobQueue
+    from interp_dsl.wire import decode_result
+    model = LanguageModel(tiny_dir)
+    new_key(tmp_path / "keys.txt", "bob")
+    (bob,) = read_keys(tmp_path / "keys.txt")
+
+    def job(prompt, scale, in_place):
+        with model.trace(prompt) as tracer:
+            if in_place:
+                model.model.layers[0].output.mul_(scale)
+            else:
+                model.model.rotary_emb.output[0][:] = model.model.rotary_emb.output[0] * scale
+            logits = model.lm_head.output.save()
+        program, batch = tracer.program(), tracer.batch()
+        body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"],
+                          list(batch.rows), batch.pad_id, tracer.params)
+        return body, program.saves()["save0"], logits.value
+
+    made = [job("the eiffel tower is", 0.0, False), job("madison square garden is", 1.0, False),
+            job("the eiffel tower is", 0.5, True), job("madison square garden is", 2.0, True)]
+    queue = JobQueue(model)
+    try:
+        records = [queue.submit(body, bob) for body, _, _ in made]
+        queue.start()
+        for record, (_, save, expected) in zip(records, made, strict=True):
+            while queue.status(record.id, bob)["status"] not in ("COMPLETED", "ERROR"):
+                time.sleep(0.02)
+            record.shared_seen = queue.status(record.id, bob)["batched_jobs"]
+            values, _, _ = decode_result(queue.result(record.id, bob))
+            torch.testing.assert_close(values[save], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        queue.close()
+    assert [r.shared_seen for r in records] == [2, 2, 1, 1]
+    assert not torch.allclose(made[0][2][:, -1], made[1][2][:, -1])
 
 
 SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]

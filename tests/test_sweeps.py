@@ -259,3 +259,25 @@ def test_memory_stays_flat_over_5000_prompts(tmp_path):
     large = _peak_rss(lambda: sweep(5000))
     assert load_results(tmp_path / "out5000").n_prompts == 5000
     assert large - small < 40 * 2**20, f"peak RSS grew by {(large - small) / 2**20:.1f} MiB"
+
+
+def test_unbatchable_names_what_reaches_past_a_programs_own_rows():
+    """`passes.unbatchable`: ending the forward, generating, back-propagating, in-place ops, and
+    (given the shared batch's sites) writes into tensors that are not one row per batch row."""
+    from compiler.ir import Const, Generation, Op, Program, Ref, Site
+    from compiler.passes import unbatchable
+    from compiler.signatures import SiteTable
+    rotary = Site("model.rotary_emb", "output")
+    write = Program((Op("read", result=0, site=rotary), Op("write", site=rotary, path=(Const(0),), args=(Ref(0),))))
+    per_row = SiteTable(None, 2, values={("model.rotary_emb", "post", 0): (torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))})
+    shared = SiteTable(None, 2, values={("model.rotary_emb", "post", 0): (torch.zeros(1, 4, 8), torch.zeros(1, 4, 8))})
+    assert unbatchable(write) is None and unbatchable(write, per_row) is None
+    assert unbatchable(write, shared) == "it writes model.rotary_emb.output, a value the rows share"
+    dynamic = Program((Op("read", result=0, site=rotary), Op("write", site=rotary, path=(Ref(0),), args=(Ref(0),))))
+    assert unbatchable(dynamic, per_row) is not None  # a path it cannot follow is not proved private
+    read = Op("read", result=0, site=Site("model.layers.0", "output"))
+    assert unbatchable(Program((read, Op("stop")))) == "it ends the forward early"
+    assert unbatchable(Program((read, Op("call", result=1, target="Tensor.mul_", args=(Ref(0), Const(2)))))) \
+        == "it changes a value in place (Tensor.mul_)"
+    assert unbatchable(Program((read, Op("backward", args=(Ref(0),))))) == "it back-propagates"
+    assert unbatchable(Program((read,), generation=Generation(max_new_tokens=2))) == "it generates"
