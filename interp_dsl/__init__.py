@@ -6,6 +6,9 @@
         logits = model.lm_head.output.save()
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from compiler.errors import CheckError as CheckError
 from compiler.errors import ExecutionError as ExecutionError
 from compiler.errors import InterventionError as InterventionError
@@ -25,6 +28,7 @@ from interp_dsl.models import Model as Model
 from interp_dsl.models import NNsight as NNsight
 from interp_dsl.proxy import Proxy as Proxy
 from interp_dsl.saved_list import SavedList as SavedList
+from interp_dsl.spans import user_span
 from interp_dsl.sweeps import Sweep as Sweep
 from interp_dsl.tracing import Tracer as Tracer
 from runtime.datasets import PromptFile as PromptFile
@@ -41,3 +45,14 @@ def list(*items: object) -> SavedList:  # noqa: A001  (nnsight's name: `nnsight.
     """A list to append values to inside a trace; afterwards it holds them (one per step for a
     value made in a generation step block)."""
     return SavedList(items)
+
+
+def apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """nnsight's `apply(fn, *args)`: `fn` called on traced values, its operations recorded into the
+    trace like any others (the IR holds the operations, never the function). Its body may use
+    what a trace may: the vocabulary's functions, methods and operators (docs/vocabulary.md); a
+    step outside it is an error at that line of `fn`."""
+    if not callable(fn):
+        raise InterventionError.at(user_span(), f"apply takes a function, not a {type(fn).__name__}",
+                                   "apply(torch.sum, model.layer1.output)")
+    return fn(*args, **kwargs)

@@ -119,3 +119,46 @@ def test_conditions_and_logs_refused_where_they_cannot_mean_anything(llama):
     with pytest.raises(InterventionError, match="the library's own"):
         with llama.trace(PROMPT):
             llama.model.layers[0].output.save("ivx_hidden_0")
+
+
+def test_apply_records_the_functions_operations_like_writing_them_inline(llama):
+    import interp_dsl
+
+    def centred_norm(h):
+        return (h - h.mean(dim=-1, keepdim=True)).norm(dim=-1)
+
+    with llama.trace(PROMPT) as applied:
+        norms = interp_dsl.apply(centred_norm, llama.model.layers[1].output).save()
+        total = interp_dsl.apply(torch.sum, llama.model.layers[1].output).save()
+    with llama.trace(PROMPT) as inline:
+        h = llama.model.layers[1].output
+        (h - h.mean(dim=-1, keepdim=True)).norm(dim=-1).save()
+        torch.sum(llama.model.layers[1].output).save()
+    assert applied.program() == inline.program()
+    hidden = {}
+    handle = llama.module.model.layers[1].register_forward_hook(lambda m, i, o: hidden.update(h=o))
+    with torch.no_grad():
+        ids = llama.tokenizer(PROMPT, return_tensors="pt")
+        llama.module(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    handle.remove()
+    torch.testing.assert_close(norms.value, centred_norm(hidden["h"]))
+    torch.testing.assert_close(total.value, hidden["h"].sum())
+
+
+def test_apply_of_a_function_outside_the_vocabulary_is_an_error_at_its_line(llama):
+    import interp_dsl
+
+    def tensor_sum(tensor):  # seed 004's example: element by element, with .item()
+        total = 0
+        for element in tensor.flatten():
+            total += element.item()
+        return torch.tensor(total)
+
+    with pytest.raises(InterventionError) as caught:
+        with llama.trace(PROMPT):
+            interp_dsl.apply(tensor_sum, llama.model.layers[1].output).save()
+    assert ".item is not in interp_dsl's vocabulary" in str(caught.value)
+    assert caught.value.diagnostics[0].span.line == tensor_sum.__code__.co_firstlineno + 3
+    with pytest.raises(InterventionError, match="apply takes a function, not a int"):
+        with llama.trace(PROMPT):
+            interp_dsl.apply(3, llama.model.layers[1].output)
