@@ -105,17 +105,18 @@ def main() -> None:
 
     fakes = [LanguageModel(args.model, weights="fake") for _ in range(32)]  # one per client
     table: dict[int, list[tuple[float, float, float]]] = {}
-    for batch_rows in (1, 32):
-        proc, url = start_server(args.model, keys, batch_rows)
-        try:
-            server = remote(url, key, quiet=True)
-            for prompt in alike[:4]:  # values first: remote equals local
+    started = [start_server(args.model, keys, batch_rows) for batch_rows in (1, 32)]  # both up, measured in turn
+    try:
+        servers = [remote(url, key, quiet=True) for _, url in started]
+        for server in servers:
+            for prompt in alike[:4]:  # values first: remote equals local (and both servers warm)
                 # thread counts differ between the processes, so float sums may round differently
                 torch.testing.assert_close(trace(fakes[0], prompt, server), trace(local, prompt, None),
                                            atol=1e-4, rtol=1e-4)
-            for clients in (1, 8, 32):
-                table.setdefault(clients, []).append(measure(server, fakes, prompts, local, clients))
-        finally:
+        for clients in (1, 8, 32):
+            table[clients] = [measure(server, fakes, prompts, local, clients) for server in servers]
+    finally:
+        for proc, _ in started:
             proc.terminate()
             proc.wait(timeout=60)
 
