@@ -266,15 +266,16 @@ class JobQueue:
 
     def _run_together(self, group: list[JobRecord]) -> list[bytes | dict[str, Any]]:
         """Run jobs side by side in one forward, each getting its own saves. Copies see only
-        their own rows (`passes.unbatchable`); if the shared forward fails, or a job's saves pass
-        its limit, each job runs alone, so that every error is its own."""
+        their own rows (`passes.unbatchable`); if the shared forward fails, takes longer than a
+        job's seconds, or a job's saves pass its limit, each job runs alone, so that every error
+        and limit is its own."""
         program, back = side_by_side([job.program for job in group])
         params = {f"b{k}_{name}": value for k, job in enumerate(group) for name, value in job.params.items()}
         engine = self.model._engine
         first = next((op.span for op in program.ops), Span("<job>", 0))
         engine.where = lambda: first
         started = time.monotonic()
-        deadline = started + max(job.key.limits.max_seconds for job in group)
+        deadline = started + min(job.key.limits.max_seconds for job in group)  # past it: each runs alone
 
         def check_deadline(module: Any, args: Any) -> None:
             if time.monotonic() > deadline:
