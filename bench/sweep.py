@@ -163,7 +163,7 @@ def hand_hooks(model: LanguageModel, work: str, data: Any, batch: int, device: s
     return {k: torch.cat(v)[back].cpu() for k, v in out.items()}
 
 
-def nnsight_column(model: LanguageModel, work: str, data: Any, batch: int) -> None:
+def nnsight_column(model: LanguageModel, work: str, data: Any, batch: int, vector: torch.Tensor) -> None:
     """nnsight 0.8.1, when installed: the same work, one trace per batch (per layer for patch)."""
     from nnsight import LanguageModel as NNLanguageModel
     nn_model = NNLanguageModel(model.module, tokenizer=model.tokenizer)
@@ -173,17 +173,21 @@ def nnsight_column(model: LanguageModel, work: str, data: Any, batch: int) -> No
         if work == "patch":
             for i in range(len(layers)):
                 with nn_model.trace() as tracer:
+                    barrier = tracer.barrier(2)  # 0.8.1 needs it to pass a value between invokes at one module
                     with tracer.invoke([data["clean"][j] for j in chunk]):
                         h = layers[i].output[:, -1, :]
+                        barrier()
                     with tracer.invoke([data["corrupt"][j] for j in chunk]):
+                        barrier()
                         layers[i].output[:, -1, :] = h
                         nn_model.lm_head.output[:, -1].save()
             continue
         with nn_model.trace([texts[j] for j in chunk]):
-            if work == "steer":
-                layers[STEER_LAYER].output[:, -1, :] += 1.0
-            for i in PROBE_LAYERS:
-                layers[i].output[:, -1, :].save()
+            if work == "steer":  # what the hooks do: add the vector, save the last logits
+                layers[STEER_LAYER].output[:, -1, :] += vector
+            else:
+                for i in PROBE_LAYERS:
+                    layers[i].output[:, -1, :].save()
             if work != "probe":
                 nn_model.lm_head.output[:, -1].save()
 
@@ -245,9 +249,9 @@ def main() -> None:
                     torch.testing.assert_close(got[key].float(), value.float(), atol=tol, rtol=tol, msg=f"{work} {name} {key}")
                 else:
                     assert (got[key] == value).float().mean() > 0.99, f"{work} {name} {key}"
-        t_nn = timed(lambda: nnsight_column(model, work, data, args.batch), sync)[0] if have_nnsight else None
+        t_nn = timed(lambda: nnsight_column(model, work, data, args.batch, vector), sync)[0] if have_nnsight else None
         rows.append((work, n, t_floor, t_comp, t_ref, t_hooks, t_nn, t_compile, t_tables - t_ref))
-        print(f"{work}: done", file=sys.stderr)
+        print(f"{work}: done", rows[-1], file=sys.stderr)  # kept if a later workload fails
     print(f"SmolLM2-135M, {args.device} {args.dtype}, {args.threads} threads, batch {args.batch}; "
           f"compiled = {compiled!r}; ratio = time / floor (lower is better)\n")
     print("| workload | prompts | floor prompts/s | compiled | reference | hooks | nnsight | "
