@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from compiler import ops, shape_rules
 from compiler.errors import CheckError, Diagnostic, did_you_mean
@@ -97,7 +98,7 @@ class _Checker:
         # fake tensors never look at values (out-of-range tensor indices would pass unnoticed).
         self.known = {name: KnownRange(int(v.min()), int(v.max())) for name, v in params.items()
                       if isinstance(v, torch.Tensor) and v.numel() and not v.is_floating_point()
-                      and v.dtype != torch.bool}
+                      and v.dtype != torch.bool and not isinstance(v, FakeTensor)}  # a fake has no values
         self.diags: list[Diagnostic] = []
         self.when: list[int] = []
         self.gradient_sites: list[int] = []  # forward events whose gradients the program takes

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compiler.errors import InterventionError, did_you_mean
+from compiler.shape_rules import is_tensor_like
 from interp_dsl.spans import user_span
 
 if TYPE_CHECKING:
@@ -108,9 +109,17 @@ def record_cache(tracer: "Tracer", modules: Iterable[Any] | None, device: Any, d
     current invoke; the returned cache reads them after the trace. With `prefix` (an `.ivx` cache)
     the saves are named by the module path, parts joined by `__` (`acts__model__layers__0` for
     `model.model.layers[0].output`; `...__inputs` for its inputs)."""
-    events = tracer.engine.site_table(tracer.batch(), tracer.generation).calls  # "path/pre", "path/post"
-    called = list(dict.fromkeys(event.rpartition("/")[0] for event in events))
+    table = tracer.engine.site_table(tracer.batch(), tracer.generation)
+    called = list(dict.fromkeys(event.rpartition("/")[0] for event in table.calls))  # "path/pre", "path/post"
     paths = called if modules is None else [p for m in modules for p in _paths_of(m, called)]
+    if prefix is not None:  # an `.ivx` cache keeps tensors (results are tensors with a row per prompt)
+        tensors = [p for p in paths if is_tensor_like(table.values.get((p, "post", 0)))]
+        other = next((p for p in paths if p not in tensors), None)
+        if modules is not None and other is not None:
+            raise InterventionError.at(user_span(), f"cache keeps tensors, and {ROOT}.{other}'s output is a "
+                                       f"{type(table.values.get((other, 'post', 0))).__name__}",
+                                       "cache modules whose output is a tensor, or save the part you want")
+        paths = tensors
 
     def convert(value: Any) -> Any:
         if isinstance(value, torch.Tensor):

@@ -121,8 +121,8 @@ class JobQueue:
                           diagnostics=diagnostics_json(e.diagnostics)) from None
         batch, invokes = self._batch(job, program, key)
         params = self._params(job, program)
-        together = None if unbatchable(program) else (program.structural_hash(), batch.pad_id,
-                                                      tuple(job.input_ids.shape[1:]))
+        together = None if unbatchable(program) else (  # padded batches pass the layers a mask, others none
+            program.structural_hash(), batch.pad_id, tuple(job.input_ids.shape[1:]), bool(job.attention_mask.all()))
         program, files = _opaque_spans(program)
         with self.lock:
             if self.closing:

@@ -191,21 +191,81 @@ def test_a_bare_cache_saves_every_module_the_forward_calls(tmp_path, tiny):
     (trace,) = lower_traces(load_experiment(path), tiny, {})
     with tiny.trace("rome is in") as twin:
         cache = twin.cache()
-    lists = sum(isinstance(m, torch.nn.ModuleList) for m in tiny._engine.module.modules())  # never called
-    assert len(trace.result.saves) == len(cache) == sum(1 for _ in tiny._engine.module.modules()) - lists
-    torch.testing.assert_close(trace.result.saves["all__model__layers__0__mlp"],
-                               cache["model.model.layers.0.mlp"].output)
-    torch.testing.assert_close(trace.result.saves["all"], cache["model"].output)
+    tensors = {key for key, entry in cache.items() if isinstance(entry.output, torch.Tensor)}
+    assert {"model", "model.model", "model.model.rotary_emb"}.isdisjoint(tensors)  # outputs, tuples: left out
+    assert len(trace.result.saves) == len(tensors) > 30
+    for key in tensors:
+        name = "__".join(["all", *key.split(".")[1:]])
+        torch.testing.assert_close(trace.result.saves[name], cache[key].output)
 
 
 @pytest.mark.parametrize(("modules", "message"), [
     ("[model.model.layers[0], 3]", "cache takes modules, not a number"),
     ("model.model.layer", "did you mean"),
     ("model.model.layers[0].output", "cache takes modules"),
+    ("model.model.rotary_emb", "cache keeps tensors, and model.model.rotary_emb's output is a tuple"),
+    ("model.model.layers[layer]", "cache names fixed modules, not one chosen by the sweep axis layer"),
 ])
 def test_cache_of_something_else_is_an_error_at_its_line(tmp_path, tiny, modules, message):
-    path = write(tmp_path, f'prompt p = "rome is in"\ninvoke p {{\n    cache c = {modules}\n}}\n')
+    path = write(tmp_path, f'sweep layer in 0..2\nprompt p = "rome is in"\ninvoke p {{\n    cache c = {modules}\n}}\n')
     with pytest.raises(ExperimentError) as caught:
+        lower_traces(load_experiment(path), tiny, {"layer": 0}, execute=False)
+    found = caught.value.diagnostics[0]
+    assert found.span.line == 4 and message in str(caught.value), str(caught.value)
+
+
+def test_an_integer_from_an_earlier_trace_is_checked_and_used(tmp_path, tiny):
+    path = write(tmp_path, f"""
+prompt a = "{CLEAN}"
+prompt b = "{CORRUPT}"
+
+trace {{
+    invoke a {{
+        n = model.model.layers[0].output[0, 0, :3].argmax()
+    }}
+}}
+
+trace {{
+    invoke b {{
+        save q = model.model.layers[0].output[:, :, :3] * n
+    }}
+}}
+""")
+    lower_traces(load_experiment(path), tiny, {}, execute=False)  # the check: a fake integer, no value
+    first, second = lower_traces(load_experiment(path), tiny, {})
+    hidden = {}
+    module = tiny._engine.module
+    handle = module.model.layers[0].register_forward_hook(lambda m, i, o: hidden.setdefault(len(hidden), o))
+    with torch.no_grad():
+        module(**tiny.tokenizer(CLEAN, return_tensors="pt"))
+        module(**tiny.tokenizer(CORRUPT, return_tensors="pt"))
+    handle.remove()
+    torch.testing.assert_close(second.result.saves["q"], hidden[1][:, :, :3] * hidden[0][0, 0, :3].argmax())
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    ("trace {\n}\ntrace {\n    invoke p {\n        save a = model.lm_head.output\n    }\n}\n",
+     3, "this trace block has no invoke"),
+    ("trace {\n    invoke p {\n        cache ivx_hidden_x = model.lm_head\n    }\n}\n",
+     5, "save names starting with 'ivx_hidden_' are the library's own"),
+])
+def test_more_session_mistakes_are_errors_at_their_lines(tmp_path, tiny, text, line, message):
+    path = write(tmp_path, 'prompt p = "rome is in"\n\n' + text)
+    with pytest.raises(InterventionError) as caught:
         lower_traces(load_experiment(path), tiny, {}, execute=False)
     found = caught.value.diagnostics[0]
-    assert found.span.line == 3 and message in str(caught.value), str(caught.value)
+    assert found.span.line == line and message in found.message, str(caught.value)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("save t = model.model.layers[0].self_attn.output[1]", "save t: a session's results are tensors, and this is a NoneType"),
+    ("save s = model.model.layers[1].output[0, :k]", "save s is [2, 32] at {'k': 2} and [1, 32] at {'k': 1}"),
+])
+def test_ivx_run_refuses_session_saves_it_cannot_stack_before_running(tmp_path, tiny_dir, capsys, body, message):
+    path = write(tmp_path, f'sweep k in [1, 2]\nprompt p = "rome is in"\n\ntrace {{\n    invoke p {{\n'
+                           f'        {body}\n    }}\n}}\n')
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--model", str(tiny_dir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:6:9: error: {message}" in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists()

@@ -353,6 +353,42 @@ def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_priv
     assert not torch.allclose(made[0][2][:, -1], made[1][2][:, -1])
 
 
+def test_a_padded_job_and_an_unpadded_one_do_not_share_a_forward(tiny_dir, tmp_path):
+    """Padding changes what the layers are passed (a mask, or none): whether another user's job
+    is padded must not show in a job's values, so such jobs run apart."""
+    from compiler.ir import dumps
+    from interp_dsl.jobs import JobQueue
+    from interp_dsl.wire import decode_result
+    model = LanguageModel(tiny_dir)
+    new_key(tmp_path / "keys.txt", "bob")
+    (bob,) = read_keys(tmp_path / "keys.txt")
+
+    def job(prompts):
+        with model.trace() as tracer:
+            with tracer.invoke(prompts):
+                mask = model.model.layers[0].inputs[1]["attention_mask"].save()
+        program, batch = tracer.program(), tracer.batch()
+        body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"],
+                          list(batch.rows), batch.pad_id, tracer.params)
+        return body, program.saves()["save0"], mask.value
+
+    made = [job(["the eiffel tower is", "paris is"]), job(["rome is a city"]), job(["new york is a"])]
+    assert made[0][2] is not None and made[1][2] is None  # padded: a mask; not padded: none
+    queue = JobQueue(model)
+    try:
+        records = [queue.submit(body, bob) for body, _, _ in made]
+        queue.start()
+        for record, (_, save, expected) in zip(records, made, strict=True):
+            while queue.status(record.id, bob)["status"] not in ("COMPLETED", "ERROR"):
+                time.sleep(0.02)
+            record.shared_seen = queue.status(record.id, bob)["batched_jobs"]
+            values, _, _ = decode_result(queue.result(record.id, bob))
+            assert (values[save] is None) == (expected is None)
+    finally:
+        queue.close()
+    assert [r.shared_seen for r in records] == [1, 2, 2]
+
+
 SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]
 
 

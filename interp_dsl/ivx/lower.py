@@ -141,12 +141,23 @@ class Lowering:
         self.current = s.span
 
     def _cache(self, s: ast.Cache) -> None:
-        """`cache acts [= modules]`: each module's output saved as `acts__<path>`."""
+        """`cache acts [= modules]`: each module's output saved as `acts__<path>` (without a
+        module list, each module whose output is a tensor)."""
+        if s.name.startswith(HIDDEN):
+            raise experiment_error(s.span, f"save names starting with {HIDDEN!r} are the library's own",
+                                   "choose another name")
         modules = None
         if s.modules is not None:
+            swept = sorted({n.id for n in _names(s.modules)} & set(self.exp.sweeps))
+            if swept:
+                raise experiment_error(s.modules.span, f"cache names fixed modules, not one chosen by the sweep "
+                                       f"axis {swept[0]}", "save the module's .output instead: save h = ...")
             value = self.eval(s.modules)
             modules = []
             for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, Fanned):
+                    raise experiment_error(s.modules.span, "cache names fixed modules, not one chosen by a sweep axis",
+                                           "save the module's .output instead: save h = ...")
                 if not isinstance(item, Envoy):
                     raise experiment_error(s.modules.span, f"cache takes modules, not a {_kind(item)}",
                                            "cache acts = [model.model.layers[0], model.lm_head]")
@@ -452,6 +463,9 @@ def session_blocks(exp: Experiment) -> list[tuple[ast.Decl, ...]] | None:
             raise experiment_error(decl.span, "a session's traces are forwards; generation is not part of sessions",
                                    "generate in a file without trace blocks")
         if isinstance(decl, ast.Trace):
+            if not any(isinstance(d, ast.Invoke) for d in decl.body):
+                raise experiment_error(decl.span, "this trace block has no invoke: a trace runs the model on prompts",
+                                       "add one: trace { invoke p { ... } }")
             blocks.append((*pending, *decl.body))
             pending = []
         elif isinstance(decl, _STATEMENTS):
@@ -471,3 +485,13 @@ def generation_settings(exp: Experiment, model: Model) -> Generation:
     except InterventionError as e:
         raise ExperimentError([dataclasses.replace(d, span=line) for d in e.diagnostics]) from None
 
+
+def _names(e: Any) -> list[ast.Name]:
+    """Every name an expression uses."""
+    if isinstance(e, ast.Name):
+        return [e]
+    if dataclasses.is_dataclass(e):
+        return [n for f in dataclasses.fields(e) for n in _names(getattr(e, f.name))]
+    if isinstance(e, tuple):
+        return [n for item in e for n in _names(item)]
+    return []

@@ -14,8 +14,10 @@ import torch
 
 from compiler.errors import InterventionError
 from compiler.ir import Span, to_json
+from compiler.shape_rules import is_tensor_like
 from grammar import ast
 from grammar.printer import format_module
+from interp_dsl.conditions import HIDDEN
 from interp_dsl.ivx.declare import Experiment, ExperimentError, experiment_error
 from interp_dsl.ivx.lower import Lowering, edited, generation_settings, lower_traces
 from interp_dsl.models import LanguageModel, Model
@@ -107,7 +109,7 @@ def run_session(exp: Experiment, model: Model, out: Path, compile: str | None = 
         raise experiment_error(line, f"prompt {name} streams rows from a file, and a session runs each trace once",
                                "give a session its prompts as text or a list: prompt p = [\"a\", \"b\"]")
     points = exp.points()
-    scanned = lower_traces(exp, model, points[0], execute=False)  # the programs, checked, before any run
+    scanned = _scan_session(exp, model, points)
     header = {
         "experiment": str(exp.path), "text": exp.text, "session": len(scanned),
         "ir_hash": _session_hash(exp, scanned), "values": {n: value_digest(v) for n, v in sorted(exp.tensors.items())},
@@ -137,6 +139,30 @@ def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     return torch.as_tensor(value)
+
+
+def _scan_session(exp: Experiment, model: Model, points: list[dict[str, Any]]) -> list[Tracer]:
+    """Check the session at every point before anything runs: its results stack each save over
+    the points, so every save is a tensor of one shape at all of them. The first point's traces."""
+    first: list[Tracer] = []
+    seen: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}
+    for point in points:
+        tracers = lower_traces(exp, model, point, execute=False)
+        first = first or tracers
+        for tracer in tracers:
+            for op in tracer.typed.program.ops:
+                if op.opcode != "save" or op.target.startswith(HIDDEN):
+                    continue
+                value = tracer.result.values.get(op.args[0].id)  # type: ignore[union-attr]
+                if not is_tensor_like(value):
+                    raise experiment_error(op.span, f"save {op.target}: a session's results are tensors, and this is "
+                                           f"a {type(value).__name__}", "save a tensor (index the part you want)")
+                shape, where = seen.setdefault(op.target, (tuple(value.shape), point))
+                if shape != tuple(value.shape):
+                    raise experiment_error(op.span, f"save {op.target} is {list(value.shape)} at {point} and "
+                                           f"{list(shape)} at {where}; a session's saves are stacked over its sweep points",
+                                           "save a value whose shape does not change with the sweep")
+    return first
 
 
 def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = None, batch_size: int = 32,
