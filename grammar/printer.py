@@ -139,7 +139,7 @@ def format_module(module: ast.Module) -> str:
         end = decl.span.end_line
         while own and own[0].line < end:
             out.append(indent + "    " + own.pop(0).text)
-        out.append(indent + "}")
+        out.append(indent + "}" + (f"  {trailing[end]}" if end in trailing else ""))
 
     previous: type | None = None
     for decl in module.body:

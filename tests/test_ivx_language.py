@@ -555,3 +555,8 @@ def test_a_bad_step_selector_is_a_syntax_error(tmp_path, capsys):
     assert main(["fmt", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}:4:11: error: syntax error: unexpected 'every'" in err and "expected `[` or `all`" in err
+
+
+def test_fmt_keeps_a_comment_on_a_closing_brace():
+    text = "trace {\n    invoke p {\n        save a = model.x.output  # a\n    }  # end invoke\n}  # end trace\n"
+    assert format_module(parse(text)) == text
