@@ -198,9 +198,16 @@ def test_a_remote_job_does_not_train_tensors(server, keys, fake):
             fake.lm_head.output[0, -1, 3].backward()
 
 
+def _job_body(tracer) -> bytes:
+    """The body `remote=` would send for a trace that ran locally (its program, token ids, params)."""
+    from compiler.ir import dumps
+    batch = tracer.batch()
+    return encode_job(dumps(tracer.program()), batch.kwargs["input_ids"], batch.kwargs["attention_mask"],
+                      list(batch.rows), batch.pad_id, tracer.params)
+
+
 def test_a_job_reading_only_the_last_logits_runs_the_head_on_the_last_position(tiny_dir, tmp_path):
     """The server decides it (a job sends token ids only), as a local sweep does: in process."""
-    from compiler.ir import dumps
     from interp_dsl.jobs import JobQueue
     from interp_dsl.wire import decode_result
     model = LanguageModel(tiny_dir)
@@ -208,9 +215,7 @@ def test_a_job_reading_only_the_last_logits_runs_the_head_on_the_last_position(t
     key = read_keys(tmp_path / "keys.txt")[0]
     with model.trace("the eiffel tower is in the city of") as tracer:
         last = model.lm_head.output[:, -1, :].save()
-    program, batch = tracer.program(), tracer.batch()
-    body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"], list(batch.rows),
-                      batch.pad_id, tracer.params)
+    program, body = tracer.program(), _job_body(tracer)
     shapes = []
     from torch._subclasses.fake_tensor import FakeTensor
     handle = model.module.lm_head.register_forward_hook(
@@ -232,16 +237,13 @@ def test_a_job_reading_only_the_last_logits_runs_the_head_on_the_last_position(t
 def _scaled_job(model, prompt, scale, stop=False):
     """A job body that scales layer 1's last position by `scale` and saves logits and a hidden
     state, with the values the same trace gives run alone, locally."""
-    from compiler.ir import dumps
     with model.trace(prompt) as tracer:
         model.model.layers[1].output[:, -1] *= scale
         hidden = model.model.layers[2].output.save()
         logits = model.lm_head.output.save()
         if stop:
             model.model.layers[2].output.stop()
-    program, batch = tracer.program(), tracer.batch()
-    body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"], list(batch.rows),
-                      batch.pad_id, tracer.params)
+    program, body = tracer.program(), _job_body(tracer)
     saves = program.saves()
     return body, {saves["save0"]: hidden.value, **({} if stop else {saves["save1"]: logits.value})}
 
@@ -316,7 +318,6 @@ def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_priv
     """An in-place op could change a tensor the rows share: such jobs run alone. Writes into the
     rotary embedding's (cos, sin), one row per batch row here (the batch carries position ids),
     share a forward and stay in their own rows."""
-    from compiler.ir import dumps
     from interp_dsl.jobs import JobQueue
     from interp_dsl.wire import decode_result
     model = LanguageModel(tiny_dir)
@@ -330,9 +331,7 @@ def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_priv
             else:
                 model.model.rotary_emb.output[0][:] = model.model.rotary_emb.output[0] * scale
             logits = model.lm_head.output.save()
-        program, batch = tracer.program(), tracer.batch()
-        body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"],
-                          list(batch.rows), batch.pad_id, tracer.params)
+        program, body = tracer.program(), _job_body(tracer)
         return body, program.saves()["save0"], logits.value
 
     made = [job("the eiffel tower is", 0.0, False), job("madison square garden is", 1.0, False),
@@ -356,7 +355,6 @@ def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_priv
 def test_a_padded_job_and_an_unpadded_one_do_not_share_a_forward(tiny_dir, tmp_path):
     """Padding changes what the layers are passed (a mask, or none): whether another user's job
     is padded must not show in a job's values, so such jobs run apart."""
-    from compiler.ir import dumps
     from interp_dsl.jobs import JobQueue
     from interp_dsl.wire import decode_result
     model = LanguageModel(tiny_dir)
@@ -367,9 +365,7 @@ def test_a_padded_job_and_an_unpadded_one_do_not_share_a_forward(tiny_dir, tmp_p
         with model.trace() as tracer:
             with tracer.invoke(prompts):
                 mask = model.model.layers[0].inputs[1]["attention_mask"].save()
-        program, batch = tracer.program(), tracer.batch()
-        body = encode_job(dumps(program), batch.kwargs["input_ids"], batch.kwargs["attention_mask"],
-                          list(batch.rows), batch.pad_id, tracer.params)
+        program, body = tracer.program(), _job_body(tracer)
         return body, program.saves()["save0"], mask.value
 
     made = [job(["the eiffel tower is", "paris is"]), job(["rome is a city"]), job(["new york is a"])]
