@@ -14,6 +14,7 @@ model runs, and of the real result) and seconds (at every module call, and at th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import secrets
@@ -22,6 +23,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,61 +274,51 @@ class JobQueue:
         program, back = side_by_side([job.program for job in group])
         params = {f"b{k}_{name}": value for k, job in enumerate(group) for name, value in job.params.items()}
         engine = self.model._engine
-        first = next((op.span for op in program.ops), Span("<job>", 0))
-        engine.where = lambda: first
         started = time.monotonic()
-        deadline = started + min(job.key.limits.max_seconds for job in group)  # past it: each runs alone
-
-        def check_deadline(module: Any, args: Any) -> None:
-            if time.monotonic() > deadline:
-                raise _Deadline()
-
-        hook = torch.nn.modules.module.register_module_forward_pre_hook(check_deadline)
         try:
-            batch = dataclasses.replace(self.model._batch([i for job in group for i in job.invokes]),
-                                        pad_id=group[0].batch.pad_id)
-            if unbatchable(program, engine.site_table(batch)):
-                raise ValueError("a write reaches rows of other jobs")
-            _, checked = engine.run(program, batch, params, execute=False)
-            own = [{old: values[new] for new, old in ids.items() if new in values}
-                   for ids, values in ((ids, checked.values) for ids in back)]
-            if any(result_bytes(v) > job.key.limits.max_result_bytes for v, job in zip(own, group, strict=True)):
-                raise ValueError("a job's saves pass its limit")
-            if engine.last_position_head(program):
-                batch = dataclasses.replace(batch, kwargs={**batch.kwargs, "logits_to_keep": 1})
-            _, result = engine.run(program, batch, params)
+            with self._limited(program, started + min(job.key.limits.max_seconds for job in group)):
+                batch = dataclasses.replace(self.model._batch([i for job in group for i in job.invokes]),
+                                            pad_id=group[0].batch.pad_id)
+                if unbatchable(program, engine.site_table(batch)):
+                    raise ValueError("a write reaches rows of other jobs")
+                _, checked = engine.run(program, batch, params, execute=False)
+                if any(result_bytes(_own(checked.values, ids)) > job.key.limits.max_result_bytes
+                       for job, ids in zip(group, back, strict=True)):
+                    raise ValueError("a job's saves pass its limit")
+                _, result = engine.run(program, self._head(program, batch), params)
         except Exception:
             for job in group:
                 job.shared = 1
             return [self._run(job) for job in group]
-        finally:
-            hook.remove()
-        outcomes: list[bytes | dict[str, Any]] = []
-        for job, ids in zip(group, back, strict=True):
-            limits = job.key.limits
-            try:
-                body = encode_result({old: result.values[new] for new, old in ids.items() if new in result.values},
-                                     result.stopped)
-            except UnsendableValue as e:
-                outcomes.append(self._error(job, InterventionError.at(_save_span(job.program, e.value_id), str(e))))
-                continue
-            if len(body) > limits.max_result_bytes:
-                outcomes.append(_limit(f"the result is {len(body)} bytes; this key's limit is "
-                                       f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes"))
-            elif time.monotonic() > started + limits.max_seconds:
-                outcomes.append(_limit(f"the job ran past this key's limit of {limits.max_seconds:g} "
-                                       "seconds (max_seconds)", "max_seconds"))
-            else:
-                outcomes.append(body)
-        return outcomes
+        return [self._body(job, _own(result.values, ids), result.stopped, None, started + job.key.limits.max_seconds)
+                for job, ids in zip(group, back, strict=True)]
 
     def _run(self, record: JobRecord) -> bytes | dict[str, Any]:
         """Run one job: its result body, or its error record."""
         limits = record.key.limits
         deadline = time.monotonic() + limits.max_seconds
         engine = self.model._engine
-        first = next((op.span for op in record.program.ops), Span("<job>", 0))
-        engine.where = lambda: first
+        try:
+            with self._limited(record.program, deadline):
+                _, checked = engine.run(record.program, record.batch, record.params, execute=False)
+                expected = result_bytes(checked.values)
+                if expected > limits.max_result_bytes:
+                    return _limit(f"the saves are {expected} bytes; this key's limit is "
+                                  f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes")
+                _, result = engine.run(record.program, self._head(record.program, record.batch), record.params)
+        except Exception as e:
+            if time.monotonic() > deadline:
+                return _out_of_time(limits.max_seconds)
+            return self._error(record, e)
+        output = result.output if record.program.generation is not None else None
+        return self._body(record, result.values, result.stopped, output, deadline)
+
+    @contextlib.contextmanager
+    def _limited(self, program: Program, deadline: float) -> Iterator[None]:
+        """Errors without a span of their own point at the program's first line, and every
+        module call past `deadline` raises."""
+        first = next((op.span for op in program.ops), Span("<job>", 0))
+        self.model._engine.where = lambda: first
 
         def check_deadline(module: Any, args: Any) -> None:
             if time.monotonic() > deadline:
@@ -334,33 +326,30 @@ class JobQueue:
 
         hook = torch.nn.modules.module.register_module_forward_pre_hook(check_deadline)
         try:
-            _, checked = engine.run(record.program, record.batch, record.params, execute=False)
-            expected = result_bytes(checked.values)
-            if expected > limits.max_result_bytes:
-                return _limit(f"the saves are {expected} bytes; this key's limit is "
-                              f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes")
-            batch = record.batch  # the head on the last position alone where that is all the job reads
-            if engine.last_position_head(record.program):
-                batch = dataclasses.replace(batch, kwargs={**batch.kwargs, "logits_to_keep": 1})
-            _, result = engine.run(record.program, batch, record.params)
-            try:
-                output = result.output if record.program.generation is not None else None
-                body = encode_result(result.values, result.stopped, output)
-            except UnsendableValue as e:
-                raise InterventionError.at(_save_span(record.program, e.value_id), str(e)) from None
-            if len(body) > limits.max_result_bytes:
-                return _limit(f"the result is {len(body)} bytes; this key's limit is "
-                              f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes")
-            if time.monotonic() > deadline:
-                raise _Deadline()
-            return body
-        except Exception as e:
-            if time.monotonic() > deadline:
-                return _limit(f"the job ran past this key's limit of {limits.max_seconds:g} "
-                              "seconds (max_seconds)", "max_seconds")
-            return self._error(record, e)
+            yield
         finally:
             hook.remove()
+
+    def _head(self, program: Program, batch: Batch) -> Batch:
+        """`batch`, with the head on the last position alone where that is all `program` reads."""
+        if not self.model._engine.last_position_head(program):
+            return batch
+        return dataclasses.replace(batch, kwargs={**batch.kwargs, "logits_to_keep": 1})
+
+    def _body(self, record: JobRecord, values: dict[int, Any], stopped: bool, output: Any,
+              deadline: float) -> bytes | dict[str, Any]:
+        """A job's result body, or the error of a value that cannot travel or a limit it passed."""
+        limits = record.key.limits
+        try:
+            body = encode_result(values, stopped, output)
+        except UnsendableValue as e:
+            return self._error(record, InterventionError.at(_save_span(record.program, e.value_id), str(e)))
+        if len(body) > limits.max_result_bytes:
+            return _limit(f"the result is {len(body)} bytes; this key's limit is "
+                          f"{limits.max_result_bytes} (max_result_bytes)", "max_result_bytes")
+        if time.monotonic() > deadline:
+            return _out_of_time(limits.max_seconds)
+        return body
 
     def _error(self, record: JobRecord, e: Exception) -> dict[str, Any]:
         if isinstance(e, InterventionError):
@@ -385,6 +374,15 @@ class JobQueue:
 
 def _limit(message: str, limit: str) -> dict[str, Any]:
     return {"error": message, "kind": "LimitError", "limit": limit, "diagnostics": []}
+
+
+def _out_of_time(seconds: float) -> dict[str, Any]:
+    return _limit(f"the job ran past this key's limit of {seconds:g} seconds (max_seconds)", "max_seconds")
+
+
+def _own(values: dict[int, Any], ids: dict[int, int]) -> dict[int, Any]:
+    """One copy's values of a side-by-side run, by the copy's own value ids."""
+    return {old: values[new] for new, old in ids.items() if new in values}
 
 
 def _save_span(program: Program, value_id: int) -> Span:

@@ -109,7 +109,7 @@ def run_session(exp: Experiment, model: Model, out: Path, compile: str | None = 
         raise experiment_error(line, f"prompt {name} streams rows from a file, and a session runs each trace once",
                                "give a session its prompts as text or a list: prompt p = [\"a\", \"b\"]")
     points = exp.points()
-    scanned = _scan_session(exp, model, points)
+    scanned, shapes = _scan_session(exp, model, points)
     header = {
         "experiment": str(exp.path), "text": exp.text, "session": len(scanned),
         "ir_hash": _session_hash(exp, scanned), "values": {n: value_digest(v) for n, v in sorted(exp.tensors.items())},
@@ -123,11 +123,7 @@ def run_session(exp: Experiment, model: Model, out: Path, compile: str | None = 
         if sink.complete:
             return SessionRun(load_results(out), 0)
         sink.start()
-        output = []
-        for point in points:
-            tracers = lower_traces(exp, model, point, compile=compile)
-            output.append({n: _as_tensor(v) for t in tracers for n, v in t.result.saves.items()})
-        tensors = {n: torch.stack([p[n] for p in output]) for n in output[0]}
+        tensors = {n: v.reshape(len(points), *shapes[n]) for n, v in run(exp, model, compile).saves.items()}
         tensors |= {"__prompt__": torch.zeros(len(points), dtype=torch.long), "__point__": torch.arange(len(points)),
                     "__fan__": torch.zeros(len(points), dtype=torch.long)}
         sink.write(0, tensors, 0, 1, [{n: json.dumps(rows) for n, rows in exp.prompts.items()}])
@@ -141,9 +137,11 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return torch.as_tensor(value)
 
 
-def _scan_session(exp: Experiment, model: Model, points: list[dict[str, Any]]) -> list[Tracer]:
+def _scan_session(exp: Experiment, model: Model, points: list[dict[str, Any]]
+                  ) -> tuple[list[Tracer], dict[str, tuple[int, ...]]]:
     """Check the session at every point before anything runs: its results stack each save over
-    the points, so every save is a tensor of one shape at all of them. The first point's traces."""
+    the points, so every save is a tensor of one shape at all of them. The first point's traces,
+    and each save's shape."""
     first: list[Tracer] = []
     seen: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}
     for point in points:
@@ -162,7 +160,7 @@ def _scan_session(exp: Experiment, model: Model, points: list[dict[str, Any]]) -
                     raise experiment_error(op.span, f"save {op.target} is {list(value.shape)} at {point} and "
                                            f"{list(shape)} at {where}; a session's saves are stacked over its sweep points",
                                            "save a value whose shape does not change with the sweep")
-    return first
+    return first, {name: shape for name, (shape, _) in seen.items()}
 
 
 def sweep(exp: Experiment, model: Model, *, prompts: dict[str, Any] | None = None, batch_size: int = 32,
