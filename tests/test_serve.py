@@ -206,6 +206,26 @@ def _job_body(tracer) -> bytes:
                       list(batch.rows), batch.pad_id, tracer.params)
 
 
+def _queued(model, submitted, batch_rows=32) -> list[tuple[dict, int]]:
+    """Submit every (key, body) to an in-process queue before its worker starts, then run them:
+    each job's values, and how many jobs its forward ran."""
+    from interp_dsl.jobs import JobQueue
+    from interp_dsl.wire import decode_result
+    queue = JobQueue(model, batch_rows=batch_rows)
+    out = []
+    try:
+        records = [queue.submit(body, key) for key, body in submitted]
+        queue.start()
+        for record, (key, _) in zip(records, submitted, strict=True):
+            while queue.status(record.id, key)["status"] not in ("COMPLETED", "ERROR"):
+                time.sleep(0.02)
+            shared = queue.status(record.id, key)["batched_jobs"]
+            out.append((decode_result(queue.result(record.id, key))[0], shared))
+    finally:
+        queue.close()
+    return out
+
+
 def test_a_job_reading_only_the_last_logits_runs_the_head_on_the_last_position(tiny_dir, tmp_path):
     """The server decides it (a job sends token ids only), as a local sweep does: in process."""
     from interp_dsl.jobs import JobQueue
@@ -252,8 +272,6 @@ def test_jobs_with_one_program_share_a_forward_and_each_gets_its_own_rows(tiny_d
     """Queued jobs of several keys (one program, other prompts of the same length, other scales)
     run as one batch; each result equals its job run alone. A job of another length, another
     program, or one that ends the forward early runs alone."""
-    from interp_dsl.jobs import JobQueue
-    from interp_dsl.wire import decode_result
     model = LanguageModel(tiny_dir)
     for name in ("bob", "carol"):
         new_key(tmp_path / "keys.txt", name)
@@ -268,24 +286,16 @@ def test_jobs_with_one_program_share_a_forward_and_each_gets_its_own_rows(tiny_d
     handle = model.module.register_forward_pre_hook(
         lambda m, a, k: None if isinstance(k["input_ids"], FakeTensor) else forwards.append(k["input_ids"].shape[0]),
         with_kwargs=True)
-    queue = JobQueue(model, batch_rows=3)
     try:
-        records = [queue.submit(body, key) for key, body, _ in made]  # all waiting before the worker starts
-        queue.start()
-        for record, (key, _, expected) in zip(records, made, strict=True):
-            while queue.status(record.id, key)["status"] not in ("COMPLETED", "ERROR"):
-                time.sleep(0.02)
-            status = queue.status(record.id, key)
-            values, _, _ = decode_result(queue.result(record.id, key))
-            assert values.keys() == expected.keys()
-            for i, value in expected.items():
-                torch.testing.assert_close(values[i], value, rtol=1e-5, atol=1e-6)
-            record.shared_seen = status["batched_jobs"]
+        ran = _queued(model, [(key, body) for key, body, _ in made], batch_rows=3)
     finally:
         handle.remove()
-        queue.close()
+    for (values, _), (_, _, expected) in zip(ran, made, strict=True):
+        assert values.keys() == expected.keys()
+        for i, value in expected.items():
+            torch.testing.assert_close(values[i], value, rtol=1e-5, atol=1e-6)
     # 4-token prompts: jobs 0, 1, 2, 4 (3 rows at most: 0+1+2, then 4 alone); 8 tokens: job 3; stop: alone
-    assert [r.shared_seen for r in records] == [3, 3, 3, 1, 1, 1]
+    assert [shared for _, shared in ran] == [3, 3, 3, 1, 1, 1]
     assert forwards == [3, 1, 1, 1]
 
 
@@ -318,8 +328,6 @@ def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_priv
     """An in-place op could change a tensor the rows share: such jobs run alone. Writes into the
     rotary embedding's (cos, sin), one row per batch row here (the batch carries position ids),
     share a forward and stay in their own rows."""
-    from interp_dsl.jobs import JobQueue
-    from interp_dsl.wire import decode_result
     model = LanguageModel(tiny_dir)
     new_key(tmp_path / "keys.txt", "bob")
     (bob,) = read_keys(tmp_path / "keys.txt")
@@ -336,27 +344,16 @@ def test_jobs_working_in_place_run_alone_and_writes_to_per_row_tensors_stay_priv
 
     made = [job("the eiffel tower is", 0.0, False), job("madison square garden is", 1.0, False),
             job("the eiffel tower is", 0.5, True), job("madison square garden is", 2.0, True)]
-    queue = JobQueue(model)
-    try:
-        records = [queue.submit(body, bob) for body, _, _ in made]
-        queue.start()
-        for record, (_, save, expected) in zip(records, made, strict=True):
-            while queue.status(record.id, bob)["status"] not in ("COMPLETED", "ERROR"):
-                time.sleep(0.02)
-            record.shared_seen = queue.status(record.id, bob)["batched_jobs"]
-            values, _, _ = decode_result(queue.result(record.id, bob))
-            torch.testing.assert_close(values[save], expected, rtol=1e-5, atol=1e-6)
-    finally:
-        queue.close()
-    assert [r.shared_seen for r in records] == [2, 2, 1, 1]
+    ran = _queued(model, [(bob, body) for body, _, _ in made])
+    for (values, _), (_, save, expected) in zip(ran, made, strict=True):
+        torch.testing.assert_close(values[save], expected, rtol=1e-5, atol=1e-6)
+    assert [shared for _, shared in ran] == [2, 2, 1, 1]
     assert not torch.allclose(made[0][2][:, -1], made[1][2][:, -1])
 
 
 def test_a_padded_job_and_an_unpadded_one_do_not_share_a_forward(tiny_dir, tmp_path):
     """Padding changes what the layers are passed (a mask, or none): whether another user's job
     is padded must not show in a job's values, so such jobs run apart."""
-    from interp_dsl.jobs import JobQueue
-    from interp_dsl.wire import decode_result
     model = LanguageModel(tiny_dir)
     new_key(tmp_path / "keys.txt", "bob")
     (bob,) = read_keys(tmp_path / "keys.txt")
@@ -370,19 +367,10 @@ def test_a_padded_job_and_an_unpadded_one_do_not_share_a_forward(tiny_dir, tmp_p
 
     made = [job(["the eiffel tower is", "paris is"]), job(["rome is a city"]), job(["new york is a"])]
     assert made[0][2] is not None and made[1][2] is None  # padded: a mask; not padded: none
-    queue = JobQueue(model)
-    try:
-        records = [queue.submit(body, bob) for body, _, _ in made]
-        queue.start()
-        for record, (_, save, expected) in zip(records, made, strict=True):
-            while queue.status(record.id, bob)["status"] not in ("COMPLETED", "ERROR"):
-                time.sleep(0.02)
-            record.shared_seen = queue.status(record.id, bob)["batched_jobs"]
-            values, _, _ = decode_result(queue.result(record.id, bob))
-            assert (values[save] is None) == (expected is None)
-    finally:
-        queue.close()
-    assert [r.shared_seen for r in records] == [1, 2, 2]
+    ran = _queued(model, [(bob, body) for body, _, _ in made])
+    for (values, _), (_, save, expected) in zip(ran, made, strict=True):
+        assert (values[save] is None) == (expected is None)
+    assert [shared for _, shared in ran] == [1, 2, 2]
 
 
 SWEEP_PROMPTS = ["the eiffel tower is in", "rome", "new york is a city of", "paris", "the colosseum is in the city"]
