@@ -27,6 +27,7 @@ from interp_dsl import fan
 from interp_dsl.spans import user_span
 from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
+from runtime.engine import Rows
 from runtime.files import versions
 from runtime.fingerprints import architecture_fingerprint, value_digest, weights_fingerprint
 from runtime.interpreter import Batch
@@ -182,6 +183,7 @@ class Sweep:
             self.batch, self.shard_size, kwargs,
             {op.target: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))
+        plan.shared, plan.schedule = self._schedule(plan)
         if self.executor is not None and self.out is not None and not self.restart:
             # before every worker loads the model: the weights are the one thing not known yet
             refuse_other_run(self.out, self._header(plan, None, weights=""), unknown=("weights",))
@@ -231,6 +233,22 @@ class Sweep:
         return frozenset(op.target for op in program.ops if op.opcode == "save"
                          and _shape(first.get(op.refs()[0])) != _shape(longer.get(op.refs()[0])))
 
+    def _schedule(self, plan: SweepPlan) -> tuple[Rows | None, dict[str, Any]]:
+        """How a vectorised axis's rows run: the shared-prefix schedule (a point's rows join the
+        batch at the layer it writes, runtime/shared_prefix.py) when the program and the model allow
+        it on the first batch, else every point's rows from the start, with the reason."""
+        expanded = [i for i, (_, e) in enumerate(plan.invokes) if e]
+        if len(plan.fan_axes) != 1 or len(expanded) != 1 or self.remote is not None:
+            return None, {"name": "vectorised"} if plan.fan_axes else {"name": "plain"}
+        (axis, values), = plan.fan_axes.items()
+        rows = (axis, len(values), expanded[0])
+        engine, batch = self.tracer.engine, self.tracer.batch()
+        typed = engine.run(plan.program, batch, {**plan.params, **plan.points[0]}, execute=False)[0]
+        schedule = engine.shared_prefix(typed, batch, rows)
+        if isinstance(schedule, str):
+            return None, {"name": "vectorised", "why_not_shared_prefix": schedule}
+        return rows, schedule.describe()
+
     def _execute(self, plan: SweepPlan, sink: ShardSink, pool: Pool | None) -> None:
         lengths = prompt_lengths(getattr(self.model, "tokenizer", None), sorted(set(self.invokes)))
         run = self.tracer.engine.run if self.remote is None else \
@@ -276,7 +294,7 @@ class Sweep:
             "n_prompts": self.total,
             "points": [{k: plain_value(v) for k, v in p.items()} for p in plan.points],
             "fan_axes": plan.fan_axes, "dims": dims, "batch_size": plan.batch_size,
-            "shard_prompts": plan.shard_prompts,
+            "shard_prompts": plan.shard_prompts, "schedule": plan.schedule,
             "passes": (["stop_after_last_site"] if plan.program.generation is None else [])
             + (["logits_to_keep=1"] if plan.model_kwargs else []),
             **({"generate": self.generate} if self.generate is not None else {}),
@@ -306,7 +324,8 @@ def batch_runner(model: Any, plan: SweepPlan, invokes: list[str], compile: str,
 
     def execute(inputs: list[InvokeInput], params: dict[str, Any]) -> dict[SaveKey, Any]:
         batch = model._target.batch(inputs)
-        result = run(plan.program, batch, params, compile=compile)[1]
+        shared = {"shared": plan.shared} if plan.shared is not None else {}
+        result = run(plan.program, batch, params, compile=compile, **shared)[1]
         if plan.program.generation is None:
             return result.saved
         return {**steps_as_columns(result.saved),

@@ -23,11 +23,13 @@ from compiler.errors import InterventionError
 from compiler.ir import NO_SPAN, Generation, Program, Span
 from compiler.passes import reads_last_position_only
 from compiler.signatures import SiteTable, generation_table, module_paths, record_sites
+from runtime import shared_prefix
 from runtime.compiled import CompiledRunner, CompileStats
 from runtime.decode import DecodePlan, next_inputs, positions_of, step_kwargs
 from runtime.decode_compiled import DecodeSteps, generate_compiled
 from runtime.interpreter import Batch, RunResult, run, run_generation
 
+Rows = tuple[str, int, int]  # a sweep's vectorised axis, its number of points, the invoke expanded by it
 TABLES_KEPT = 64  # site tables hold fake tensors only; a sweep needs one per prompt length
 
 
@@ -138,13 +140,14 @@ class Engine:
 
     def run(self, program: Program, batch: Batch, params: dict[str, Any], *, compile: str = "off",
             execute: bool = True, typer: IncrementalTyper | None = None,
-            ids: dict[int, int] | None = None) -> tuple[TypedProgram, RunResult]:
+            ids: dict[int, int] | None = None, shared: Rows | None = None) -> tuple[TypedProgram, RunResult]:
         """Check `program` for `batch`, then run it: a generation when the program has one.
 
         `compile`: "off" (the reference interpreter), "graph", "inductor", "cudagraphs" or "auto"
         (see runtime/compiled.py); where compiled execution is not possible the reference runs and
         a `CompileFallbackWarning` says why. Without `execute`, only checks: the result's values
-        are the saved values' fake tensors."""
+        are the saved values' fake tensors. `shared`: a sweep's vectorised axis, run with the
+        shared-prefix schedule where it applies (runtime/shared_prefix.py)."""
         limit = allocation_limit(self._device()) if execute and self.fake_mode is None else None
         typed = self.check(program, batch, params, typer, ids, limit)
         if not execute:
@@ -155,6 +158,13 @@ class Engine:
                                        "check with execute=False, or load real weights to run")
         table = self.site_table(batch, program.generation)
         mode = self._compiled().wants(compile, typed, batch)
+        if shared is not None and mode == "off":
+            schedule = self.shared_prefix(typed, batch, shared)
+            if not isinstance(schedule, str):
+                try:
+                    return typed, shared_prefix.run(self.module, typed, table, batch, params, schedule)
+                except shared_prefix.NotShared:
+                    pass  # the vectorised rows below give the same values
         if program.generation is not None:
             return typed, self._generate(mode, typed, table, batch, params, self._spec(program.generation, batch))
         if mode != "off":
@@ -166,6 +176,10 @@ class Engine:
             self._warn_fallback(mode, reason)
             return typed, result
         return typed, run(self.module, typed, batch, params)
+
+    def shared_prefix(self, typed: TypedProgram, batch: Batch, rows: Rows) -> shared_prefix.SharedPrefix | str:
+        """The shared-prefix schedule of a checked sweep program on `batch`, or why it does not apply."""
+        return shared_prefix.plan(typed, self.site_table(batch), batch, *rows)
 
     def last_position_head(self, program: Program) -> bool:
         """Whether the model's head may run on the last position alone for `program` (HF's

@@ -47,6 +47,8 @@ class SweepPlan:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra forward arguments
     spans: dict[str, Span] = field(default_factory=dict)  # save name -> where it was written
     length_dependent: frozenset[str] = frozenset()  # saves whose shape follows the prompt length
+    shared: tuple[str, int, int] | None = None  # the vectorised axis run with the shared-prefix schedule
+    schedule: dict[str, Any] = field(default_factory=dict)  # how the rows run, for the manifest
 
     @property
     def fan_points(self) -> int:
