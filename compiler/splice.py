@@ -60,6 +60,21 @@ class _Slot:
     """Stands for a saved leaf that comes out of the graph."""
 
 
+@dataclass(frozen=True)
+class RowViews:
+    """The program's rows live in a batch of other rows (the shared-prefix schedule,
+    runtime/shared_prefix.py). Per event, extra inputs ("rows", name) hold: logical row ->
+    physical row, and for writes the physical rows some logical row lives in, with one such
+    logical row each. A site's per-row tensors are gathered into logical rows before the
+    program's ops run there; what they write is scattered back."""
+
+    logical: int  # rows of the batch the program was checked on
+    events: dict[Any, tuple[str, str, str]]  # event -> names of (where, taken, owner)
+
+    def inputs(self) -> list[ExtraInput]:
+        return [("rows", name) for names in self.events.values() for name in names]
+
+
 def extra_inputs(program: Program) -> list[ExtraInput]:
     """The values bound at run time, in the order the patched graph takes them."""
     out: list[ExtraInput] = []
@@ -77,17 +92,21 @@ def site_keys(typed: TypedProgram) -> frozenset[str]:
 
 
 def splice(gm: fx.GraphModule, typed: TypedProgram, table: SiteTable, rows: tuple[slice, ...],
-           batch: int, modules: torch.nn.Module, example_extra: list[Any], fake_mode: Any = None) -> Spliced:
+           batch: int, modules: torch.nn.Module, example_extra: list[Any], fake_mode: Any = None,
+           views: RowViews | None = None) -> Spliced:
     """Patch a copy of `gm`. `rows` are the invokes' rows of a batch of `batch` (all of it
-    when there is one invoke); `example_extra` are fake values for the extra inputs, in
-    `fake_mode` (dynamo's), which also types the new nodes."""
-    return _Splicer(gm, typed, table, rows, batch, modules, fake_mode).run(example_extra)
+    when there is one invoke); `example_extra` are fake values for the extra inputs (the
+    program's, then `views.inputs()`), in `fake_mode` (dynamo's), which also types the new nodes."""
+    return _Splicer(gm, typed, table, rows, batch, modules, fake_mode, views).run(example_extra)
 
 
 class _Splicer:
     def __init__(self, gm: fx.GraphModule, typed: TypedProgram, table: SiteTable,
-                 rows: tuple[slice, ...], batch: int, modules: torch.nn.Module, fake_mode: Any):
+                 rows: tuple[slice, ...], batch: int, modules: torch.nn.Module, fake_mode: Any,
+                 views: RowViews | None = None):
         self.source, self.typed, self.table = gm, typed, table
+        self.views = views
+        self.physical: dict[fx.Node, fx.Node] = {}  # a logical view -> the physical node it gathers
         self.fake_mode = fake_mode
         self.rows, self.batch, self.modules = rows, batch, modules
         self.graph = fx.Graph()
@@ -108,8 +127,9 @@ class _Splicer:
         new = [n for n in self.graph.nodes if n.op == "placeholder"]
         for o, n in zip(old, new, strict=True):
             n._dynamo_source = getattr(o, "_dynamo_source", None)  # aot_autograd asks for it
-        extra = extra_inputs(self.typed.program)
+        extra = extra_inputs(self.typed.program) + (self.views.inputs() if self.views else [])
         placeholders = self._add_inputs(new[-1] if new else None, extra, example_extra)
+        self.inputs = dict(zip(extra, placeholders, strict=True))
         markers = self._markers()
         by_event: dict[int, list[Op]] = defaultdict(list)
         for op, at in zip(self.typed.program.ops, self.typed.schedule, strict=True):
@@ -124,6 +144,9 @@ class _Splicer:
                 self.live[at] = markers[at]
                 self.cursor = self._last_marker(markers[at])
                 spliced.anchors[at] = self.cursor
+                if self.views is not None:
+                    self.event = at
+                    self.live[at] = self._logical(at, markers[at])
             self.event = at
             for op in by_event[at]:
                 self._op(op, at, placeholders, extra, spliced)
@@ -361,10 +384,46 @@ class _Splicer:
                               "compiled execution writes tensors")
         new = self._write_leaf(container, steps, value, rows)
         self.fakes[new] = self.fakes.get(container)
+        if self.views is not None:
+            self._scatter(at, container, new)
         container.replace_all_uses_with(new, delete_user_cb=lambda user: user not in self.ours)
         for parent, key in reversed(trail):
             new = _replaced(parent, key, new)
         self.live[at] = new
+
+    def _logical(self, at: int, live: Any) -> Any:
+        """The site's value with its per-row tensors gathered into the program's rows."""
+        assert self.views is not None
+        event = self.typed.events[at]
+        if event not in self.views.events:
+            raise SpliceError(f"no row layout for {self._event(at)}")
+        where = self.inputs[("rows", self.views.events[event][0])]
+        recorded = pytree.tree_leaves(self.table.values[event])
+        leaves, spec = pytree.tree_flatten(live)
+        out = []
+        for seen, node in zip(recorded, leaves, strict=True):
+            if isinstance(node, fx.Node) and isinstance(seen, torch.Tensor) and seen.dim() > 0 \
+                    and seen.shape[0] == self.views.logical:
+                view = self._node("call_function", torch.index_select, (node, 0, where), {})
+                self.fakes[view] = seen
+                self.physical[view] = node
+                node = view
+            out.append(node)
+        return pytree.tree_unflatten(out, spec)
+
+    def _scatter(self, at: int, container: fx.Node, new: fx.Node) -> None:
+        """Route the model's later uses of the written physical tensor to one with the program's
+        new rows scattered in."""
+        assert self.views is not None
+        physical = self.physical.get(container)
+        if physical is None:
+            raise SpliceError(f"a write at {self._event(at)} lands in a value without a row per batch row")
+        _, taken, owner = self.views.events[self.typed.events[at]]
+        picked = self._node("call_function", torch.index_select, (new, 0, self.inputs[("rows", owner)]), {})
+        merged = self._node("call_function", torch.index_copy,
+                            (physical, 0, self.inputs[("rows", taken)], picked), {})
+        physical.replace_all_uses_with(merged, delete_user_cb=lambda user: user not in self.ours)
+        self.physical[new] = merged
 
     def _write_leaf(self, t: fx.Node, steps: list[Any], value: Any, rows: slice) -> fx.Node:
         """`ops.write_tensor` as graph nodes: a copy of `t` with `value` written in place."""

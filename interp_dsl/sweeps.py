@@ -26,6 +26,7 @@ from compiler.passes import stop_after_last_site
 from interp_dsl import fan
 from interp_dsl.spans import user_span
 from interp_dsl.tracing import Invoker, StepBlock, StepSelector, Tracer
+from runtime.compiled import sweep_mode
 from runtime.datasets import PromptFile, Source, count_rows, zip_rows
 from runtime.engine import Rows
 from runtime.files import versions
@@ -184,12 +185,14 @@ class Sweep:
             {op.target: op.span for op in program.ops if op.opcode == "save"},
             self._length_dependent(program))
         plan.shared, plan.schedule = self._schedule(plan)
+        runs = -(-self.total // self.batch) * len(points)
+        self.mode = self.compile if self.remote is not None else sweep_mode(self.compile, self.tracer.engine.module, runs)
         if self.executor is not None and self.out is not None and not self.restart:
             # before every worker loads the model: the weights are the one thing not known yet
             refuse_other_run(self.out, self._header(plan, None, weights=""), unknown=("weights",))
         with contextlib.ExitStack() as stack:
             pool = None if self.executor is None else stack.enter_context(
-                self.executor.pool(self.model, plan, self.invokes, self.compile, self.progress))
+                self.executor.pool(self.model, plan, self.invokes, self.mode, self.progress))
             header = self._header(plan, pool)
             if self.out is None:
                 memory = MemorySink(header, annotate=self._texts())
@@ -263,7 +266,7 @@ class Sweep:
                 pool.run(pending_windows(plan, lambda: zip_rows(self.sources), sink, lengths, sources),
                          sink, advance, bar.workers)
                 return
-            execute = batch_runner(self.model, plan, self.invokes, self.compile, run)
+            execute = batch_runner(self.model, plan, self.invokes, self.mode, run)
             run_sweep(plan, lambda: zip_rows(self.sources), execute, sink, lengths, advance, sources)
 
     def _served(self) -> dict[str, str]:
@@ -295,6 +298,7 @@ class Sweep:
             "points": [{k: plain_value(v) for k, v in p.items()} for p in plan.points],
             "fan_axes": plan.fan_axes, "dims": dims, "batch_size": plan.batch_size,
             "shard_prompts": plan.shard_prompts, "schedule": plan.schedule,
+            "compile": self.mode if self.mode == self.compile else {"auto": self.mode},
             "passes": (["stop_after_last_site"] if plan.program.generation is None else [])
             + (["logits_to_keep=1"] if plan.model_kwargs else []),
             **({"generate": self.generate} if self.generate is not None else {}),

@@ -17,6 +17,7 @@ limits, frames it gave up on) is per artefact.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 from dataclasses import dataclass, field
@@ -28,10 +29,15 @@ from compiler.check import TypedProgram
 from compiler.ir import SaveKey, by_name
 from compiler.markers import Markers
 from compiler.signatures import SiteTable
-from compiler.splice import Spliced, extra_inputs, site_keys, splice
+from compiler.splice import RowViews, Spliced, extra_inputs, site_keys, splice
+from runtime import shared_prefix
 from runtime.interpreter import Batch, RunResult
 
 AUTO_REPEATS = 3  # on a GPU, `auto` compiles an experiment the third time it runs with one shape bucket
+# On a CPU, `auto` compiles a sweep of at least this many forwards (batches x parameter points).
+# Measured on SmolLM2 (docs/benchmarks.md): capturing costs ~14 s and saves ~2-3 ms per prompt,
+# so it pays from ~5000 prompts at batch 32.
+AUTO_SWEEP_RUNS_CPU = 160
 _ARTEFACT_IDS = itertools.count()
 
 
@@ -49,6 +55,7 @@ class _Call:
     extra: list[Any]
     saves: list[Any] | None = None
     spliced: Spliced | None = None
+    views: RowViews | None = None
 
 
 @dataclass
@@ -81,7 +88,7 @@ class Artefact:
         fake_mode = _graph_fake_mode(gm) or torch._guards.detect_fake_mode(example_inputs)
         examples = [fake_mode.from_tensor(v) if fake_mode is not None else v for v in call.extra]
         spliced = splice(gm, call.typed, call.table, call.batch.rows, call.batch.size, self.module,
-                         examples, fake_mode)
+                         examples, fake_mode, call.views)
         if self.mode == "graph":
             run = spliced.module
         else:
@@ -98,20 +105,34 @@ class Artefact:
 
         return compiled
 
-    def run(self, typed: TypedProgram, table: SiteTable, batch: Batch, params: dict[str, Any]) -> RunResult:
+    def run(self, typed: TypedProgram, table: SiteTable, batch: Batch, params: dict[str, Any],
+            shared: tuple[shared_prefix.SharedPrefix, shared_prefix.Regrowth] | None = None) -> RunResult:
+        """One compiled call; with `shared`, on the growing batch of the shared-prefix schedule."""
         extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
-        call = self._call = _Call(typed, table, batch, extra)
+        args, kwargs, views, plan = batch.args, batch.kwargs, None, None
+        growing = contextlib.nullcontext()
+        if shared is not None:
+            schedule, regrowth = shared
+            plan = shared_prefix.layout(schedule, batch, table)
+            args, kwargs = shared_prefix.physical_inputs(batch, schedule, plan)
+            views, rows = shared_prefix.row_views(typed, plan)
+            extra += rows
+            regrowth.install(plan.layers)
+            growing = regrowth.activated(plan)
+        call = self._call = _Call(typed, table, batch, extra, views=views)
         self.markers.install(self.keys)
         if self.dynamic:
             _mark_dynamic(batch)
         try:
-            with self.markers.activated(self.keys), torch.no_grad():
-                output = self.compiled(*batch.args, **batch.kwargs)
+            with self.markers.activated(self.keys), growing, torch.no_grad():
+                output = self.compiled(*args, **kwargs)
         finally:
             self._call = None
         if call.saves is None or call.spliced is None:
             raise _NotRun("dynamo ran the model without the spliced graph")
         self.stats.calls += 1
+        if plan is not None:
+            output = shared_prefix.logical_output(output, plan)
         return _result(typed, call.spliced, call.saves, output, extra)
 
 
@@ -126,6 +147,7 @@ class CompiledRunner:
         self.stats = CompileStats()
         self.seen: dict[Any, int] = {}
         self.new_reason: str | None = None
+        self.regrowth = shared_prefix.Regrowth(module)
 
     def release(self) -> None:
         """Drop every artefact and take the marker hooks off the model."""
@@ -144,13 +166,15 @@ class CompiledRunner:
         return "inductor" if self.seen[key] >= AUTO_REPEATS else "off"
 
     def run(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch,
-            params: dict[str, Any], static: bool = False) -> RunResult | None:
+            params: dict[str, Any], static: bool = False,
+            shared: shared_prefix.SharedPrefix | None = None) -> RunResult | None:
         """Run compiled; None when it cannot be (see `new_reason`). `static`: every shape is
-        fixed (a decode step on a static KV cache), so nothing is marked dynamic."""
+        fixed (a decode step on a static KV cache), so nothing is marked dynamic. `shared`: run
+        with the shared-prefix schedule (its growth is traced into the captured graph)."""
         self.new_reason = None
         if mode == "cudagraphs" and not any(p.is_cuda for p in self.module.parameters()):
             return self._fallback(("cudagraphs",), "CUDA graphs need the model on a CUDA device")
-        key = self._key(mode, typed, batch, static)
+        key = self._key(mode, typed, batch, static) + ((shared.invoke, tuple(shared.joins.items())) if shared else ())
         if key in self.failed:
             self.stats.fallbacks += 1
             return None
@@ -164,7 +188,7 @@ class CompiledRunner:
             self.artefacts[key] = artefact
             self.stats.artefacts += 1
         try:
-            return artefact.run(typed, table, batch, params)
+            return artefact.run(typed, table, batch, params, (shared, self.regrowth) if shared else None)
         except Exception as e:  # capture, splice or compile failed: the reference still works
             del self.artefacts[key]
             return self._fallback(key, _cause(e))
@@ -185,6 +209,17 @@ class CompiledRunner:
     def _key(self, mode: str, typed: TypedProgram, batch: Batch, static: bool = False) -> Any:
         layout = None if len(batch.rows) == 1 else (tuple((r.start, r.stop) for r in batch.rows), batch.size)
         return (typed.program.structural_hash(), mode, layout, _bucket(batch, static))
+
+
+def sweep_mode(mode: str, module: torch.nn.Module, runs: int) -> str:
+    """The mode a sweep of `runs` forwards runs in: `auto` compiles when the capture pays for
+    itself (`inductor` on a GPU from AUTO_REPEATS forwards, `graph` on a CPU from
+    AUTO_SWEEP_RUNS_CPU), else runs the reference interpreter; other modes stay as given."""
+    if mode != "auto":
+        return mode
+    if any(p.is_cuda for p in module.parameters()):
+        return "inductor" if runs >= AUTO_REPEATS else "off"
+    return "graph" if runs >= AUTO_SWEEP_RUNS_CPU else "off"
 
 
 def _bucket(batch: Batch, static: bool = False) -> Any:

@@ -158,11 +158,11 @@ class Engine:
                                        "check with execute=False, or load real weights to run")
         table = self.site_table(batch, program.generation)
         mode = self._compiled().wants(compile, typed, batch)
-        if shared is not None and mode == "off":
+        if shared is not None:
             schedule = self.shared_prefix(typed, batch, shared)
             if not isinstance(schedule, str):
                 try:
-                    return typed, shared_prefix.run(self.module, typed, table, batch, params, schedule)
+                    return typed, self._run_shared(mode, typed, table, batch, params, schedule)
                 except shared_prefix.NotShared:
                     pass  # the vectorised rows below give the same values
         if program.generation is not None:
@@ -176,6 +176,18 @@ class Engine:
             self._warn_fallback(mode, reason)
             return typed, result
         return typed, run(self.module, typed, batch, params)
+
+    def _run_shared(self, mode: str, typed: TypedProgram, table: SiteTable, batch: Batch, params: dict[str, Any],
+                    schedule: shared_prefix.SharedPrefix) -> RunResult:
+        if mode != "off":
+            result = self._compiled().run(mode, typed, table, batch, params, shared=schedule)
+            if result is not None:
+                return result
+            reason = self._compiled().new_reason
+            result = shared_prefix.run(self.module, typed, table, batch, params, schedule)
+            self._warn_fallback(mode, reason)
+            return result
+        return shared_prefix.run(self.module, typed, table, batch, params, schedule)
 
     def shared_prefix(self, typed: TypedProgram, batch: Batch, rows: Rows) -> shared_prefix.SharedPrefix | str:
         """The shared-prefix schedule of a checked sweep program on `batch`, or why it does not apply."""

@@ -19,7 +19,9 @@ table recorded on the logical batch and must agree with the shapes seen at run t
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +29,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from compiler.check import BEFORE_FORWARD, TypedProgram
-from compiler.ir import Const, Op, Ref
+from compiler.ir import Const, Op, Ref, SliceArg, TupleArg
 from compiler.signatures import Event, SiteTable
+from compiler.splice import RowViews
 from runtime.interpreter import Batch, HookedRun, RunResult
 
 FAN_PREFIX = "__fan_"  # interp_dsl.fan.FAN_PARAM without its name
+_ALL = SliceArg(Const(None), Const(None), Const(None))  # `:`
 
 
 class NotShared(Exception):
@@ -162,16 +166,21 @@ def _point_of(write: Op, defs: dict[int, Op], axis: str) -> int | None:
     if where is None or where.target != "torch.where" or len(where.args) != 3:
         return None
     mask, _, current = (_def(a, defs) for a in where.args)
-    if mask is not None and mask.target == "getitem":
+    if mask is not None and mask.target == "getitem":  # new trailing dimensions only: rows stay rows
+        index = mask.args[1]
+        if not isinstance(index, TupleArg) or index.items[0] != _ALL or any(i != Const(None) for i in index.items[1:]):
+            return None
         mask = _def(mask.args[0], defs)
     if mask is None or mask.target != "torch.eq" or not isinstance(mask.args[1], Const):
         return None
     param = _def(mask.args[0], defs)
     if param is None or param.opcode != "param" or param.target != FAN_PREFIX + axis:
         return None
-    if write.path:  # `current` is the read indexed by the write's path
+    if write.path:  # `current` is the read indexed by the write's path, which keeps every row
+        index = write.path[0]
+        first = index.items[0] if isinstance(index, TupleArg) and index.items else index
         same = current is not None and current.target == "getitem" and len(write.path) == 1 \
-            and current.args[1] == write.path[0]
+            and current.args[1] == index and first == _ALL
         current = _def(current.args[0], defs) if same else None
     if current is None or current.opcode != "read" or current.site != write.site or current.path:
         return None
@@ -196,132 +205,234 @@ def _join_event(module: str, kind: str, call: int, layers: tuple[str, ...]) -> E
     return None
 
 
+# -------------------------------------------------------------------------------------- layout
+@dataclass
+class Layout:
+    """The schedule laid out on one batch: which logical rows start the physical batch, where the
+    batch grows, and after every event where each logical row lives. Hooks that run the growth
+    (`grow_inputs`, `grow_output`) read only tensors and plain data here, so dynamo traces them."""
+
+    keep: torch.Tensor  # the logical rows the physical batch starts with
+    grow: dict[Event, torch.Tensor]  # growth event -> the physical rows copied to the end there
+    snapshots: list[tuple[int, torch.Tensor, torch.Tensor]]  # (event position, where, source), by position
+    logical: int  # rows of the logical batch
+    positions: dict[Event, int]
+    side_rows: dict[str, list[bool]]  # stack layer -> per leaf of (args[1:], kwargs): one row per batch row
+    layers: tuple[str, ...]  # the stack layers whose inputs follow the growing batch
+
+    def at(self, event: Event) -> tuple[torch.Tensor, torch.Tensor]:
+        """After `event` (and its growth): logical row -> physical row, and per physical row the
+        starting row it copies."""
+        position = self.positions[event]
+        found = self.snapshots[0]
+        for snapshot in self.snapshots:
+            if snapshot[0] <= position:
+                found = snapshot
+        return found[1], found[2]
+
+    def owner(self, event: Event) -> tuple[torch.Tensor, torch.Tensor]:
+        """The physical rows after `event` that some logical row lives in, and one such logical row
+        each (where a write's new values come from)."""
+        where, source = self.at(event)
+        owner = torch.full((len(source),), -1, dtype=torch.long)
+        owner[where] = torch.arange(self.logical)
+        taken = (owner >= 0).nonzero().flatten()
+        return taken, owner[taken]
+
+    @property
+    def start(self) -> int:
+        return len(self.keep)
+
+    @property
+    def final(self) -> torch.Tensor:
+        """Logical row -> physical row at the end of the forward."""
+        return self.snapshots[-1][1]
+
+    def rows_before(self, event: Event) -> int:
+        return len(self.at(self._previous(event))[1])
+
+    def _previous(self, event: Event) -> Event:
+        position = self.positions[event]
+        return next(e for e, p in self.positions.items() if p == position - 1)
+
+
+def layout(schedule: SharedPrefix, batch: Batch, table: SiteTable) -> Layout:
+    """`schedule` on `batch` (the logical batch it was planned on, `table` its sites)."""
+    rows, n = batch.rows[schedule.invoke], schedule.rows
+    shared_logical = torch.arange(rows.start, rows.start + n)
+    keep = torch.cat([torch.arange(0, rows.start), shared_logical, torch.arange(rows.stop, batch.size)])
+    where = torch.empty(batch.size, dtype=torch.long)
+    where[keep] = torch.arange(len(keep))
+    point_rows = torch.arange(rows.start, rows.stop).view(schedule.points, n)
+    shared = where[shared_logical].clone()
+    where[point_rows] = shared.expand(schedule.points, -1)
+    source = torch.arange(len(keep))
+    snapshots = [(-1, where.clone(), source.clone())]
+    grow: dict[Event, torch.Tensor] = {}
+    waiting = schedule.points
+    for event in sorted(schedule.joins, key=table.positions.__getitem__):
+        copied = []
+        for p in schedule.joins[event]:
+            waiting -= 1
+            if not waiting:  # the last point to join takes the shared rows themselves
+                break
+            where[point_rows[p]] = torch.arange(len(source), len(source) + n)
+            source = torch.cat([source, source[shared]])
+            copied.append(shared)
+        if copied:
+            grow[event] = torch.cat(copied)
+            snapshots.append((table.positions[event], where.clone(), source.clone()))
+    first = min((schedule.layers.index(path) for path, _, _ in grow), default=len(schedule.layers))
+    stack = schedule.layers[first:]
+    side = {path: per_row((table.values[(path, "pre", 0)][0][1:], table.values[(path, "pre", 0)][1]), batch.size)
+            for path in stack}
+    return Layout(keep, grow, snapshots, batch.size, dict(table.positions), side, stack)
+
+
+def physical_inputs(batch: Batch, schedule: SharedPrefix, plan: Layout) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The forward's arguments for the physical batch: the expanded invoke's prompts once. Raises
+    NotShared when the invoke's copies are not all the same prompts."""
+    rows, n, points = batch.rows[schedule.invoke], schedule.rows, schedule.points
+
+    def compact(value: Any) -> Any:
+        if not _batch_first(value, batch.size):
+            return value
+        copies = value[rows].reshape(points, n, *value.shape[1:])
+        if not bool((copies == copies[:1]).all()):
+            raise NotShared("the expanded invoke's inputs differ between points")
+        return value[plan.keep]
+    leaves, spec = tree_flatten((batch.args, batch.kwargs))
+    return tree_unflatten([compact(v) for v in leaves], spec)
+
+
+def per_row(recorded: Any, logical: int) -> list[bool]:
+    """Per leaf of a site value recorded on the logical batch: whether it has a row per batch row."""
+    return [_batch_first(v, logical) for v in tree_flatten(recorded)[0]]
+
+
+def row_views(typed: TypedProgram, plan: Layout) -> tuple[RowViews, list[torch.Tensor]]:
+    """For the splice pass: at every event the program acts on, where the logical rows live (and
+    for writes, which physical rows take which logical row's values), as extra graph inputs."""
+    events: dict[Event, tuple[str, str, str]] = {}
+    values: list[torch.Tensor] = []
+    for at in sorted({a for a in typed.schedule if a >= 0}):
+        event = typed.events[at]
+        names = tuple(f"e{at}_{part}" for part in ("where", "taken", "owner"))
+        events[event] = names  # type: ignore[assignment]
+        values += [plan.at(event)[0], *plan.owner(event)]
+    return RowViews(plan.logical, events), values
+
+
+def logical_output(output: Any, plan: Layout) -> Any:
+    """The model's output with the logical batch's rows."""
+    rows = len(plan.snapshots[-1][2])
+    leaves, spec = tree_flatten(output)
+    return tree_unflatten([v[plan.final] if _batch_first(v, rows) else v for v in leaves], spec)
+
+
+# ------------------------------------------------------------------------------ growth hooks
+def grow_inputs(plan: Layout, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A stack layer's inputs on the growing batch: the hidden state grown for the points joining
+    before this layer, the other per-row inputs (computed once on the starting rows) indexed by
+    the starting row each physical row copies. None when nothing changes."""
+    event = (path, "pre", 0)
+    hidden, rest = args[0], args[1:]
+    if event in plan.grow:
+        hidden = _grown(plan, event, hidden)
+    source = plan.at(event)[1]
+    if len(source) == plan.start:
+        return None if hidden is args[0] else ((hidden, *rest), kwargs)
+    leaves, spec = tree_flatten((rest, kwargs))
+    flags = plan.side_rows[path]
+    if len(flags) != len(leaves):
+        raise NotShared(f"{path}'s inputs have another structure than when they were recorded")
+    out = []
+    for flag, value in zip(flags, leaves, strict=True):
+        if flag:
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != plan.start:
+                raise NotShared(f"an input of {path} does not have a row per batch row")
+            value = value[source]
+        out.append(value)
+    rest, kwargs = tree_unflatten(out, spec)
+    return (hidden, *rest), kwargs
+
+
+def grow_output(plan: Layout, path: str, output: Any) -> Any:
+    """A stack layer's output grown for the points joining after it (None when none join)."""
+    event = (path, "post", 0)
+    return _grown(plan, event, output) if event in plan.grow else None
+
+
+def _grown(plan: Layout, event: Event, hidden: Any) -> torch.Tensor:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0 or hidden.shape[0] != plan.rows_before(event):
+        raise NotShared("a decoder layer's hidden state does not have the batch's rows")
+    return torch.cat([hidden, hidden[plan.grow[event]]])
+
+
+class Regrowth:
+    """Growth hooks on a model's decoder stack for compiled runs: installed once per layer (dynamo
+    guards on hook dictionaries) and first in line (the site markers see the grown batch); they
+    act only while a layout is active."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.active: Layout | None = None
+        self.installed: set[str] = set()
+
+    def install(self, layers: tuple[str, ...]) -> None:
+        for path in layers:
+            if path in self.installed:
+                continue
+            module = self.model.get_submodule(path)
+            module.register_forward_pre_hook(lambda m, a, k, p=path: self._pre(p, a, k), with_kwargs=True, prepend=True)
+            module.register_forward_hook(lambda m, a, o, p=path: self._post(p, o), prepend=True)
+            self.installed.add(path)
+
+    @contextlib.contextmanager
+    def activated(self, plan: Layout) -> Iterator[None]:
+        self.active = plan
+        try:
+            yield
+        finally:
+            self.active = None
+
+    def _pre(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        plan = self.active
+        if plan is None or path not in plan.side_rows:
+            return None
+        return grow_inputs(plan, path, args, kwargs)
+
+    def _post(self, path: str, output: Any) -> Any:
+        plan = self.active
+        if plan is None:
+            return None
+        return grow_output(plan, path, output)
+
+
 # ------------------------------------------------------------------------------------- running
 class _SharedRun(HookedRun):
-    """A HookedRun whose physical batch grows at the schedule's events; the program's ops see
-    logical rows (gathered before they run, scattered back after a write)."""
+    """A HookedRun on the growing batch; the program's ops see logical rows (gathered before
+    they run, scattered back after a write)."""
 
     def __init__(self, model: torch.nn.Module, typed: TypedProgram, table: SiteTable, batch: Batch,
                  params: dict[str, Any], schedule: SharedPrefix):
         super().__init__(model, typed, batch, params)
-        self.table, self.schedule = table, schedule
-        self.logical = batch.size
-        rows = batch.rows[schedule.invoke]
-        shared = torch.arange(rows.start, rows.start + schedule.rows)
-        keep = torch.cat([torch.arange(0, rows.start), shared, torch.arange(rows.stop, batch.size)])
-        self.inputs = self._physical_inputs(batch, keep, rows)
-        # logical row -> physical row; physical row -> the starting physical row it copies
-        where = torch.empty(batch.size, dtype=torch.long)
-        where[keep] = torch.arange(len(keep))
-        point_rows = torch.arange(rows.start, rows.stop).view(schedule.points, schedule.rows)
-        where[point_rows] = where[shared].expand(schedule.points, -1)
-        self.where = where
-        self.start = len(keep)
-        self.source = torch.arange(self.start)
-        self.shared = where[shared]
-        self.point_rows = point_rows
-        self.waiting = schedule.points  # points whose rows have not joined yet
-
-    def _physical_inputs(self, batch: Batch, keep: torch.Tensor, rows: slice) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        n, points = self.schedule.rows, self.schedule.points
-
-        def compact(value: Any) -> Any:
-            if not _batch_first(value, batch.size):
-                return value
-            copies = value[rows].reshape(points, n, *value.shape[1:])
-            if not bool((copies == copies[:1]).all()):
-                raise NotShared("the expanded invoke's inputs differ between points")
-            return value[keep]
-        leaves, spec = tree_flatten((batch.args, batch.kwargs))
-        return tree_unflatten([compact(v) for v in leaves], spec)
+        self.table = table
+        self.layout = layout(schedule, batch, table)
+        self.inputs = physical_inputs(batch, schedule, self.layout)
 
     def _forward(self) -> Any:
         args, kwargs = self.inputs
-        output = self.model(*args, **kwargs)
-        return self._to_logical(output, None)
+        return logical_output(self.model(*args, **kwargs), self.layout)
 
-    # --------------------------------------------------------------------------- layout
-    @property
-    def physical(self) -> int:
-        return len(self.source)
-
-    def _grow(self, hidden: torch.Tensor, points: tuple[int, ...]) -> torch.Tensor:
-        if hidden.shape[0] != self.physical:
-            raise NotShared(f"a decoder layer's hidden state has {hidden.shape[0]} rows, not {self.physical}")
-        for p in points:
-            self.waiting -= 1
-            if not self.waiting:  # the last point to join takes the shared rows themselves
-                break
-            new = torch.arange(self.physical, self.physical + self.schedule.rows)
-            self.source = torch.cat([self.source, self.source[self.shared]])
-            self.where[self.point_rows[p]] = new
-            hidden = torch.cat([hidden, hidden[self.shared]])
-        return hidden
-
-    def _per_row(self, table_value: Any, live: Any, fn: Any, rows: int) -> Any:
-        """`live` with `fn` applied to the tensors the site table has one row per batch row in
-        (each must have `rows` rows here)."""
-        recorded, _ = tree_flatten(table_value)
-        leaves, spec = tree_flatten(live)
-        if len(recorded) != len(leaves):
-            raise NotShared("a value has another structure than when it was recorded")
-        out = []
-        for seen, value in zip(recorded, leaves, strict=True):
-            if _batch_first(seen, self.logical):
-                if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
-                    raise NotShared("a per-row value has another number of rows than the batch")
-                value = fn(value)
-            out.append(value)
-        return tree_unflatten(out, spec)
-
-    def _to_logical(self, live: Any, event: Event | None) -> Any:
-        if event is None:  # the model's output: whatever has a row per physical row
-            leaves, spec = tree_flatten(live)
-            return tree_unflatten([v[self.where] if _batch_first(v, self.physical) else v for v in leaves], spec)
-        return self._per_row(self.table.values[event], live, lambda t: t[self.where], self.physical)
-
-    def _to_physical(self, new: Any, old: Any, event: Event) -> Any:
-        owner = torch.full((self.physical,), -1, dtype=torch.long)
-        owner[self.where] = torch.arange(self.logical)  # a physical row takes one of its logical rows' values
-        taken = owner >= 0
-        recorded, _ = tree_flatten(self.table.values[event])
-        leaves, spec = tree_flatten(new)
-        before, _ = tree_flatten(old)
-        out = []
-        for seen, value, was in zip(recorded, leaves, before, strict=True):
-            if _batch_first(seen, self.logical) and isinstance(value, torch.Tensor):
-                merged = was.clone()
-                merged[taken] = value[owner[taken]].to(was.dtype)
-                value = merged
-            out.append(value)
-        return tree_unflatten(out, spec)
-
-    # ---------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> list[Any]:
-        handles = []
-        first = min(self.schedule.layers.index(path) for path, _, _ in self.schedule.joins)
-        for path in self.schedule.layers[first:]:
+        plan, handles = self.layout, []
+        for path in plan.layers:
             module = self.model.get_submodule(path)
             handles.append(module.register_forward_pre_hook(
-                lambda m, a, k, p=path: self._layer_inputs(p, a, k), with_kwargs=True))
-            if (path, "post", 0) in self.schedule.joins:
-                handles.append(module.register_forward_hook(
-                    lambda m, a, o, p=path: self._grow(o, self.schedule.joins[(p, "post", 0)])))
+                lambda m, a, k, p=path: grow_inputs(plan, p, a, k), with_kwargs=True))
+            handles.append(module.register_forward_hook(lambda m, a, o, p=path: grow_output(plan, p, o)))
         return handles + super()._install_hooks()
-
-    def _layer_inputs(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Grow the hidden state for points joining before this layer; index the layer's other
-        per-row inputs (computed once on the starting rows) by the physical rows."""
-        hidden, rest = args[0], args[1:]
-        joining = self.schedule.joins.get((path, "pre", 0))
-        if joining:
-            hidden = self._grow(hidden, joining)
-        if self.physical == self.start:
-            return (hidden, *rest), kwargs
-        recorded_args, recorded_kwargs = self.table.values[(path, "pre", 0)]
-        rest, kwargs = self._per_row((recorded_args[1:], recorded_kwargs), (rest, kwargs),
-                                     lambda t: t[self.source], self.start)
-        return (hidden, *rest), kwargs
 
     def _on_pre(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self._at(path, "pre", (tuple(args), dict(kwargs)))
@@ -334,7 +445,17 @@ class _SharedRun(HookedRun):
         if index is None:
             return None
         event = self.typed.events[index]
-        logical = self._to_logical(live, event)
+        flags = per_row(self.table.values[event], self.layout.logical)
+        where, source = self.layout.at(event)
+        leaves, spec = tree_flatten(live)
+        if len(flags) != len(leaves) or any(f and not _batch_first(v, len(source)) for f, v in zip(flags, leaves, strict=True)):
+            raise NotShared(f"{path} ({phase}) does not have a row per batch row")
+        logical = tree_unflatten([v[where] if f else v for f, v in zip(flags, leaves, strict=True)], spec)
         new = self._run_ops(self.by_event.get(index, []), logical)
         self._maybe_stop()
-        return None if new is logical else self._to_physical(new, live, event)
+        if new is logical:
+            return None
+        taken, owner = self.layout.owner(event)
+        out = [was.index_copy(0, taken, value[owner].to(was.dtype)) if flag else value
+               for flag, value, was in zip(flags, tree_flatten(new)[0], leaves, strict=True)]
+        return tree_unflatten(out, spec)
