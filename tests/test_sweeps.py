@@ -281,3 +281,17 @@ def test_unbatchable_names_what_reaches_past_a_programs_own_rows():
         == "it changes a value in place (Tensor.mul_)"
     assert unbatchable(Program((read, Op("backward", args=(Ref(0),))))) == "it back-propagates"
     assert unbatchable(Program((read,), generation=Generation(max_new_tokens=2))) == "it generates"
+
+
+def test_auto_compiles_a_sweep_only_when_the_capture_pays(llama):
+    from runtime.compiled import AUTO_SWEEP_RUNS_CPU, sweep_mode
+    cpu = llama.module
+    assert sweep_mode("auto", cpu, AUTO_SWEEP_RUNS_CPU - 1) == "off"
+    assert sweep_mode("auto", cpu, AUTO_SWEEP_RUNS_CPU) == "graph"
+    assert sweep_mode("off", cpu, 10 ** 6) == "off" and sweep_mode("graph", cpu, 1) == "graph"
+    with llama.sweep(PROMPTS, batch_size=2, compile="auto") as sweep:  # 4 batches x 2 points: 8 forwards
+        coef = sweep.param("coef", [1.0, 2.0])
+        llama.model.layers[1].output[:, -1, :] *= coef
+        llama.lm_head.output[:, -1].save("logits")
+    assert sweep.results.manifest["compile"] == {"auto": "off"}
+    assert llama.compile_stats().artefacts == 0
