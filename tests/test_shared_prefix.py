@@ -160,3 +160,36 @@ def test_programs_the_schedule_cannot_share_run_every_row_and_say_why(llama):
                     llama.model.layers[1].output[:, 0, :] = 0.0
                     logits = llama.lm_head.output[:, -1].save()
             torch.testing.assert_close(sweep.results.grid("logits")[i, j], logits.value[0], atol=1e-5, rtol=1e-5)
+
+
+def test_writes_that_reach_other_points_rows_are_not_shared(llama):
+    """The schedule trusts a write only when it provably changes its own point's rows: a mask
+    indexed other than `[:, None, ...]` (a hand-made program; here `[..., None]`, which happens
+    to be harmless) keeps the vectorised rows."""
+    import dataclasses
+
+    from compiler.ir import Const, EllipsisArg, SliceArg, TupleArg
+    from runtime.shared_prefix import plan
+
+    with llama.sweep({"clean": PROMPTS[:2], "corrupt": CORRUPT[:2]}, batch_size=2, compile="off") as sweep:
+        layer = sweep.param("layer", [0, 2])
+        with sweep.invoke("clean"):
+            h = llama.model.layers[layer].output[:, -1, :]
+        with sweep.invoke("corrupt"):
+            llama.model.layers[layer].output[:, -1, :] = h
+            llama.lm_head.output[:, -1].save("logits")
+    program, engine, batch = sweep.tracer.program(), sweep.tracer.engine, sweep.tracer.batch()
+    params = {**sweep.tracer.params}
+
+    def schedule(prog):
+        typed = engine.run(prog, batch, params, execute=False)[0]
+        return plan(typed, engine.site_table(batch), batch, "layer", 2, 1)
+
+    assert schedule(program).joins == {("model.layers.0", "post", 0): (0,), ("model.layers.2", "post", 0): (1,)}
+    other_index = TupleArg((EllipsisArg(), Const(None)))
+    masks = [op for op in program.ops if op.target == "getitem" and op.args[1] == TupleArg(
+        (SliceArg(Const(None), Const(None), Const(None)), Const(None)))]
+    assert len(masks) == 2
+    flipped = dataclasses.replace(program, ops=tuple(
+        dataclasses.replace(op, args=(op.args[0], other_index)) if op is masks[0] else op for op in program.ops))
+    assert schedule(flipped) == "a write at model.layers.0.output changes rows of more than one point"
