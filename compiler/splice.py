@@ -107,6 +107,7 @@ class _Splicer:
         self.source, self.typed, self.table = gm, typed, table
         self.views = views
         self.physical: dict[fx.Node, fx.Node] = {}  # a logical view -> the physical node it gathers
+        self.replaced: dict[fx.Node, fx.Node] = {}  # a site value -> what a write made the model use instead
         self.fake_mode = fake_mode
         self.rows, self.batch, self.modules = rows, batch, modules
         self.graph = fx.Graph()
@@ -141,8 +142,9 @@ class _Splicer:
             else:
                 if at not in markers:
                     raise SpliceError(f"the captured graph has no marker for {self._event(at)}")
-                self.live[at] = markers[at]
-                self.cursor = self._last_marker(markers[at])
+                # a value written at an earlier event (a layer's output, now the next one's input) is the written one
+                self.live[at] = pytree.tree_map_only(fx.Node, self._current, markers[at])
+                self.cursor = self._last_marker(self.live[at])
                 spliced.anchors[at] = self.cursor
                 if self.views is not None:
                     self.event = at
@@ -387,9 +389,15 @@ class _Splicer:
         if self.views is not None:
             self._scatter(at, container, new)
         container.replace_all_uses_with(new, delete_user_cb=lambda user: user not in self.ours)
+        self.replaced[container] = new
         for parent, key in reversed(trail):
             new = _replaced(parent, key, new)
         self.live[at] = new
+
+    def _current(self, node: fx.Node) -> fx.Node:
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node
 
     def _logical(self, at: int, live: Any) -> Any:
         """The site's value with its per-row tensors gathered into the program's rows."""
@@ -424,6 +432,7 @@ class _Splicer:
                             (physical, 0, self.inputs[("rows", taken)], picked), {})
         physical.replace_all_uses_with(merged, delete_user_cb=lambda user: user not in self.ours)
         self.physical[new] = merged
+        self.replaced[physical] = merged
 
     def _write_leaf(self, t: fx.Node, steps: list[Any], value: Any, rows: slice) -> fx.Node:
         """`ops.write_tensor` as graph nodes: a copy of `t` with `value` written in place."""

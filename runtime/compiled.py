@@ -150,10 +150,11 @@ class CompiledRunner:
         self.regrowth = shared_prefix.Regrowth(module)
 
     def release(self) -> None:
-        """Drop every artefact and take the marker hooks off the model."""
+        """Drop every artefact and take the marker and growth hooks off the model."""
         self.artefacts.clear()
         self.failed.clear()
         self.markers.remove()
+        self.regrowth.remove()
 
     def wants(self, mode: str, typed: TypedProgram, batch: Batch) -> str:
         """The mode to use for this call: `auto` compiles only work that repeats on a GPU."""

@@ -77,6 +77,10 @@ def plan(typed: TypedProgram, table: SiteTable, batch: Batch, axis: str, points:
     layers = decoder_stack(table)
     if not layers:
         return "the model has no decoder stack whose layers pass one hidden-state tensor on"
+    for op in program.ops:
+        if op.opcode == "module" and any(layer == op.target or layer.startswith(op.target + ".") or not op.target
+                                         for layer in layers):
+            return f"it calls {op.target or 'the model'} itself, which runs decoder layers"
     defs = {op.result: op for op in program.ops if op.result is not None}
     joins: dict[int, Event] = {}
     invoke = None
@@ -87,10 +91,10 @@ def plan(typed: TypedProgram, table: SiteTable, batch: Batch, axis: str, points:
         assert site is not None
         live = table.values.get((site.module, site.phase, site.call))
         if site.kind == "inputs" or not _batch_first(_site(live, site.kind), table.batch_size):
-            return f"{site.module}.{site.kind} is not one row per batch row"
+            return f"it uses {site.module}.{site.kind}, which is not a tensor with one row per batch row"
         if op.opcode == "read" or site.invoke != expanded:
             continue
-        point = _point_of(op, defs, axis)
+        point = _point_of(op, defs, axis, typed)
         if point is None:
             return f"a write at {site.module}.{site.kind} changes rows of more than one point"
         invoke = site.invoke
@@ -159,18 +163,23 @@ def _batch_first(value: Any, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
-def _point_of(write: Op, defs: dict[int, Op], axis: str) -> int | None:
+def _point_of(write: Op, defs: dict[int, Op], axis: str, typed: TypedProgram) -> int | None:
     """The point whose rows `write` changes, when its value is `where(mask of one point, new,
-    current)` with `current` the written place's own value (interp_dsl.fan.FanState.write)."""
+    current)` with `current` the written place's own value (interp_dsl.fan.FanState.write) and the
+    mask's rows along `current`'s first dimension."""
     where = _def(write.args[0], defs)
     if where is None or where.target != "torch.where" or len(where.args) != 3:
         return None
     mask, _, current = (_def(a, defs) for a in where.args)
+    rank = len(getattr(typed.types.get(where.args[2].id), "shape", ())) if current is not None else 0
     if mask is not None and mask.target == "getitem":  # new trailing dimensions only: rows stay rows
         index = mask.args[1]
-        if not isinstance(index, TupleArg) or index.items[0] != _ALL or any(i != Const(None) for i in index.items[1:]):
+        if not isinstance(index, TupleArg) or index.items[0] != _ALL or len(index.items) != rank \
+                or any(i != Const(None) for i in index.items[1:]):
             return None
         mask = _def(mask.args[0], defs)
+    elif rank != 1:
+        return None
     if mask is None or mask.target != "torch.eq" or not isinstance(mask.args[1], Const):
         return None
     param = _def(mask.args[0], defs)
@@ -234,8 +243,8 @@ class Layout:
         """The physical rows after `event` that some logical row lives in, and one such logical row
         each (where a write's new values come from)."""
         where, source = self.at(event)
-        owner = torch.full((len(source),), -1, dtype=torch.long)
-        owner[where] = torch.arange(self.logical)
+        owner = torch.full((len(source),), -1, dtype=torch.long, device=where.device)
+        owner[where] = torch.arange(self.logical, device=where.device)
         taken = (owner >= 0).nonzero().flatten()
         return taken, owner[taken]
 
@@ -286,7 +295,10 @@ def layout(schedule: SharedPrefix, batch: Batch, table: SiteTable) -> Layout:
     stack = schedule.layers[first:]
     side = {path: per_row((table.values[(path, "pre", 0)][0][1:], table.values[(path, "pre", 0)][1]), batch.size)
             for path in stack}
-    return Layout(keep, grow, snapshots, batch.size, dict(table.positions), side, stack)
+    device = next((v.device for v in tree_flatten((batch.args, batch.kwargs))[0] if isinstance(v, torch.Tensor)),
+                  torch.device("cpu"))  # index tensors live with the inputs (a model on a GPU)
+    return Layout(keep.to(device), {e: t.to(device) for e, t in grow.items()},
+                  [(p, w.to(device), s.to(device)) for p, w, s in snapshots], batch.size, dict(table.positions), side, stack)
 
 
 def physical_inputs(batch: Batch, schedule: SharedPrefix, plan: Layout) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -348,7 +360,7 @@ def grow_inputs(plan: Layout, path: str, args: tuple[Any, ...], kwargs: dict[str
         raise NotShared(f"{path}'s inputs have another structure than when they were recorded")
     out = []
     for flag, value in zip(flags, leaves, strict=True):
-        if flag:
+        if flag and value is not None:  # a mask recorded on fake tensors may be None when nothing is padded
             if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != plan.start:
                 raise NotShared(f"an input of {path} does not have a row per batch row")
             value = value[source]
@@ -378,15 +390,24 @@ class Regrowth:
         self.model = model
         self.active: Layout | None = None
         self.installed: set[str] = set()
+        self.handles: list[Any] = []
 
     def install(self, layers: tuple[str, ...]) -> None:
         for path in layers:
             if path in self.installed:
                 continue
             module = self.model.get_submodule(path)
-            module.register_forward_pre_hook(lambda m, a, k, p=path: self._pre(p, a, k), with_kwargs=True, prepend=True)
-            module.register_forward_hook(lambda m, a, o, p=path: self._post(p, o), prepend=True)
+            self.handles += [
+                module.register_forward_pre_hook(lambda m, a, k, p=path: self._pre(p, a, k), with_kwargs=True, prepend=True),
+                module.register_forward_hook(lambda m, a, o, p=path: self._post(p, o), prepend=True)]
             self.installed.add(path)
+
+    def remove(self) -> None:
+        """Take the growth hooks off the model."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.installed.clear()
 
     @contextlib.contextmanager
     def activated(self, plan: Layout) -> Iterator[None]:
@@ -430,8 +451,9 @@ class _SharedRun(HookedRun):
         for path in plan.layers:
             module = self.model.get_submodule(path)
             handles.append(module.register_forward_pre_hook(
-                lambda m, a, k, p=path: grow_inputs(plan, p, a, k), with_kwargs=True))
-            handles.append(module.register_forward_hook(lambda m, a, o, p=path: grow_output(plan, p, o)))
+                lambda m, a, k, p=path: None if self.adhoc_depth else grow_inputs(plan, p, a, k), with_kwargs=True))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, p=path: None if self.adhoc_depth else grow_output(plan, p, o)))
         return handles + super()._install_hooks()
 
     def _on_pre(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -448,7 +470,10 @@ class _SharedRun(HookedRun):
         flags = per_row(self.table.values[event], self.layout.logical)
         where, source = self.layout.at(event)
         leaves, spec = tree_flatten(live)
-        if len(flags) != len(leaves) or any(f and not _batch_first(v, len(source)) for f, v in zip(flags, leaves, strict=True)):
+        if len(flags) != len(leaves):
+            raise NotShared(f"{path} ({phase}) has another structure than when it was recorded")
+        flags = [f and v is not None for f, v in zip(flags, leaves, strict=True)]
+        if any(f and not _batch_first(v, len(source)) for f, v in zip(flags, leaves, strict=True)):
             raise NotShared(f"{path} ({phase}) does not have a row per batch row")
         logical = tree_unflatten([v[where] if f else v for f, v in zip(flags, leaves, strict=True)], spec)
         new = self._run_ops(self.by_event.get(index, []), logical)

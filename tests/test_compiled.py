@@ -295,3 +295,17 @@ def test_the_reference_interpreter_tests_pass_compiled():
          *(str(tests / f) for f in ("test_walkthrough.py", "test_language_model.py", "test_models.py"))],
         env={**os.environ, "IVX_COMPILE": "graph"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_a_layer_input_read_after_the_layer_before_is_written_sees_the_write(model):
+    """The next layer's input is the written output (the graph must not hand back the old node)."""
+    out = {}
+    for mode in ("off", "graph"):
+        with model.trace("the eiffel tower is in", compile=mode):
+            layers(model)[0].output[:, -1, :] = layers(model)[0].output[:, -1, :] * -1.0
+            x = layers(model)[1].input[:, -1, :].save()
+            y = layers(model)[0].output[:, -1, :].save()
+        out[mode] = x.value
+        torch.testing.assert_close(x.value, y.value)
+    torch.testing.assert_close(out["graph"], out["off"])
+    assert model.compile_stats().fallbacks == 0

@@ -67,6 +67,46 @@ def test_patching_rows_join_at_the_layer_they_are_written_at(lm, mode):
     if mode == "graph":
         stats = lm.compile_stats()
         assert stats.fallbacks == 0 and stats.artefacts == 1
+        lm.release_compiled()  # the growth hooks come off with the marker hooks
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.module.modules())
+
+
+def test_prompts_without_padding_share_too(llama):
+    """With nothing padded the real forward passes no attention mask where the recorded one had
+    a tensor: the schedule still runs (rows per layer), with the same values."""
+    pairs = {"clean": ["the eiffel tower is", "paris is a city"], "corrupt": ["new york is a", "the colosseum is in"]}
+    seen, handles = rows_per_layer(llama)
+    try:
+        with llama.sweep(pairs, batch_size=2, compile="off") as sweep:
+            layer = sweep.param("layer", [0, 2])
+            with sweep.invoke("clean"):
+                h = llama.model.layers[layer].output[:, -1, :]
+            with sweep.invoke("corrupt"):
+                llama.model.layers[layer].output[:, -1, :] = h
+                llama.lm_head.output[:, -1].softmax(-1)[:, 5].save("p")
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [4, 6, 6]  # clean 2 + shared 2; point 0 joins after layer 0, point 1 takes the shared rows
+    for i in range(2):
+        for j, layer_index in enumerate([0, 2]):
+            torch.testing.assert_close(sweep.results.grid("p")[i, j],
+                                       patch_one(llama, pairs["clean"][i], pairs["corrupt"][i], layer_index))
+
+
+def test_a_program_that_calls_a_decoder_layer_itself_is_not_shared():
+    gpt2 = LanguageModel(tiny_gpt2(), tokenizer=word_tokenizer())
+    with gpt2.sweep({"clean": PROMPTS[:2], "corrupt": CORRUPT[:2]}, batch_size=2, compile="off") as sweep:
+        layer = sweep.param("layer", [0, 1])
+        with sweep.invoke("clean"):
+            h = gpt2.transformer.h[layer].output[:, -1, :]
+        with sweep.invoke("corrupt"):
+            gpt2.transformer.h[layer].output[:, -1, :] = h
+            again = gpt2.transformer.h[0](gpt2.transformer.h[2].output)
+            again[:, -1, :4].save("again")
+    assert sweep.results.manifest["schedule"]["why_not_shared_prefix"] == \
+        "it calls transformer.h.0 itself, which runs decoder layers"
+    assert sweep.results.grid("again").shape == (2, 2, 4)
 
 
 # ------------------------------------------------------------------ generated sweep programs
