@@ -85,6 +85,18 @@ def layers(model):
     return model.transformer.h if hasattr(model.module, "transformer") else model.model.layers
 
 
+def patch_one(model, clean, corrupt, layer):
+    """One activation patch as its own trace: p(token 5) on `corrupt` with the clean last-position
+    residual of `layer` patched in (the reference of the patching sweeps)."""
+    with model.trace(compile="off") as tracer:
+        with tracer.invoke(clean):
+            h = layers(model)[layer].output[:, -1, :]
+        with tracer.invoke(corrupt):
+            layers(model)[layer].output[:, -1, :] = h
+            p = model.lm_head.output[:, -1].softmax(-1)[:, 5].save()
+    return p.value[0]
+
+
 # the differential tests' programs: edits of a tiny 3-layer model's residual stream
 DIFF_PROMPTS = ("the eiffel tower is in the city of", "rome is in")
 LAYERS, WIDTH = 3, 32

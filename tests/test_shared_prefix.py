@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import layers, tiny_gpt2, tiny_llama, word_tokenizer
+from helpers import layers, patch_one, tiny_gpt2, tiny_llama, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,16 +27,6 @@ def rows_per_layer(model):
             seen.append(args[0].shape[0])
     handles = [m.register_forward_pre_hook(record) for m in layers(model)]
     return seen, handles
-
-
-def patch_one(model, clean, corrupt, layer):
-    with model.trace(compile="off") as tracer:
-        with tracer.invoke(clean):
-            h = layers(model)[layer].output[:, -1, :]
-        with tracer.invoke(corrupt):
-            layers(model)[layer].output[:, -1, :] = h
-            p = model.lm_head.output[:, -1].softmax(-1)[:, 5].save()
-    return p.value[0]
 
 
 @pytest.mark.parametrize("mode", ["off", "graph"])

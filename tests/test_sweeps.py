@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import dataset, layers, tiny_llama, wait_for_shards, word_tokenizer
+from helpers import dataset, layers, patch_one, tiny_llama, wait_for_shards, word_tokenizer
 
 from interp_dsl import LanguageModel, PromptFile, load_results
 from interp_dsl.cli import main
@@ -45,16 +45,6 @@ def test_steering_grid_equals_one_trace_per_prompt_and_coefficient(lm, mode):
             torch.testing.assert_close(results.grid("logits")[i, j], steer_one(lm, prompt, c, vec), atol=1e-4, rtol=1e-4)
     if mode == "graph":  # one graph for every coefficient, batch and length (per shape bucket)
         assert lm.compile_stats().artefacts == 1 and lm.compile_stats().fallbacks == 0
-
-
-def patch_one(model, clean, corrupt, layer):
-    with model.trace(compile="off") as tracer:
-        with tracer.invoke(clean):
-            h = layers(model)[layer].output[:, -1, :]
-        with tracer.invoke(corrupt):
-            layers(model)[layer].output[:, -1, :] = h
-            p = model.lm_head.output[:, -1].softmax(-1)[:, 5].save()
-    return p.value[0]
 
 
 @pytest.mark.parametrize("mode", ["off", "graph"])
