@@ -299,7 +299,7 @@ def test_the_reference_interpreter_tests_pass_compiled():
 
 def test_a_layer_input_read_after_the_layer_before_is_written_sees_the_write(model):
     """The next layer's input is the written output (the graph must not hand back the old node)."""
-    out = {}
+    out, fallbacks = {}, model.compile_stats().fallbacks
     for mode in ("off", "graph"):
         with model.trace("the eiffel tower is in", compile=mode):
             layers(model)[0].output[:, -1, :] = layers(model)[0].output[:, -1, :] * -1.0
@@ -308,4 +308,4 @@ def test_a_layer_input_read_after_the_layer_before_is_written_sees_the_write(mod
         out[mode] = x.value
         torch.testing.assert_close(x.value, y.value)
     torch.testing.assert_close(out["graph"], out["off"])
-    assert model.compile_stats().fallbacks == 0
+    assert model.compile_stats().fallbacks == fallbacks  # the module's model fell back in earlier tests
