@@ -232,12 +232,7 @@ class Layout:
     def at(self, event: Event) -> tuple[torch.Tensor, torch.Tensor]:
         """After `event` (and its growth): logical row -> physical row, and per physical row the
         starting row it copies."""
-        position = self.positions[event]
-        found = self.snapshots[0]
-        for snapshot in self.snapshots:
-            if snapshot[0] <= position:
-                found = snapshot
-        return found[1], found[2]
+        return self._upto(self.positions[event])
 
     def owner(self, event: Event) -> tuple[torch.Tensor, torch.Tensor]:
         """The physical rows after `event` that some logical row lives in, and one such logical row
@@ -258,11 +253,15 @@ class Layout:
         return self.snapshots[-1][1]
 
     def rows_before(self, event: Event) -> int:
-        return len(self.at(self._previous(event))[1])
+        """Physical rows just before `event` (and its growth)."""
+        return len(self._upto(self.positions[event] - 1)[1])
 
-    def _previous(self, event: Event) -> Event:
-        position = self.positions[event]
-        return next(e for e, p in self.positions.items() if p == position - 1)
+    def _upto(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self.snapshots[0]
+        for snapshot in self.snapshots:
+            if snapshot[0] <= position:
+                found = snapshot
+        return found[1], found[2]
 
 
 def layout(schedule: SharedPrefix, batch: Batch, table: SiteTable) -> Layout:
