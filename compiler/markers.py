@@ -71,6 +71,10 @@ class Markers:
                     lambda m, a, k, o, key=key: self._on_post(key, o), with_kwargs=True))
             self._installed.add(key)
 
+    def hook_ids(self) -> set[int]:
+        """The ids of our hooks in the modules' hook dictionaries."""
+        return {handle.id for handle in self._handles}
+
     def remove(self) -> None:
         """Take every marker hook off the model (compiled artefacts that used them recompile)."""
         for handle in self._handles:

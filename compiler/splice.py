@@ -51,12 +51,12 @@ class Spliced:
         """The saved values from the graph's extra outputs."""
         out, it = [], iter(leaves)
         for name, vid, spec, template in self.saves:
-            values = [next(it) if isinstance(t, _Slot) else t for t in template]
+            values = [next(it) if isinstance(t, Slot) else t for t in template]
             out.append((name, vid, pytree.tree_unflatten(values, spec)))
         return out
 
 
-class _Slot:
+class Slot:
     """Stands for a saved leaf that comes out of the graph."""
 
 
@@ -158,7 +158,7 @@ class _Splicer:
             for leaf in template:
                 if isinstance(leaf, fx.Node):
                     save_leaves.append(leaf)
-                    slots.append(_Slot())
+                    slots.append(Slot())
                 else:
                     slots.append(leaf)
             spliced.saves[i] = (name, vid, spec, slots)

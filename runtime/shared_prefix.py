@@ -401,6 +401,10 @@ class Regrowth:
                 module.register_forward_hook(lambda m, a, o, p=path: self._post(p, o), prepend=True)]
             self.installed.add(path)
 
+    def hook_ids(self) -> set[int]:
+        """The ids of the growth hooks in the modules' hook dictionaries."""
+        return {handle.id for handle in self.handles}
+
     def remove(self) -> None:
         """Take the growth hooks off the model."""
         for handle in self.handles:

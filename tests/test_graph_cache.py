@@ -1,0 +1,191 @@
+"""Compiled graphs kept on disk (runtime/graph_cache.py): a second model (or process) runs the
+graph the first captured, with the same values as the reference interpreter; a call the kept
+graph does not fit, a changed model, a hostile or damaged file each capture afresh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DIFF_PROMPTS, edits, tiny_gpt2, tiny_llama, traced, word_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from interp_dsl import LanguageModel
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ("the eiffel tower is in", "the colosseum is in the city of rome and")
+
+
+@pytest.fixture
+def kept(tmp_path, monkeypatch):
+    """A fresh graph directory, used by the models made after it."""
+    root = tmp_path / "graphs"
+    monkeypatch.setenv("IVX_GRAPH_CACHE", str(root))
+    return root
+
+
+def fresh(kind: str) -> LanguageModel:
+    return LanguageModel(tiny_llama() if kind == "llama" else tiny_gpt2(), word_tokenizer())
+
+
+def steer_and_read(model: LanguageModel, prompt: str, coef: float, compile: str):
+    layers = model.model.layers if hasattr(model.module, "model") else model.transformer.h
+    with model.trace(prompt, compile=compile):
+        h = layers[1].output.save()
+        layers[2].output[:, -1] *= coef
+        top = model.lm_head.output[0, -1].save()
+    return h.value, top.value
+
+
+def two_invokes(model: LanguageModel, compile: str):
+    layers = model.model.layers if hasattr(model.module, "model") else model.transformer.h
+    with model.trace(compile=compile) as tracer:
+        with tracer.invoke(PROMPTS[0]):
+            a = layers[0].output.save()
+        with tracer.invoke(PROMPTS[1]):
+            layers[1].output[:] = 0.0
+            logits = model.lm_head.output.save()
+    return a.value, logits.value
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_second_model_runs_the_kept_graphs(kept, kind):
+    first = fresh(kind)
+    steer_and_read(first, PROMPTS[0], 2.0, "graph")
+    two_invokes(first, "graph")
+    assert first.compile_stats().compilations == 2
+    assert len(list(kept.glob("*.json"))) == 2
+
+    second = fresh(kind)
+    for prompt, coef in zip(PROMPTS, (0.5, 3.0), strict=True):  # other lengths and coefficients
+        got = steer_and_read(second, prompt, coef, "graph")
+        want = steer_and_read(second, prompt, coef, "off")
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    got, want = two_invokes(second, "graph"), two_invokes(second, "off")
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    stats = second.compile_stats()
+    assert (stats.compilations, stats.loaded, stats.calls, stats.fallbacks) == (0, 2, 3, 0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(edits, min_size=1, max_size=5).map(lambda xs: [tuple(x) for x in xs]),
+       st.sampled_from(DIFF_PROMPTS))
+def test_generated_programs_run_the_same_from_a_kept_graph(tmp_path_factory, program, prompt):
+    os.environ["IVX_GRAPH_CACHE"] = str(tmp_path_factory.mktemp("graphs"))
+    try:
+        first = fresh("llama")
+        traced(first, program, prompt, "graph")
+        second = fresh("llama")
+        saves, logits = traced(second, program, prompt, "graph")
+        ref_saves, ref_logits = traced(second, program, prompt, "off")
+    finally:
+        os.environ["IVX_GRAPH_CACHE"] = "off"
+    assert second.compile_stats().loaded == 1 and second.compile_stats().compilations == 0
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(s, r) for s, r in zip(saves, ref_saves, strict=True))
+
+
+def test_a_second_process_starts_from_the_kept_graph(kept, tiny_dir):
+    script = textwrap.dedent(f"""
+        import json, torch
+        from interp_dsl import LanguageModel
+        model = LanguageModel({str(tiny_dir)!r})
+        with model.trace("the eiffel tower is in", compile="graph"):
+            model.model.layers[1].output[:, -1] *= 2.0
+            top = model.lm_head.output[0, -1].save()
+        s = model.compile_stats()
+        print(json.dumps({{"top": top.value.tolist(), "compilations": s.compilations, "loaded": s.loaded}}))
+    """)
+    env = {**os.environ, "IVX_GRAPH_CACHE": str(kept), "PYTHONPATH": str(ROOT)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                      text=True, check=True).stdout.splitlines()[-1]) for _ in range(2)]
+    assert [(r["compilations"], r["loaded"]) for r in runs] == [(1, 0), (0, 1)]
+    assert runs[0]["top"] == runs[1]["top"]
+
+
+def test_a_call_outside_the_kept_shape_conditions_captures_afresh(kept):
+    steer_and_read(fresh("llama"), PROMPTS[0], 2.0, "graph")
+    (path,) = kept.glob("*.json")
+    data = json.loads(path.read_text())
+    data["ranges"] = {s: [2, 6] for s in data["ranges"]}  # as if captured for prompts of <= 6 tokens
+    path.write_text(json.dumps(data))
+    model = fresh("llama")
+    short = steer_and_read(model, PROMPTS[0], 2.0, "graph")  # 6 tokens: fits
+    long = steer_and_read(model, PROMPTS[1], 2.0, "graph")  # 10 tokens: does not
+    assert (model.compile_stats().loaded, model.compile_stats().compilations) == (1, 1)
+    assert torch.equal(short[1], steer_and_read(model, PROMPTS[0], 2.0, "off")[1])
+    assert torch.equal(long[1], steer_and_read(model, PROMPTS[1], 2.0, "off")[1])
+
+
+@pytest.mark.parametrize("tamper", ["os.system", "dunder", "garbage", "other key"])
+def test_a_hostile_or_damaged_file_is_not_run(kept, tamper):
+    steer_and_read(fresh("llama"), PROMPTS[0], 2.0, "graph")
+    (path,) = kept.glob("*.json")
+    data = json.loads(path.read_text())
+    node = next(n for n in data["graph"] if n["op"] == "call_function")
+    if tamper == "os.system":
+        node["target"] = {"fn": ["os", "system"]}
+    elif tamper == "dunder":
+        node["target"] = {"fn": ["torch", "__import__"]}
+    elif tamper == "other key":
+        data["key"] = "0" * 64
+    path.write_text("{" if tamper == "garbage" else json.dumps(data))
+    model = fresh("llama")
+    got = steer_and_read(model, PROMPTS[0], 2.0, "graph")
+    assert (model.compile_stats().loaded, model.compile_stats().compilations) == (0, 1)
+    assert torch.equal(got[1], steer_and_read(model, PROMPTS[0], 2.0, "off")[1])
+
+
+def test_a_directory_others_can_write_is_not_used(kept):
+    kept.mkdir(parents=True)
+    kept.chmod(0o777)
+    model = fresh("llama")
+    with pytest.warns(RuntimeWarning, match="may be written by other users"):
+        steer_and_read(model, PROMPTS[0], 2.0, "graph")
+    assert list(kept.iterdir()) == []
+
+
+def test_a_changed_model_does_not_use_the_kept_graph(kept):
+    steer_and_read(fresh("llama"), PROMPTS[0], 2.0, "graph")
+    model = fresh("llama")
+    model.module.model.layers[0].self_attn.scaling *= 0.5  # a plain attribute the forward reads
+    got = steer_and_read(model, PROMPTS[0], 2.0, "graph")
+    assert (model.compile_stats().loaded, model.compile_stats().compilations) == (0, 1)
+    assert torch.equal(got[1], steer_and_read(model, PROMPTS[0], 2.0, "off")[1])
+
+
+def test_hooks_that_are_not_ours_and_side_effects_keep_nothing(kept, net):
+    model = fresh("llama")
+    model.module.model.layers[0].register_forward_hook(lambda m, a, o: o * 1.0)
+    steer_and_read(model, PROMPTS[0], 2.0, "graph")
+    assert model.compile_stats().compilations == 1 and not kept.exists()
+
+    class Counting(torch.nn.Module):  # a forward that changes the module: dynamo replays it, a graph would not
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = net, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+    from interp_dsl import Model
+    counting = Model(Counting())
+    with counting.trace(torch.ones(2, 5), compile="graph"):
+        out = counting.inner.layer1.output.save()
+    assert counting.compile_stats().compilations == 1 and out.value.shape == (2, 10)
+    assert not kept.exists()
+
+    for loaded in (0, 1):  # the same model without the counter: kept, then loaded
+        plain = Model(net)
+        with plain.trace(torch.ones(2, 5), compile="graph"):
+            again = plain.layer1.output.save()
+        assert torch.equal(again.value, out.value)
+        assert (plain.compile_stats().compilations, plain.compile_stats().loaded) == (1 - loaded, loaded)
