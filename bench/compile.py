@@ -5,6 +5,7 @@ coefficient at layer 15's last position and saves the last position's logits (th
 and vector change every call: they are graph inputs). Per-forward times are medians.
 
     python bench/compile.py                  # CPU; the first-call columns start fresh processes
+    python bench/compile.py --first-calls-only   # only those: cold and warm starts, graph and inductor
     python bench/compile.py --device cuda    # bf16 at batch 1, 8 and 64, with and without CUDA graphs
 
 Targets: compiled-intervened / compiled-plain <= 1.05; on a GPU, compiled + CUDA graphs >= 3x
@@ -87,39 +88,52 @@ def per_forward(model: LanguageModel, size: int, length: int, device: str, cudag
     return out
 
 
-def first_call(cache: str) -> None:
-    """In a fresh process: time to the first compiled result (capture, splice, inductor)."""
+def first_call(mode: str) -> None:
+    """In a fresh process: time to load the model and to the first compiled result."""
+    start = time.perf_counter()
     model = LanguageModel("smollm2-135m")
+    loaded = time.perf_counter() - start
     ids = batch(model, 8, 32)
     vector = torch.randn(model.config.hidden_size)
     start = time.perf_counter()
-    steer(model, ids, 1.0, vector, "inductor")
+    first_logits = steer(model, ids, 1.0, vector, mode)
     first = time.perf_counter() - start
     start = time.perf_counter()
-    steer(model, ids, 2.0, vector, "inductor")
-    print(json.dumps({"first": first, "second": time.perf_counter() - start,
-                      "compilations": model.compile_stats().compilations}))
+    steer(model, ids, 2.0, vector, mode)
+    second = time.perf_counter() - start
+    same = torch.equal(first_logits, steer(model, ids, 1.0, vector, "off")) if mode == "graph" else None
+    stats = model.compile_stats()
+    print(json.dumps({"load": loaded, "first": first, "second": second, "equal to off": same,
+                      "compilations": stats.compilations, "loaded graphs": stats.loaded}))
 
 
-def first_calls() -> tuple[dict, dict]:
+def first_calls(mode: str) -> tuple[dict, dict]:
+    """A cold and a warm fresh process (the second finds the first's inductor and graph caches)."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "IVX_GRAPH_CACHE": f"{cache}/graphs",
+               "OMP_NUM_THREADS": "2"}
         runs = []
         for _ in range(2):
-            done = subprocess.run([sys.executable, __file__, "--first-call", cache], env=env,
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "--first-call", mode], env=env,
                                   capture_output=True, text=True, check=True)
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "wall": time.perf_counter() - start})
     return runs[0], runs[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--first-call", metavar="CACHE", help=argparse.SUPPRESS)
+    parser.add_argument("--first-call", metavar="MODE", help=argparse.SUPPRESS)
+    parser.add_argument("--first-calls-only", action="store_true",
+                        help="only the fresh-process columns (cold and warm starts)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.first_call:
         first_call(args.first_call)
+        return
+    if args.first_calls_only:
+        report_first_calls()
         return
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = LanguageModel("smollm2-135m", dtype=dtype)
@@ -143,11 +157,18 @@ def main() -> None:
             print(f"{'reference / compiled-intervened (best)':40s} {t['reference'] / best:.2f}x")
             print(f"{'compiled-intervened / eager plain':40s} {t['compiled inductor'] / t['eager']:.3f}")
     if args.device == "cpu":
-        cold, warm = first_calls()
-        print("\n## first compiled call, fresh process (capture + splice + inductor)")
-        print(f"cold (empty inductor cache)  {cold['first']:6.1f} s   (next call {cold['second'] * 1000:.0f} ms, "
-              f"{cold['compilations']} compilation)")
-        print(f"warm (second process)        {warm['first']:6.1f} s")
+        report_first_calls()
+
+
+def report_first_calls() -> None:
+    print("\n## first compiled call, fresh process (batch 8 x 32; wall = the whole process)")
+    for mode in ("graph", "inductor"):
+        cold, warm = first_calls(mode)
+        for name, run in (("cold", cold), ("warm", warm)):
+            print(f"{mode:8s} {name}: first call {run['first']:5.1f} s, next {run['second'] * 1000:4.0f} ms, "
+                  f"model load {run['load']:4.1f} s, process {run['wall']:5.1f} s; "
+                  f"{run['compilations']} capture(s), {run['loaded graphs']} graph(s) loaded"
+                  + ("" if run["equal to off"] is None else f", equal to off: {run['equal to off']}"))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class _Call:
     spliced: Spliced | None = None
     views: RowViews | None = None
     outputs: list[Any] | None = None  # the graph's outputs for the model's
-    capture: dict[str, Any] | None = None  # set by a capture that can be kept on disk
+    keep: bool = False  # describe a fresh capture for the disk (runtime/graph_cache.py)
+    capture: dict[str, Any] | None = None  # that description, where it can be written down
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Artefact:
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if self.mode == "cudagraphs" else {}
             run = compile_fx(spliced.module, [*example_inputs, *call.extra], config_patches=patches)
-        if self.mode == "graph" and call.views is None:
+        if call.keep and self.mode == "graph" and call.views is None:
             call.capture = graph_cache.describe_capture(gm, spliced, getattr(fake_mode, "shape_env", None))
         n = spliced.n_outputs
 
@@ -130,7 +131,7 @@ class Artefact:
             extra += rows
             regrowth.install(plan.layers)
             growing = regrowth.activated(plan)
-        call = self._call = _Call(typed, table, batch, extra, views=views)
+        call = self._call = _Call(typed, table, batch, extra, views=views, keep=keep is not None)
         self.markers.install(self.keys)
         if self.dynamic:
             _mark_dynamic(batch)
@@ -260,8 +261,12 @@ class CompiledRunner:
         if inputs is None:
             return None
         extra = [_extra_value(self.module, kind, name, params) for kind, name in entry.spliced.extra]
-        with torch.no_grad():
-            out = entry.spliced.module(*inputs, *extra)
+        try:
+            with torch.no_grad():
+                out = entry.spliced.module(*inputs, *extra)
+        except Exception:  # the capture path decides what a failing call does (its fallback, its errors)
+            self.entries[disk_key] = None
+            return None
         n = entry.spliced.n_outputs
         self.stats.calls += 1
         return _result(typed, entry.spliced, list(out[n:]), entry.output(list(out[:n])), extra)
