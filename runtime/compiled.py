@@ -103,7 +103,7 @@ class Artefact:
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if self.mode == "cudagraphs" else {}
             run = compile_fx(spliced.module, [*example_inputs, *call.extra], config_patches=patches)
-        if call.keep and self.mode == "graph" and call.views is None:
+        if call.keep and self.mode == "graph":
             call.capture = graph_cache.describe_capture(gm, spliced, getattr(fake_mode, "shape_env", None))
         n = spliced.n_outputs
 
@@ -143,12 +143,12 @@ class Artefact:
         if call.saves is None or call.spliced is None:
             raise _NotRun("dynamo ran the model without the spliced graph")
         self.stats.calls += 1
-        if plan is not None:
-            output = shared_prefix.logical_output(output, plan)
         if keep is not None and call.capture is not None and call.outputs is not None:
             output_recipe = graph_cache.describe_output(output, call.outputs)
             if output_recipe is not None:
                 keep({**call.capture, "output": output_recipe})
+        if plan is not None:
+            output = shared_prefix.logical_output(output, plan)
         return _result(typed, call.spliced, call.saves, output, extra)
 
 
@@ -203,9 +203,9 @@ class CompiledRunner:
             return self._fallback(key, "the program takes gradients (backward), which the compiled "
                                        "path does not run yet")
         dynamic = len(batch.rows) == 1 and not static
-        disk = self._disk_key(key, mode, typed, batch, params, dynamic) if shared is None else None
+        disk = self._disk_key(key, mode, typed, batch, params, dynamic)
         if disk is not None:
-            result = self._run_kept(disk[0], typed, batch, params)
+            result = self._run_kept(disk[0], typed, table, batch, params, shared)
             if result is not None:
                 return result
         artefact = self.artefacts.get(key)
@@ -237,6 +237,7 @@ class CompiledRunner:
         extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
         return graph_cache.key({
             "structure": self._digest[1], "program": key[0], "mode": mode, "layout": key[2], "bucket": key[3],
+            "shared": key[4:],
             "shapes": None if dynamic else [list(v.shape) for v in values if isinstance(v, torch.Tensor)],
             "extra": [graph_cache.tensor_signature(v) for v in extra],
             "default_dtype": str(torch.get_default_dtype())}), snapshot
@@ -247,7 +248,8 @@ class CompiledRunner:
         except graph_cache.Uncacheable:
             return None
 
-    def _run_kept(self, disk_key: str, typed: TypedProgram, batch: Batch, params: dict[str, Any]) -> RunResult | None:
+    def _run_kept(self, disk_key: str, typed: TypedProgram, table: SiteTable, batch: Batch,
+                  params: dict[str, Any], shared: shared_prefix.SharedPrefix | None) -> RunResult | None:
         """Run the graph kept on disk under `disk_key`; None when there is none or its shape
         conditions reject this call."""
         if disk_key not in self.entries:
@@ -257,19 +259,27 @@ class CompiledRunner:
         entry = self.entries[disk_key]
         if entry is None:
             return None
-        inputs = entry.arguments(self.module, batch.args, batch.kwargs)
-        if inputs is None:
-            return None
-        extra = [_extra_value(self.module, kind, name, params) for kind, name in entry.spliced.extra]
+        extra = [_extra_value(self.module, kind, name, params) for kind, name in extra_inputs(typed.program)]
+        args, kwargs, plan = batch.args, batch.kwargs, None
+        if shared is not None:  # the growth is in the graph; its layout tensors are inputs
+            plan = shared_prefix.layout(shared, batch, table)
+            args, kwargs = shared_prefix.physical_inputs(batch, shared, plan)
+            extra += shared_prefix.row_views(typed, plan)[1]
         try:
+            inputs = entry.arguments(self.module, args, kwargs, extra, plan)
+            if inputs is None:
+                return None
             with torch.no_grad():
                 out = entry.spliced.module(*inputs, *extra)
         except Exception:  # the capture path decides what a failing call does (its fallback, its errors)
             self.entries[disk_key] = None
             return None
         n = entry.spliced.n_outputs
+        output = entry.output(list(out[:n]))
+        if plan is not None:
+            output = shared_prefix.logical_output(output, plan)
         self.stats.calls += 1
-        return _result(typed, entry.spliced, list(out[n:]), entry.output(list(out[:n])), extra)
+        return _result(typed, entry.spliced, list(out[n:]), output, extra)
 
     def _keep(self, disk_key: str, before: tuple[Any, ...], capture: dict[str, Any]) -> None:
         """Write a fresh capture to disk, unless the call changed the model (see graph_cache.py)."""

@@ -15,9 +15,11 @@ shape bucket, the argument values that are not tensors, and the program paramete
 dtypes. Every call checks the entry's shape conditions (fixed sizes, sizes that must be equal,
 dynamo's guards on the symbolic sizes); a call they reject captures afresh. Nothing is kept or
 used for a model with hooks other than ours or a patched `forward` (dynamo traces them, and they
-cannot be fingerprinted), under autocast, for the shared-prefix schedule (its growth hooks read
-Python state), or for a capture that changed the model's attributes (dynamo replays such side
-effects; the graph alone would not).
+cannot be fingerprinted), under autocast, or for a capture that changed the model's attributes
+(dynamo replays such side effects; the graph alone would not). The shared-prefix schedule's
+growth hooks are traced into the graph; the layout tensors they read are inputs found by field
+and index on the layout of the call (runtime/shared_prefix.py), and everything else they read is
+a function of the schedule and the batch layout, both in the key.
 
 Trust: the directory is trusted as the virtual environment is. Loading runs no pickle and no
 `eval`, and a directory or file that another user could have written is not read.
@@ -25,6 +27,8 @@ Trust: the directory is trusted as the virtual environment is. Loading runs no p
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,6 +46,7 @@ from torch.utils import _pytree as pytree
 from compiler import graph_json
 from compiler.splice import Slot, Spliced
 from runtime.files import atomic_write_text, cache_root
+from runtime.shared_prefix import Layout
 
 FORMAT = 1
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -52,7 +57,11 @@ _KWARG = re.compile(r"L\['kwargs'\]\['(\w+)'\]$")
 _SIZE = re.compile(r"(.+)\.size\(\)\[(\d+)\]$")
 # a parameter or buffer: L['module'], submodule steps, then the tensor (dynamo writes either form)
 _MODULE_STEP = re.compile(r"(?:\._modules|\.__dict__\['_modules'\])\['(\w+)'\]")
+# a tensor of the shared-prefix layout, read by a growth hook: <hook>.__closure__[0].cell_contents.active<steps>
+_PLAN = re.compile(r"L\['module'\].*\._forward(?:_pre)?_hooks\[.*\]\.__closure__\[0\]\.cell_contents\.active(?=[.\[])")
+_PLAN_STEP = re.compile(r"\.(\w+)|\[((?:[^\[\]'\"]|'[^']*'|\"[^\"]*\")*)\]")
 _STATE_STEP = re.compile(r"(?:\._(parameters|buffers)|\.__dict__\['_(parameters|buffers)'\])\['(\w+)'\]$")
+_LAYOUT_FIELDS = frozenset(f.name for f in dataclasses.fields(Layout))
 _RELATIONS = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">="}
 _COMPARE = {"==": int.__eq__, "!=": int.__ne__, "<": int.__lt__, "<=": int.__le__, ">": int.__gt__,
             ">=": int.__ge__}
@@ -120,10 +129,13 @@ def describe_capture(gm: torch.fx.GraphModule, spliced: Spliced, shape_env: Any)
 def _describe_capture(gm: torch.fx.GraphModule, spliced: Spliced, shape_env: Any) -> dict[str, Any]:
     graph = graph_json.dump(spliced.module.graph)
     inputs = [_input(node, shape_env) for node in gm.graph.nodes if node.op == "placeholder"]
+    placeholders = [n for n in spliced.module.graph.nodes if n.op == "placeholder"]
+    extra = [_shape(n.meta.get("example_value"), shape_env) for n in placeholders[len(inputs):]]
     symbols = sorted({d for i in inputs for d in i.get("shape", []) if isinstance(d, str)}
-                     | {i["symbol"] for i in inputs if "symbol" in i})
+                     | {i["symbol"] for i in inputs if "symbol" in i}
+                     | {d for shape in extra for d in shape if isinstance(d, str)})
     return {
-        "graph": graph, "inputs": inputs,
+        "graph": graph, "inputs": inputs, "extra_shapes": extra,
         "ranges": {s: _range(shape_env, s) for s in symbols},
         "guards": _guards(shape_env, set(symbols)),
         "n_outputs": spliced.n_outputs, "extra": [list(e) for e in spliced.extra],
@@ -164,35 +176,44 @@ class Entry:
     def __init__(self, data: dict[str, Any]):
         self.spliced = _spliced(data)
         self.inputs = data["inputs"]
+        self.extra_shapes = data["extra_shapes"]
         self.ranges = {s: tuple(r) for s, r in data["ranges"].items()}
         self.guards = [tuple(g) for g in data["guards"]]
         self.output_spec = pytree.treespec_loads(data["output"]["spec"])
         self.output_leaves = data["output"]["leaves"]
 
-    def arguments(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
-        """The graph's inputs for this call; None when a shape condition does not hold."""
+    def arguments(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  extra: list[torch.Tensor], plan: Any = None) -> list[Any] | None:
+        """The graph's inputs for this call, before `extra` (the program's values; `plan`: the
+        call's shared-prefix layout, if any); None when a shape condition does not hold."""
         sizes: dict[str, int] = {}
         values = []
+        if len(extra) != len(self.extra_shapes) or not all(
+                _fits(want, t.shape, sizes) for want, t in zip(self.extra_shapes, extra, strict=True)):
+            return None
         for recipe in self.inputs:
             if "state" in recipe:
                 values.append(module.get_parameter(recipe["state"]) if recipe["param"]
                               else module.get_buffer(recipe["state"]))
                 continue
-            if "symbol" in recipe:
-                value = _argument(recipe["of"], args, kwargs).size(recipe["dim"])
-                if sizes.setdefault(recipe["symbol"], value) != value:
+            if "of" in recipe:  # a size of an argument
+                of = _argument(recipe["of"], args, kwargs)
+                if not isinstance(of, torch.Tensor) or of.dim() <= recipe["dim"]:
+                    return None
+                value = of.size(recipe["dim"])
+                if not _fits([recipe.get("symbol", recipe.get("size"))], torch.Size([value]), sizes):
                     return None
                 values.append(value)
                 continue
-            t = _argument(recipe, args, kwargs)
+            if "plan" in recipe:
+                t = _plan_value(plan, recipe["plan"]) if plan is not None else None
+            else:
+                t = _argument(recipe, args, kwargs)
             if (not isinstance(t, torch.Tensor) or str(t.dtype) != recipe["dtype"]
                     or t.device.type != recipe["device"] or t.dim() != len(recipe["shape"])):
                 return None
-            for want, have in zip(recipe["shape"], t.shape, strict=True):
-                if isinstance(want, int) and want != have:
-                    return None
-                if isinstance(want, str) and sizes.setdefault(want, have) != have:
-                    return None
+            if not _fits(recipe["shape"], t.shape, sizes):
+                return None
             values.append(t)
         for symbol, (low, high) in self.ranges.items():
             if symbol not in sizes or sizes[symbol] < low or (high is not None and sizes[symbol] > high):
@@ -204,6 +225,16 @@ class Entry:
     def output(self, graph_outputs: list[Any]) -> Any:
         leaves = [graph_outputs[leaf["out"]] if "out" in leaf else leaf["const"] for leaf in self.output_leaves]
         return pytree.tree_unflatten(leaves, self.output_spec)
+
+
+def _fits(want: list[int | str], have: torch.Size, sizes: dict[str, int]) -> bool:
+    """Sizes `have` match `want` (numbers equal, a symbol the same size everywhere); binds symbols."""
+    if len(want) != len(have):
+        return False
+    for w, h in zip(want, have, strict=True):
+        if (isinstance(w, int) and w != h) or (isinstance(w, str) and sizes.setdefault(w, h) != h):
+            return False
+    return True
 
 
 class GraphCache:
@@ -258,14 +289,16 @@ def _input(node: torch.fx.Node, shape_env: Any) -> dict[str, Any]:
         raise Uncacheable(f"graph input {node.name} has no source")
     if state := _state(name):
         return state
+    plan = _PLAN.match(name)
     if m := _SIZE.match(name):
         of = _tensor_source(m.group(1))
-        return {"symbol": _symbol(example, shape_env), "of": of, "dim": int(m.group(2))}
+        size = _size(example, shape_env)
+        return {"symbol" if isinstance(size, str) else "size": size, "of": of, "dim": int(m.group(2))}
     if not isinstance(example, torch.Tensor):
         raise Uncacheable(f"graph input {name} is not a tensor")
-    shape = [d if isinstance(d, int) else _symbol(d, shape_env) for d in example.shape]
-    return {**_tensor_source(name), "dtype": str(example.dtype), "device": example.device.type,
-            "shape": shape}
+    shape = _shape(example, shape_env)
+    source = {"plan": _plan_steps(name[plan.end():])} if plan is not None else _tensor_source(name)
+    return {**source, "dtype": str(example.dtype), "device": example.device.type, "shape": shape}
 
 
 def _state(name: str) -> dict[str, Any] | None:
@@ -282,6 +315,56 @@ def _state(name: str) -> dict[str, Any] | None:
     return {"state": ".".join([*path, m.group(3)]), "param": "parameters" in (m.group(1), m.group(2))}
 
 
+def _plan_steps(text: str) -> list[Any]:
+    """`.grow[('model.layers.1', 'post', 0)]` -> [["attr", "grow"], ["item", ["model.layers.1", "post", 0]]]."""
+    steps, at = [], 0
+    while at < len(text):
+        m = _PLAN_STEP.match(text, at)
+        if m is None:
+            raise Uncacheable(f"a layout source {text!r} is not attributes and literal indices")
+        steps.append(["attr", m.group(1)] if m.group(1) else ["item", _literal(ast.literal_eval(m.group(2)))])
+        at = m.end()
+    return steps
+
+
+def _literal(key: Any) -> Any:
+    if isinstance(key, tuple):
+        return {"tuple": [_literal(k) for k in key]}
+    if isinstance(key, (int, str)):
+        return key
+    raise Uncacheable(f"a layout index {key!r} is not a number, a string or a tuple of them")
+
+
+def _from_literal(key: Any) -> Any:
+    if isinstance(key, dict):
+        return tuple(_from_literal(k) for k in key["tuple"])
+    if isinstance(key, (int, str)):
+        return key
+    raise ValueError(f"bad index {key!r}")
+
+
+def _plan_value(plan: Any, steps: list[Any]) -> Any:
+    """Walk `steps` from the layout: its own fields, then indices into them; nothing else."""
+    value = plan
+    for kind, what in steps:
+        if kind == "attr":
+            if value is not plan or what not in _LAYOUT_FIELDS:
+                raise ValueError(f"the layout has no field {what!r}")
+            value = getattr(plan, what)
+        elif isinstance(value, (dict, list, tuple)):
+            value = value[_from_literal(what)]
+        else:
+            raise ValueError(f"cannot index a {type(value).__name__}")
+    return value
+
+
+def _shape(example: Any, shape_env: Any) -> list[int | str]:
+    """A fake tensor's sizes: numbers, or the names of the symbols dynamo gave them."""
+    if not isinstance(example, torch.Tensor):
+        raise Uncacheable("a graph input is not a tensor")
+    return [d if isinstance(d, int) else _size(d, shape_env) for d in example.shape]
+
+
 def _tensor_source(name: str) -> dict[str, Any]:
     if m := _ARG.match(name):
         return {"arg": int(m.group(1))}
@@ -296,9 +379,12 @@ def _argument(recipe: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, A
     return kwargs.get(recipe["kwarg"])
 
 
-def _symbol(value: Any, shape_env: Any) -> str:
+def _size(value: Any, shape_env: Any) -> int | str:
+    """A size as a number, or the name of its (backed, unreplaced) symbol."""
     expr = value.node.expr if isinstance(value, torch.SymInt) else None
     expr = shape_env.simplify(expr) if expr is not None and shape_env is not None else expr
+    if isinstance(expr, sympy.Integer):
+        return int(expr)
     if not isinstance(expr, sympy.Symbol) or not expr.name.startswith("s"):
         raise Uncacheable(f"a size {value} is not a plain symbol")
     return expr.name

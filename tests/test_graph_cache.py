@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIFF_PROMPTS, edits, tiny_gpt2, tiny_llama, traced, word_tokenizer
+from helpers import DIFF_PROMPTS, edits, layers, patch_one, tiny_gpt2, tiny_llama, traced, word_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,3 +196,35 @@ def test_hooks_that_are_not_ours_and_side_effects_keep_nothing(kept):
             again = plain.layer1.output.save()
         assert torch.equal(again.value, out.value)
         assert (plain.compile_stats().compilations, plain.compile_stats().loaded) == (1 - loaded, loaded)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_shared_prefix_sweep_runs_from_kept_graphs(kept, kind):
+    """The growth of the shared-prefix schedule is in the kept graph; its layout tensors are
+    inputs found on each batch's layout."""
+    prompts = ["the eiffel tower is in", "paris is a city", "rome", "the colosseum is in the city of rome",
+               "new york"]
+    corrupt = prompts[::-1]
+
+    def sweep(model):
+        with model.sweep({"clean": prompts, "corrupt": corrupt}, batch_size=2, compile="graph") as s:
+            layer = s.param("layer", [0, 2])
+            with s.invoke("clean"):
+                h = layers(model)[layer].output[:, -1, :]
+            with s.invoke("corrupt"):
+                layers(model)[layer].output[:, -1, :] = h
+                model.lm_head.output[:, -1].softmax(-1)[:, 5].save("p")
+        assert s.results.manifest["schedule"]["name"] == "shared-prefix"
+        return s.results.grid("p")
+
+    first = fresh(kind)
+    captured = sweep(first)
+    second = fresh(kind)
+    loaded = sweep(second)
+    assert first.compile_stats().compilations >= 1 and first.compile_stats().loaded == 0
+    stats = second.compile_stats()
+    assert (stats.compilations, stats.fallbacks) == (0, 0) and stats.loaded == len(list(kept.glob("*.json")))
+    assert torch.equal(loaded, captured)
+    for i in range(len(prompts)):
+        for j, layer in enumerate([0, 2]):
+            torch.testing.assert_close(loaded[i, j], patch_one(second, prompts[i], corrupt[i], layer))
