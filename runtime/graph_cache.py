@@ -238,10 +238,11 @@ def _fits(want: list[int | str], have: torch.Size, sizes: dict[str, int]) -> boo
 
 
 class GraphCache:
-    """The entries in one directory, by key."""
+    """The entries in one directory, by key; at most `limit` of them (the least recently used
+    go first: a file's modification time is refreshed when it is read)."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, limit: int = 256):
+        self.root, self.limit = root, limit
         self._warned = False
 
     def load(self, name: str) -> Entry | None:
@@ -252,7 +253,9 @@ class GraphCache:
             data = json.loads(path.read_text())
             if data.get("key") != name:
                 return None
-            return Entry(data)
+            entry = Entry(data)
+            path.touch()
+            return entry
         except (ValueError, KeyError, TypeError, IndexError, graph_json.GraphFormatError):
             return None  # a damaged or foreign file: capture afresh (and overwrite it)
 
@@ -261,8 +264,19 @@ class GraphCache:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self._trusted(self.root):
                 atomic_write_text(self.root / f"{name}.json", json.dumps({"key": name, **data}))
+                self._prune()
         except OSError as e:  # a full or read-only disk costs the next process a capture, nothing more
             self._warn(f"cannot keep compiled graphs in {self.root}: {e}")
+
+    def _prune(self) -> None:
+        entries = []
+        for path in self.root.glob("*.json"):
+            try:
+                entries.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:  # another process pruned it first
+                pass
+        for _, path in sorted(entries)[:max(0, len(entries) - self.limit)]:
+            path.unlink(missing_ok=True)
 
     def _trusted(self, path: Path) -> bool:
         for p in (path, path.parent) if path.is_file() else (path,):

@@ -228,3 +228,15 @@ def test_a_shared_prefix_sweep_runs_from_kept_graphs(kept, kind):
     for i in range(len(prompts)):
         for j, layer in enumerate([0, 2]):
             torch.testing.assert_close(loaded[i, j], patch_one(second, prompts[i], corrupt[i], layer))
+
+
+def test_the_directory_keeps_the_most_recently_used_entries(tmp_path):
+    from runtime.graph_cache import GraphCache
+    cache = GraphCache(tmp_path / "graphs", limit=2)
+    for i, name in enumerate(["a", "b", "c"]):
+        cache.save(name, {"graph": []})
+        os.utime(tmp_path / "graphs" / f"{name}.json", ns=(i * 10**9, i * 10**9))
+    assert sorted(p.stem for p in (tmp_path / "graphs").glob("*.json")) == ["b", "c"]
+    (tmp_path / "graphs" / "b.json").touch()  # as a load does
+    cache.save("d", {"graph": []})
+    assert sorted(p.stem for p in (tmp_path / "graphs").glob("*.json")) == ["b", "d"]
