@@ -28,6 +28,7 @@ Trust: the directory is trusted as the virtual environment is. Loading runs no p
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -237,6 +238,9 @@ def _fits(want: list[int | str], have: torch.Size, sizes: dict[str, int]) -> boo
     return True
 
 
+_KEY = re.compile(r"[0-9a-f]{64}")  # the names `key` gives
+
+
 class GraphCache:
     """The entries in one directory, by key; at most `limit` of them (the least recently used
     go first: a file's modification time is refreshed when it is read)."""
@@ -247,17 +251,20 @@ class GraphCache:
 
     def load(self, name: str) -> Entry | None:
         path = self.root / f"{name}.json"
-        if not path.exists() or not self._trusted(path):
-            return None
         try:
+            if not path.exists() or not self._trusted(path):
+                return None
             data = json.loads(path.read_text())
             if data.get("key") != name:
                 return None
             entry = Entry(data)
-            path.touch()
-            return entry
+        except OSError:  # unreadable, or pruned by another process meanwhile
+            return None
         except (ValueError, KeyError, TypeError, IndexError, graph_json.GraphFormatError):
             return None  # a damaged or foreign file: capture afresh (and overwrite it)
+        with contextlib.suppress(OSError):  # a read-only disk still serves its graphs
+            path.touch()
+        return entry
 
     def save(self, name: str, data: dict[str, Any]) -> None:
         try:
@@ -271,6 +278,8 @@ class GraphCache:
     def _prune(self) -> None:
         entries = []
         for path in self.root.glob("*.json"):
+            if not _KEY.fullmatch(path.stem):
+                continue  # not ours: a directory shared with other files loses none of them
             try:
                 entries.append((path.stat().st_mtime_ns, path))
             except FileNotFoundError:  # another process pruned it first

@@ -232,11 +232,16 @@ def test_a_shared_prefix_sweep_runs_from_kept_graphs(kept, kind):
 
 def test_the_directory_keeps_the_most_recently_used_entries(tmp_path):
     from runtime.graph_cache import GraphCache
-    cache = GraphCache(tmp_path / "graphs", limit=2)
-    for i, name in enumerate(["a", "b", "c"]):
+    root = tmp_path / "graphs"
+    cache = GraphCache(root, limit=2)
+    a, b, c, d = (ch * 64 for ch in "abcd")
+    (root / "notes.json").parent.mkdir(mode=0o700)
+    (root / "notes.json").write_text("{}")  # not a kept graph: never pruned
+    os.utime(root / "notes.json", ns=(0, 0))
+    for i, name in enumerate([a, b, c]):
         cache.save(name, {"graph": []})
-        os.utime(tmp_path / "graphs" / f"{name}.json", ns=(i * 10**9, i * 10**9))
-    assert sorted(p.stem for p in (tmp_path / "graphs").glob("*.json")) == ["b", "c"]
-    (tmp_path / "graphs" / "b.json").touch()  # as a load does
-    cache.save("d", {"graph": []})
-    assert sorted(p.stem for p in (tmp_path / "graphs").glob("*.json")) == ["b", "d"]
+        os.utime(root / f"{name}.json", ns=((i + 1) * 10**9, (i + 1) * 10**9))
+    assert sorted(p.stem for p in root.glob("*.json")) == [b, c, "notes"]
+    (root / f"{b}.json").touch()  # as a load does
+    cache.save(d, {"graph": []})
+    assert sorted(p.stem for p in root.glob("*.json")) == [b, d, "notes"]
