@@ -202,7 +202,7 @@ class CompiledRunner:
         if any(op.opcode == "backward" for op in typed.program.ops):
             return self._fallback(key, "the program takes gradients (backward), which the compiled "
                                        "path does not run yet")
-        dynamic = len(batch.rows) == 1 and not static
+        dynamic = not static
         disk = self._disk_key(key, mode, typed, batch, params, dynamic)
         if disk is not None:
             result = self._run_kept(disk[0], typed, table, batch, params, shared)
@@ -350,12 +350,14 @@ def _graph_fake_mode(gm: torch.fx.GraphModule) -> Any:
 
 
 def _mark_dynamic(batch: Batch) -> None:
-    """Batch and sequence sizes are symbolic (where the model allows): one graph for all."""
-    if len(batch.rows) != 1:
-        return
+    """Sequence sizes are symbolic (where the model allows), and so is the batch size of a
+    single invoke: one graph for all. Several invokes fix the batch size (their rows are part of
+    the artefact's key)."""
+    single = len(batch.rows) == 1
     for v in (*batch.args, *batch.kwargs.values()):
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            torch._dynamo.maybe_mark_dynamic(v, 0)
+            if single:
+                torch._dynamo.maybe_mark_dynamic(v, 0)
             if v.dim() == 2 and not v.is_floating_point():  # token ids, masks, positions
                 torch._dynamo.maybe_mark_dynamic(v, 1)
 

@@ -135,6 +135,32 @@ def test_invokes_compile_and_agree():
     assert lm.compile_stats().fallbacks == 0
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_invokes_of_many_lengths_share_one_graph(kind):
+    """Two invokes fix the batch layout, not the prompt length: twelve lengths (past dynamo's
+    recompile limit of 8) are one capture, each call equal to the reference interpreter."""
+    lm = make(kind)
+    words = "the eiffel tower is in city of paris colosseum rome madison square garden new york".split()
+    layer = (lm.transformer.h if kind == "gpt2" else lm.model.layers)[1]
+
+    def run(n, compile):
+        with lm.trace(compile=compile) as tracer:
+            with tracer.invoke(" ".join(words[:n])):
+                clean = layer.output[:, -1].save()
+            with tracer.invoke(" ".join(words[1:n + 1])):
+                layer.output[:, -1] = clean
+                logits = lm.lm_head.output.save()
+        return [clean.value, logits.value]
+
+    for n in range(2, 14):
+        got, want = run(n, "graph"), run(n, "off")
+        assert [g.shape[-2:] for g in got[1:]] == [(n, lm.lm_head.out_features)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    stats = lm.compile_stats()
+    assert (stats.compilations, stats.calls, stats.fallbacks) == (1, 12, 0)
+
+
 def zeroed_logits(lm, compile):
     """The logits with layer 0's output zeroed."""
     with lm.trace(A, compile=compile):
