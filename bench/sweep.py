@@ -12,7 +12,9 @@ Columns: interp_dsl compiled (`graph` on a CPU, `inductor` on a GPU), interp_dsl
 interpreter, hand-written hooks, nnsight when installed. The floor is the plain forward of the same
 batches: one forward per prompt; for patch, the batched schedule every library can reach: one
 plain forward of the rows [clean, corrupt x 30] of each pair, in batches of the same size (the
-per-layer floor, a clean and a corrupt forward per layer, is printed beside it). Every column is
+per-layer floor, a clean and a corrupt forward per layer, is printed beside it). interp_dsl's
+patch sweep takes `--patch-batch` pairs per batch (default 8): each batch grows to pairs x 32 rows
+by its last layer, and on a CPU a few hundred rows per forward run fastest. Every column is
 checked against the hand-written hooks before its time counts. One run; lower ratios are better.
 Compiled graphs are kept in a fresh temporary directory: "first 2 batches" is a cold capture,
 and "from kept graphs" the same batches on a second model object that reads what the first kept
@@ -218,7 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=256, help="prompts for read/probe/steer")
     parser.add_argument("--pairs", type=int, default=64, help="clean/corrupt pairs for patch (x30 layers)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="rows per forward (prompts; for patch, the floor's and hooks' rows)")
+    parser.add_argument("--patch-batch", type=int, default=8,
+                        help="pairs per interp_dsl patch batch: each grows to pairs x (2 + 30 layers) rows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
@@ -253,16 +257,17 @@ def main() -> None:
             data, n = prompts(args.prompts), args.prompts
         # Warm-up: a full untimed pass fills the per-length site tables both interp_dsl columns
         # share; two compiled batches capture the graph (reported apart).
-        warm = {k: v[: 2 * args.batch] for k, v in data.items()} if isinstance(data, dict) else data[: 2 * args.batch]
-        t_compile, _ = timed(lambda: dsl(model, work, warm, args.batch, compiled, vector, token), sync)
-        t_kept = kept_start(load, work, warm, args.batch, compiled, vector, token, sync)
-        t_tables, _ = timed(lambda: dsl(model, work, data, args.batch, "off", vector, token), sync)
+        size = args.patch_batch if work == "patch" else args.batch  # interp_dsl's prompts (pairs) per batch
+        warm = {k: v[: 2 * size] for k, v in data.items()} if isinstance(data, dict) else data[: 2 * size]
+        t_compile, _ = timed(lambda: dsl(model, work, warm, size, compiled, vector, token), sync)
+        t_kept = kept_start(load, work, warm, size, compiled, vector, token, sync)
+        t_tables, _ = timed(lambda: dsl(model, work, data, size, "off", vector, token), sync)
         t_floor, _ = timed(lambda: floor(model, work, data, args.batch, args.device), sync)
         if work == "patch":
             t_layer_floor, _ = timed(lambda: floor(model, work, data, args.batch, args.device, per_layer=True), sync)
         t_hooks, expected = timed(lambda: hand_hooks(model, work, data, args.batch, args.device, vector, token), sync)
-        t_ref, ref = timed(lambda: dsl(model, work, data, args.batch, "off", vector, token), sync)
-        t_comp, comp = timed(lambda: dsl(model, work, data, args.batch, compiled, vector, token), sync)
+        t_ref, ref = timed(lambda: dsl(model, work, data, size, "off", vector, token), sync)
+        t_comp, comp = timed(lambda: dsl(model, work, data, size, compiled, vector, token), sync)
         for name, got in (("reference", ref), ("compiled", comp)):
             for key, value in expected.items():
                 tol = 1e-3 if args.dtype == "float32" else 5e-2
@@ -273,7 +278,8 @@ def main() -> None:
         t_nn = timed(lambda: nnsight_column(model, work, data, args.batch, vector), sync)[0] if have_nnsight else None
         rows.append((work, n, t_floor, t_comp, t_ref, t_hooks, t_nn, t_compile, t_kept, t_tables - t_ref))
         print(f"{work}: done", rows[-1], file=sys.stderr)  # kept if a later workload fails
-    print(f"SmolLM2-135M, {args.device} {args.dtype}, {args.threads} threads, batch {args.batch}; "
+    print(f"SmolLM2-135M, {args.device} {args.dtype}, {args.threads} threads, batch {args.batch} "
+          f"(interp_dsl patch: {args.patch_batch} pairs per batch); "
           f"compiled = {compiled!r}; ratio = time / floor (lower is better)\n")
     print("| workload | prompts | floor prompts/s | compiled | reference | hooks | nnsight | "
           "compiled: first 2 batches (from kept graphs) | site tables, first pass |")
