@@ -1,14 +1,18 @@
 """An fx graph as plain JSON, and back: how compiled graphs are kept on disk (runtime/graph_cache.py).
 
 Loading runs no pickle and no `eval`. A node's target is a tensor method name, an operator
-registered in `torch.ops`, or a function looked up by plain name in one of the namespaces below
-(torch, its functional modules, `operator`, `math`, `compiler.ops`); a file naming anything else
-does not load. Arguments are numbers, strings, dtypes, devices, slices, containers of these, and
-other nodes of the same graph.
+registered in `torch.ops`, or a function looked up by plain name in one of the namespaces below,
+and in each case only from a closed set: tensor math (what torch lets a tensor subclass override:
+no file, pickle or global-state function is among them, and the few that leave tensors, such as
+`numpy` or `untyped_storage`, are left out), the factories and symbolic-size helpers dynamo writes
+into graphs, Python's operators and `compiler.ops`. A graph that calls anything else is neither
+written nor loaded. Arguments are numbers, strings, dtypes, devices, slices, containers of these,
+and other nodes of the same graph.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Any
@@ -27,6 +31,20 @@ NAMESPACES: dict[str, Any] = {
 }
 _NODE_OPS = ("placeholder", "call_function", "call_method", "output")
 _CLASSES = (torch.Size,)  # the classes a graph may call (other classes could run arbitrary __init__)
+# Beyond tensor math: what dynamo writes into graphs (factories, symbolic sizes, grad mode).
+_TORCH_EXTRA = ("arange", "ones", "zeros", "full", "empty", "empty_strided", "tensor", "scalar_tensor",
+                "eye", "linspace", "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite",
+                "sym_sum", "_sym_sqrt", "_C._set_grad_enabled", "_C._log_api_usage_once")
+_TENSOR_EXTRA = ("new_ones", "new_zeros", "new_full", "new_empty", "new_tensor")  # factories on a tensor
+_OPERATORS = ("getitem", "setitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg",
+              "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert",
+              "lshift", "rshift", "matmul", "index", "truth", "is_", "is_not", "contains", "iadd", "isub",
+              "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "imatmul")
+_MATH = ("sqrt", "floor", "ceil", "trunc", "log", "log2", "exp", "isfinite", "isinf", "isnan")
+# Tensor math that leaves tensors (arrays, storages, pointers) or reaches outside the graph.
+_LEAVING = frozenset({"numpy", "tolist", "storage", "untyped_storage", "data_ptr", "share_memory_",
+                      "pin_memory", "register_hook", "register_post_accumulate_grad_hook", "backward",
+                      "apply_", "map_", "map2_", "set_", "record_stream", "module_load", "dim_order"})
 
 
 class GraphFormatError(Exception):
@@ -69,30 +87,35 @@ def load(nodes: list[dict[str, Any]]) -> fx.GraphModule:
 
 def _target(node: fx.Node) -> Any:
     t = node.target
+    if node.op == "call_method" and t not in _methods():
+        raise GraphFormatError(f"the method {t!r} is not among those a cached graph may call")
     if node.op in ("placeholder", "output", "call_method"):
         return t
     if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         name = t._schema.name if isinstance(t, torch._ops.OpOverload) else t._qualified_op_name
         namespace, _, op = name.partition("::")
         overload = t._overloadname if isinstance(t, torch._ops.OpOverload) else None
+        if not _op_allowed(t):
+            raise GraphFormatError(f"the operator {name} is not among those a cached graph may call")
         return {"op": [namespace, op, overload]}
     name = getattr(t, "__name__", None)
     for space, where in NAMESPACES.items():
         if isinstance(name, str) and getattr(where, name, None) is t and _callable(t):
             return {"fn": [space, name]}
-    raise GraphFormatError(f"the call target {t!r} is not in the namespaces a cached graph may name")
+    raise GraphFormatError(f"the call target {t!r} is not among the functions a cached graph may name")
 
 
 def _resolve(op: str, target: Any, name: str) -> Any:
     if op in ("placeholder", "output", "call_method"):
-        if not isinstance(target, str) or not target.isidentifier():
-            raise GraphFormatError(f"bad target of node {name!r}")
+        if not isinstance(target, str) or not target.isidentifier() \
+                or op == "call_method" and target not in _methods():
+            raise GraphFormatError(f"bad target of node {name!r}: {target!r}")
         return target
     if isinstance(target, dict) and "op" in target:
         namespace, opname, overload = target["op"]
         packet = getattr(getattr(torch.ops, _identifier(namespace)), _identifier(opname))
         found = packet if overload is None else getattr(packet, _identifier(overload))
-        if isinstance(found, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        if isinstance(found, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and _op_allowed(found):
             return found
     elif isinstance(target, dict) and "fn" in target:
         space, fname = target["fn"]
@@ -103,7 +126,43 @@ def _resolve(op: str, target: Any, name: str) -> Any:
 
 
 def _callable(target: Any) -> bool:
-    return callable(target) and (not isinstance(target, type) or target in _CLASSES)
+    try:
+        return target in _functions()
+    except TypeError:  # unhashable
+        return False
+
+
+def _op_allowed(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> bool:
+    """Our own operators (`ivx::`), and the aten operators of tensor math (torch.add's aten::add)."""
+    packet = op.overloadpacket if isinstance(op, torch._ops.OpOverload) else op
+    namespace, _, name = packet._qualified_op_name.partition("::")
+    return namespace == "ivx" or namespace == "aten" and (
+        _callable(getattr(torch, name, None)) or name in _methods())
+
+
+@functools.cache
+def _overridable() -> tuple[Any, ...]:
+    """Tensor math: the functions and methods torch lets a tensor subclass override, public ones."""
+    return tuple(f for fs in torch.overrides.get_overridable_functions().values() for f in fs
+                 if callable(f) and not getattr(f, "__name__", "_").startswith("_")
+                 and f.__name__ not in _LEAVING)
+
+
+@functools.cache
+def _functions() -> frozenset[Any]:
+    """Every function a graph may call by name."""
+    extra = [functools.reduce(getattr, name.split("."), torch) for name in _TORCH_EXTRA]
+    return frozenset([*_overridable(), *extra, *_CLASSES,
+                      *(getattr(operator, n) for n in _OPERATORS), *(getattr(math, n) for n in _MATH),
+                      *(f for n, f in vars(ops).items() if not n.startswith("_") and callable(f)
+                        and getattr(f, "__module__", None) == ops.__name__)])
+
+
+@functools.cache
+def _methods() -> frozenset[str]:
+    """The method names a graph may call: tensor math's."""
+    return frozenset([*(f.__name__ for f in _overridable() if getattr(torch.Tensor, f.__name__, None) is f),
+                      *_TENSOR_EXTRA])
 
 
 def _identifier(text: Any) -> str:

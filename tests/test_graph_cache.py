@@ -45,12 +45,12 @@ def steer_and_read(model: LanguageModel, prompt: str, coef: float, compile: str)
     return h.value, top.value
 
 
-def two_invokes(model: LanguageModel, compile: str):
+def two_invokes(model: LanguageModel, compile: str, prompts: tuple[str, str] = PROMPTS):
     layers = model.model.layers if hasattr(model.module, "model") else model.transformer.h
     with model.trace(compile=compile) as tracer:
-        with tracer.invoke(PROMPTS[0]):
+        with tracer.invoke(prompts[0]):
             a = layers[0].output.save()
-        with tracer.invoke(PROMPTS[1]):
+        with tracer.invoke(prompts[1]):
             layers[1].output[:] = 0.0
             logits = model.lm_head.output.save()
     return a.value, logits.value
@@ -69,10 +69,13 @@ def test_a_second_model_runs_the_kept_graphs(kept, kind):
         got = steer_and_read(second, prompt, coef, "graph")
         want = steer_and_read(second, prompt, coef, "off")
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    got, want = two_invokes(second, "graph"), two_invokes(second, "off")
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    longer = ("the eiffel tower", "madison square garden is in the city of new york and the tower is in paris")
+    for prompts in (PROMPTS, longer):  # two invokes: the kept graph serves other lengths too
+        got, want = two_invokes(second, "graph", prompts), two_invokes(second, "off", prompts)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert got[1].shape[1] == len(longer[1].split())
     stats = second.compile_stats()
-    assert (stats.compilations, stats.loaded, stats.calls, stats.fallbacks) == (0, 2, 3, 0)
+    assert (stats.compilations, stats.loaded, stats.calls, stats.fallbacks) == (0, 2, 4, 0)
 
 
 @settings(max_examples=6, deadline=None)
@@ -142,6 +145,36 @@ def test_a_hostile_or_damaged_file_is_not_run(kept, tamper):
     got = steer_and_read(model, PROMPTS[0], 2.0, "graph")
     assert (model.compile_stats().loaded, model.compile_stats().compilations) == (0, 1)
     assert torch.equal(got[1], steer_and_read(model, PROMPTS[0], 2.0, "off")[1])
+
+
+def one_call(op: str, target, *args) -> list[dict]:
+    """A graph file's nodes: `y = target(x, *args)`, returned."""
+    return [{"op": "placeholder", "name": "x", "target": "x", "args": {"tuple": []}, "kwargs": {"dict": []}},
+            {"op": op, "name": "y", "target": target, "args": {"tuple": [{"node": "x"}, *args]},
+             "kwargs": {"dict": []}},
+            {"op": "output", "name": "output", "target": "output", "args": {"tuple": [{"node": "y"}]},
+             "kwargs": {"dict": []}}]
+
+
+@pytest.mark.parametrize("op, target", [
+    ("call_function", {"fn": ["torch", "save"]}),  # writes a file
+    ("call_function", {"fn": ["torch", "load"]}),
+    ("call_function", {"fn": ["torch", "from_file"]}),  # reads one
+    ("call_function", {"fn": ["torch", "set_num_threads"]}),  # process state
+    ("call_function", {"fn": ["operator", "call"]}),
+    ("call_function", {"fn": ["torch._C", "_jit_pass_inline"]}),
+    ("call_function", {"op": ["aten", "from_file", None]}),
+    ("call_method", "numpy"),  # leaves tensors: an array's tofile writes files
+    ("call_method", "tofile"),
+    ("call_method", "__reduce_ex__"),
+])
+def test_a_graph_file_names_only_tensor_math(op, target):
+    from compiler import graph_json
+    x = torch.arange(4.0)
+    assert torch.equal(graph_json.load(one_call("call_function", {"fn": ["torch", "add"]}, 1.0))(x), x + 1)
+    assert torch.equal(graph_json.load(one_call("call_method", "mul", 2.0))(x), x * 2)
+    with pytest.raises(graph_json.GraphFormatError, match="may not name|bad target"):
+        graph_json.load(one_call(op, target, "/tmp/ivx-hostile"))
 
 
 def test_a_directory_others_can_write_is_not_used(kept):
