@@ -2,12 +2,14 @@
 
 Loading runs no pickle and no `eval`. A node's target is a tensor method name, an operator
 registered in `torch.ops`, or a function looked up by plain name in one of the namespaces below,
-and in each case only from a closed set: tensor math (what torch lets a tensor subclass override:
-no file, pickle or global-state function is among them, and the few that leave tensors, such as
-`numpy` or `untyped_storage`, are left out), the factories and symbolic-size helpers dynamo writes
-into graphs, Python's operators and `compiler.ops`. A graph that calls anything else is neither
-written nor loaded. Arguments are numbers, strings, dtypes, devices, slices, containers of these,
-and other nodes of the same graph.
+and in each case only from a closed set: tensor math (what torch lets a tensor subclass override,
+less what leaves tensors, such as `numpy` or `untyped_storage`), the factories, size helpers and
+grad-mode switch dynamo writes into graphs, Python's operators and `compiler.ops.call`; no file,
+pickle or thread function is among them. A method runs as `torch.Tensor`'s own, so only on a
+tensor, and an in-place write must land in memory the graph allocated, never in an input (the
+model's weights are inputs). A graph outside these rules is neither written nor loaded.
+Arguments are numbers, strings, dtypes, devices, slices, containers of these, and other nodes of
+the same graph.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from compiler import ops
+from compiler.splice import VIEWS, writes_in_place
 
 NAMESPACES: dict[str, Any] = {
     "torch": torch, "torch.nn.functional": F, "torch._C._nn": torch._C._nn, "torch._C": torch._C,
@@ -41,10 +44,19 @@ _OPERATORS = ("getitem", "setitem", "add", "sub", "mul", "truediv", "floordiv", 
               "lshift", "rshift", "matmul", "index", "truth", "is_", "is_not", "contains", "iadd", "isub",
               "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "imatmul")
 _MATH = ("sqrt", "floor", "ceil", "trunc", "log", "log2", "exp", "isfinite", "isinf", "isnan")
-# Tensor math that leaves tensors (arrays, storages, pointers) or reaches outside the graph.
-_LEAVING = frozenset({"numpy", "tolist", "storage", "untyped_storage", "data_ptr", "share_memory_",
-                      "pin_memory", "register_hook", "register_post_accumulate_grad_hook", "backward",
-                      "apply_", "map_", "map2_", "set_", "record_stream", "module_load", "dim_order"})
+# Tensor math that leaves tensors (arrays, storages, pointers, classes, strings) or reaches outside the graph.
+_LEAVING = frozenset({"numpy", "tolist", "storage", "untyped_storage", "data_ptr", "const_data_ptr",
+                      "storage_type", "type", "share_memory_", "pin_memory", "register_hook",
+                      "register_post_accumulate_grad_hook", "backward", "retain_grad", "requires_grad_",
+                      "apply_", "map_", "map2_", "set_", "resize_", "resize_as_", "record_stream",
+                      "module_load", "dim_order"})
+# An in-place write must land in memory the graph allocated: a result of these, or a view of one.
+_FRESH = frozenset({"clone", "empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like",
+                    "full_like", "arange", "tensor", "scalar_tensor", "empty_strided", "eye", "linspace",
+                    *_TENSOR_EXTRA})
+_ALIASES = VIEWS | {"to", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "detach",
+                    "expand_as", "reshape_as", "swapaxes", "swapdims", "movedim", "moveaxis", "diagonal",
+                    "unfold", "alias", "real", "imag", "split_with_sizes", "tensor_split", "cpu", "cuda"}
 
 
 class GraphFormatError(Exception):
@@ -59,6 +71,7 @@ def dump(graph: fx.Graph) -> list[dict[str, Any]]:
             raise GraphFormatError(f"a {node.op} node ({node.target}) refers to a module attribute")
         out.append({"op": node.op, "name": node.name, "target": _target(node),
                     "args": _value(node.args), "kwargs": _value(dict(node.kwargs))})
+    _check_writes(graph)
     return out
 
 
@@ -75,12 +88,15 @@ def load(nodes: list[dict[str, Any]]) -> fx.GraphModule:
             args, kwargs = _load_value(entry["args"], env), _load_value(entry["kwargs"], env)
             if not isinstance(args, tuple) or not isinstance(kwargs, dict):
                 raise GraphFormatError(f"bad arguments of node {name!r}")
+            if op == "call_method":  # torch.Tensor's own method: a receiver that is no tensor fails
+                op, target = "call_function", getattr(torch.Tensor, target)
             node = graph.create_node(op, target, args, kwargs, name)
             if node.name != name:
                 raise GraphFormatError(f"node name {name!r} is not usable")
             env[name] = node
         graph.lint()
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        _check_writes(graph)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
         raise GraphFormatError(f"{type(e).__name__}: {e}") from None
     return fx.GraphModule(torch.nn.Module(), graph)
 
@@ -140,11 +156,30 @@ def _op_allowed(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> bool
         _callable(getattr(torch, name, None)) or name in _methods())
 
 
+def _check_writes(graph: fx.Graph) -> None:
+    """An in-place op may write only to memory the graph allocated itself (a clone, a factory's
+    result, or a view of one), never to an input: inputs include the model's own weights."""
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or not writes_in_place(node):
+            continue
+        base = node.args[0] if node.args else None
+        if "out" in node.kwargs:
+            base = node.kwargs["out"]
+        while isinstance(base, fx.Node) and _name(base) in _ALIASES and base.args:
+            base = base.args[0]
+        if not (isinstance(base, fx.Node) and base.op != "placeholder" and _name(base) in _FRESH):
+            raise GraphFormatError(f"node {node.name!r} writes in place to memory the graph did not allocate")
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 @functools.cache
 def _overridable() -> tuple[Any, ...]:
     """Tensor math: the functions and methods torch lets a tensor subclass override, public ones."""
     return tuple(f for fs in torch.overrides.get_overridable_functions().values() for f in fs
-                 if callable(f) and not getattr(f, "__name__", "_").startswith("_")
+                 if callable(f) and not isinstance(f, type) and not getattr(f, "__name__", "_").startswith("_")
                  and f.__name__ not in _LEAVING)
 
 
@@ -154,8 +189,7 @@ def _functions() -> frozenset[Any]:
     extra = [functools.reduce(getattr, name.split("."), torch) for name in _TORCH_EXTRA]
     return frozenset([*_overridable(), *extra, *_CLASSES,
                       *(getattr(operator, n) for n in _OPERATORS), *(getattr(math, n) for n in _MATH),
-                      *(f for n, f in vars(ops).items() if not n.startswith("_") and callable(f)
-                        and getattr(f, "__module__", None) == ops.__name__)])
+                      ops.call])  # the spliced ops that are no plain torch function
 
 
 @functools.cache

@@ -451,24 +451,30 @@ class _Splicer:
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
                       operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul}
-_VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
-          "unflatten", "narrow", "select", "as_strided", "t", "contiguous", "view_as", "unbind", "split",
-          "chunk"}
+_OPERATORS = {f for f in vars(operator).values() if callable(f)}
+VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
+         "unflatten", "narrow", "select", "as_strided", "t", "contiguous", "view_as", "unbind", "split",
+         "chunk", "getitem"}  # ops whose result may share memory with their first argument
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether `node` changes its first argument (or an `out=` tensor) in place."""
+    target = node.target
+    if target in _OPERATORS:  # operator.and_, not_, is_: the underscore is no in-place mark there
+        return target in _INPLACE_OPERATORS
+    name = getattr(target, "__name__", str(target))
+    return (name.endswith("_") and not name.endswith("__")
+            or isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+            or "out" in node.kwargs)
 
 
 def _mutated(x: fx.Node, depth: int = 0) -> bool:
     """Whether a node may change `x` (or a view of it) in place: then a site's value must be a copy."""
     for user in x.users:
-        target = user.target
-        name = getattr(target, "__name__", str(target))
-        if target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+        if writes_in_place(user):  # whichever argument it writes
             return True
-        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
-            return True
-        if user.kwargs.get("out") is x:
-            return True
-        view = target is operator.getitem or name in _VIEWS
-        if view and (depth > 8 or _mutated(user, depth + 1)):
+        name = getattr(user.target, "__name__", str(user.target))
+        if name in VIEWS and (depth > 8 or _mutated(user, depth + 1)):
             return True
     return False
 

@@ -134,7 +134,7 @@ class Artefact:
         call = self._call = _Call(typed, table, batch, extra, views=views, keep=keep is not None)
         self.markers.install(self.keys)
         if self.dynamic:
-            _mark_dynamic(batch)
+            _mark_dynamic(args, kwargs, batch_too=len(batch.rows) == 1 and shared is None)
         try:
             with self.markers.activated(self.keys), growing, torch.no_grad():
                 output = self.compiled(*args, **kwargs)
@@ -349,14 +349,13 @@ def _graph_fake_mode(gm: torch.fx.GraphModule) -> Any:
     return None
 
 
-def _mark_dynamic(batch: Batch) -> None:
-    """Sequence sizes are symbolic (where the model allows), and so is the batch size of a
-    single invoke: one graph for all. Several invokes fix the batch size (their rows are part of
-    the artefact's key)."""
-    single = len(batch.rows) == 1
-    for v in (*batch.args, *batch.kwargs.values()):
+def _mark_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_too: bool) -> None:
+    """Sequence sizes are symbolic (where the model allows), and with `batch_too` the batch size:
+    one graph for all. Several invokes, or the shared-prefix schedule's rows, fix the batch size
+    (their rows are part of the artefact's key)."""
+    for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            if single:
+            if batch_too:
                 torch._dynamo.maybe_mark_dynamic(v, 0)
             if v.dim() == 2 and not v.is_floating_point():  # token ids, masks, positions
                 torch._dynamo.maybe_mark_dynamic(v, 1)

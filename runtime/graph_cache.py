@@ -260,7 +260,8 @@ class GraphCache:
             entry = Entry(data)
         except OSError:  # unreadable, or pruned by another process meanwhile
             return None
-        except (ValueError, KeyError, TypeError, IndexError, graph_json.GraphFormatError):
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+                graph_json.GraphFormatError):
             return None  # a damaged or foreign file: capture afresh (and overwrite it)
         with contextlib.suppress(OSError):  # a read-only disk still serves its graphs
             path.touch()

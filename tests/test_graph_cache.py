@@ -128,7 +128,7 @@ def test_a_call_outside_the_kept_shape_conditions_captures_afresh(kept):
     assert torch.equal(long[1], steer_and_read(model, PROMPTS[1], 2.0, "off")[1])
 
 
-@pytest.mark.parametrize("tamper", ["os.system", "dunder", "garbage", "other key"])
+@pytest.mark.parametrize("tamper", ["os.system", "dunder", "garbage", "deep", "other key"])
 def test_a_hostile_or_damaged_file_is_not_run(kept, tamper):
     steer_and_read(fresh("llama"), PROMPTS[0], 2.0, "graph")
     (path,) = kept.glob("*.json")
@@ -140,7 +140,7 @@ def test_a_hostile_or_damaged_file_is_not_run(kept, tamper):
         node["target"] = {"fn": ["torch", "__import__"]}
     elif tamper == "other key":
         data["key"] = "0" * 64
-    path.write_text("{" if tamper == "garbage" else json.dumps(data))
+    path.write_text({"garbage": "{", "deep": "[" * 100_000 + "]" * 100_000}.get(tamper) or json.dumps(data))
     model = fresh("llama")
     got = steer_and_read(model, PROMPTS[0], 2.0, "graph")
     assert (model.compile_stats().loaded, model.compile_stats().compilations) == (0, 1)
@@ -164,8 +164,14 @@ def one_call(op: str, target, *args) -> list[dict]:
     ("call_function", {"fn": ["operator", "call"]}),
     ("call_function", {"fn": ["torch._C", "_jit_pass_inline"]}),
     ("call_function", {"op": ["aten", "from_file", None]}),
+    ("call_function", {"fn": ["compiler.ops", "functions"]}),  # the op table: writable
+    ("call_function", {"fn": ["torch", "autocast"]}),  # a class
     ("call_method", "numpy"),  # leaves tensors: an array's tofile writes files
     ("call_method", "tofile"),
+    ("call_method", "storage_type"),
+    ("call_method", "type"),
+    ("call_method", "const_data_ptr"),
+    ("call_method", "requires_grad_"),
     ("call_method", "__reduce_ex__"),
 ])
 def test_a_graph_file_names_only_tensor_math(op, target):
@@ -175,6 +181,35 @@ def test_a_graph_file_names_only_tensor_math(op, target):
     assert torch.equal(graph_json.load(one_call("call_method", "mul", 2.0))(x), x * 2)
     with pytest.raises(graph_json.GraphFormatError, match="may not name|bad target"):
         graph_json.load(one_call(op, target, "/tmp/ivx-hostile"))
+
+
+@pytest.mark.parametrize("nodes", [
+    one_call("call_method", "zero_"),  # the input may be a weight of the model
+    one_call("call_function", {"fn": ["operator", "setitem"]}, 0, 5.0),
+    one_call("call_function", {"fn": ["torch.Tensor", "add_"]}, 1.0),
+    [*one_call("call_method", "view", -1)[:2],
+     {"op": "call_method", "name": "z", "target": "add_", "args": {"tuple": [{"node": "y"}, 1.0]},
+      "kwargs": {"dict": []}}, *one_call("call_method", "view", -1)[2:]],  # through a view
+])
+def test_a_graph_file_writes_only_to_memory_it_allocated(nodes):
+    from compiler import graph_json
+    with pytest.raises(graph_json.GraphFormatError, match="writes in place"):
+        graph_json.load(nodes)
+    copy = one_call("call_function", {"fn": ["torch", "clone"]})  # a clone of the input may be written
+    copy[2:2] = [{"op": "call_function", "name": "w", "target": {"fn": ["operator", "setitem"]},
+                  "args": {"tuple": [{"node": "y"}, 0, 5.0]}, "kwargs": {"dict": []}}]
+    x = torch.arange(4.0)
+    assert torch.equal(graph_json.load(copy)(x), torch.tensor([5.0, 1.0, 2.0, 3.0]))
+    assert torch.equal(x, torch.arange(4.0))
+
+
+def test_a_method_runs_on_tensors_only():
+    """A method name is torch.Tensor's: on a list (`[5, 1].index(1)`) it does not run."""
+    from compiler import graph_json
+    nodes = one_call("call_method", "index")
+    nodes[1]["args"] = {"tuple": [{"list": [5, 1]}, 1]}
+    with pytest.raises(TypeError):
+        graph_json.load(nodes)(torch.arange(2.0))
 
 
 def test_a_directory_others_can_write_is_not_used(kept):

@@ -31,7 +31,7 @@ def rows_per_layer(model):
 
 @pytest.mark.parametrize("mode", ["off", "graph"])
 def test_patching_rows_join_at_the_layer_they_are_written_at(lm, mode):
-    seen, handles = rows_per_layer(lm)
+    seen, handles = rows_per_layer(lm) if mode == "off" else ([], [])  # dynamo would guard on `seen`
     try:
         with lm.sweep({"clean": PROMPTS, "corrupt": CORRUPT}, batch_size=4, compile=mode) as sweep:
             layer = sweep.param("layer", [1, 2])
@@ -56,7 +56,7 @@ def test_patching_rows_join_at_the_layer_they_are_written_at(lm, mode):
             torch.testing.assert_close(grid[i, j], patch_one(lm, PROMPTS[i], CORRUPT[i], layer_index))
     if mode == "graph":
         stats = lm.compile_stats()
-        assert stats.fallbacks == 0 and stats.artefacts == 1
+        assert (stats.fallbacks, stats.artefacts, stats.compilations) == (0, 1, 1)  # both lengths: one capture
         lm.release_compiled()  # the growth hooks come off with the marker hooks
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.module.modules())
 
