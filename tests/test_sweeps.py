@@ -66,8 +66,8 @@ def test_patching_every_layer_is_vectorised_into_one_graph(lm, mode):
             torch.testing.assert_close(grid[i, layer_index], patch_one(lm, PROMPTS[i], PROMPTS[::-1][i], layer_index))
     if mode == "graph":
         stats = lm.compile_stats()
-        # not one per layer: one capture, then one recompile with a dynamic length (the two batches differ)
-        assert stats.artefacts == 1 and stats.compilations == 2 and stats.fallbacks == 0
+        # not one per layer, nor one per length: the two batches' lengths differ, one capture serves both
+        assert (stats.artefacts, stats.compilations, stats.fallbacks) == (1, 1, 0)
 
 
 def test_fanned_saves_and_zipped_parameters(llama):
