@@ -54,9 +54,7 @@ _LEAVING = frozenset({"numpy", "tolist", "storage", "untyped_storage", "data_ptr
 _FRESH = frozenset({"clone", "empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like",
                     "full_like", "arange", "tensor", "scalar_tensor", "empty_strided", "eye", "linspace",
                     *_TENSOR_EXTRA})
-_ALIASES = VIEWS | {"to", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "detach",
-                    "expand_as", "reshape_as", "swapaxes", "swapdims", "movedim", "moveaxis", "diagonal",
-                    "unfold", "alias", "real", "imag", "split_with_sizes", "tensor_split", "cpu", "cuda"}
+
 
 
 class GraphFormatError(Exception):
@@ -165,7 +163,7 @@ def _check_writes(graph: fx.Graph) -> None:
         base = node.args[0] if node.args else None
         if "out" in node.kwargs:
             base = node.kwargs["out"]
-        while isinstance(base, fx.Node) and _name(base) in _ALIASES and base.args:
+        while isinstance(base, fx.Node) and _name(base) in VIEWS and base.args:
             base = base.args[0]
         if not (isinstance(base, fx.Node) and base.op != "placeholder" and _name(base) in _FRESH):
             raise GraphFormatError(f"node {node.name!r} writes in place to memory the graph did not allocate")

@@ -454,7 +454,10 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 _OPERATORS = {f for f in vars(operator).values() if callable(f)}
 VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
          "unflatten", "narrow", "select", "as_strided", "t", "contiguous", "view_as", "unbind", "split",
-         "chunk", "getitem"}  # ops whose result may share memory with their first argument
+         "chunk", "getitem", "to", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool",
+         "detach", "expand_as", "reshape_as", "swapaxes", "swapdims", "movedim", "moveaxis", "diagonal",
+         "unfold", "alias", "real", "imag", "split_with_sizes", "tensor_split", "cpu",
+         "cuda"}  # ops whose result may share memory with their first argument (a cast to its own dtype is itself)
 
 
 def writes_in_place(node: fx.Node) -> bool:
