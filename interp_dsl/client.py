@@ -175,6 +175,8 @@ class Remote:
                 if len(data) > limit:
                     raise RemoteError.at(where, f"{self.url}{path} answered more than the {limit} bytes expected "
                                                 "for it; the answer is dropped")
+                if response.length:  # fewer bytes than its Content-Length: the connection broke mid-answer
+                    raise http.client.IncompleteRead(data, response.length)
                 return data
         except urllib.error.HTTPError as e:
             raise _refusal(e, job_id, where) from None
@@ -185,6 +187,10 @@ class Remote:
                                             f"({len(body)} bytes) was being sent",
                                      "a server cuts off a job far over its max_request_bytes: send less "
                                      "(fewer or shorter prompts, smaller params)") from None
+            if isinstance(e, http.client.IncompleteRead) and job_id is None:
+                raise RemoteError.at(where, f"the server at {self.url} broke off its answer to {method} {path} "
+                                            f"({len(e.partial)} bytes of {len(e.partial) + (e.expected or 0)})",
+                                     "the server stopped or crashed; start it again and rerun") from None
             if job_id is None:
                 raise RemoteError.at(where, f"cannot reach the server at {self.url}: {reason}",
                                      "start one with `ivx serve --model NAME --port PORT`, or check "

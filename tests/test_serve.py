@@ -662,6 +662,10 @@ class Mangler:
         handler.send_response(status)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
+        if self.mode == "cut" and handler.path == "/v1/jobs":  # a server killed while it answers
+            handler.wfile.write(data[:len(data) // 2])
+            handler.close_connection = True
+            return
         handler.wfile.write(data)
 
     def _alter(self, path: str, data: bytes) -> bytes:
@@ -697,6 +701,7 @@ class Mangler:
     ("health", "/v1/health does not name the model, weights and architecture it serves"),
     ("job id", "answered a job without a well-formed id"),
     ("redirect", "a redirect to 'http://localhost:"),
+    ("cut", "broke off its answer to POST /v1/jobs ("),
 ])
 def test_a_broken_server_is_refused_and_nothing_is_stored(server, keys, fake, tmp_path, mode, message):
     mangler = Mangler(server.url, mode)
