@@ -121,6 +121,22 @@ def test_the_weight_fingerprint_samples_inside_a_large_tensor():
     assert weights_fingerprint(module) != before
 
 
+@pytest.mark.parametrize("dtype, view", [(torch.float32, "<i4"), (torch.bfloat16, "<i2"), (torch.int64, "<i8")])
+def test_the_weight_fingerprint_sums_bit_patterns_exactly_and_leaves_the_tensor_alone(dtype, view):
+    """Across chunk boundaries (2 * 65536 + 5 elements), against Python integers over the raw bytes;
+    an int64 tensor is its own bit pattern, and squaring it must not square the weights."""
+    import numpy as np
+
+    from runtime.fingerprints import _bit_sums
+    torch.manual_seed(0)
+    n = 2 * 65536 + 5
+    flat = (torch.randint(-2**62, 2**62, (n,)) if dtype == torch.int64 else torch.randn(n) * 1e4).to(dtype)
+    before = flat.clone()
+    patterns = [int(v) for v in np.frombuffer(flat.view(torch.uint8).numpy().tobytes(), dtype=view)]
+    assert _bit_sums(flat) == (sum(patterns) % 2**64, sum(v * v for v in patterns) % 2**64)
+    assert torch.equal(flat, before)
+
+
 def test_the_weight_fingerprint_does_not_depend_on_the_thread_count():
     """A float64 sum of 16M elements differs between 1 and 2 threads here; the fingerprint must not
     (a Ray worker or a resumed run uses other thread counts than the process that wrote the manifest)."""
