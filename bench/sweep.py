@@ -15,8 +15,10 @@ plain forward of the rows [clean, corrupt x 30] of each pair, in batches of the 
 per-layer floor, a clean and a corrupt forward per layer, is printed beside it). interp_dsl's
 patch sweep takes `--patch-batch` pairs per batch (default 8): each batch grows to pairs x 32 rows
 by its last layer, and on a CPU a few hundred rows per forward run fastest. Every column is
-checked against the hand-written hooks before its time counts. One run, in which the columns take
-turns `--rounds` times (default 3) and each keeps its best round; lower ratios are better.
+checked against the hand-written hooks in every round. One run, in which the columns take turns
+`--rounds` times (default 5), starting one later each round; a column's ratio is the median over
+the rounds of its time over the same round's floor (paired, so that the machine's drift cancels;
+the spread is printed too). Lower ratios are better.
 Compiled graphs are kept in a fresh temporary directory: "first 2 batches" is a cold capture,
 and "from kept graphs" the same batches on a second model object that reads what the first kept
 (what a second process pays, less imports and the model load).
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -233,7 +236,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="read,probe,steer,patch")
-    parser.add_argument("--rounds", type=int, default=3, help="the columns take turns this many times; each keeps its best")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="the columns take turns this many times; ratios are medians over the rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["IVX_GRAPH_CACHE"] = tempfile.mkdtemp(prefix="ivx-bench-graphs-")
@@ -255,7 +259,7 @@ def main() -> None:
         nn_base = load()  # nnsight patches the forward of the model it wraps: a model of its own
     except ImportError:
         have_nnsight = False
-    rows = []
+    rows, spreads = [], []
     for work in args.work.split(","):
         if work == "patch":
             clean = prompts(args.pairs, seed=1)
@@ -280,25 +284,36 @@ def main() -> None:
             times.setdefault(column, []).append(seconds)
             return value
 
-        for _ in range(args.rounds):  # the columns take turns; each keeps its best round
-            measure("floor", lambda: floor(model, work, data, args.batch, args.device))
-            expected = measure("hooks", lambda: hand_hooks(model, work, data, args.batch, args.device, vector, token))
-            ref = measure("reference", lambda: dsl(model, work, data, size, "off", vector, token))
-            comp = measure("compiled", lambda: dsl(model, work, data, size, compiled, vector, token))
-            for name, got in (("reference", ref), ("compiled", comp)):
-                for key, value in expected.items():
-                    tol = 1e-3 if args.dtype == "float32" else 5e-2
-                    if value.is_floating_point():
-                        torch.testing.assert_close(got[key].float(), value.float(), atol=tol, rtol=tol,
-                                                   msg=f"{work} {name} {key}")
-                    else:
-                        assert (got[key] == value).float().mean() > 0.99, f"{work} {name} {key}"
-            if have_nnsight:
-                measure("nnsight", lambda: nnsight_column(nn_base, work, data, args.batch, vector))
-        best = {column: min(seconds) for column, seconds in times.items()}
-        t_floor, t_comp, t_ref, t_hooks = best["floor"], best["compiled"], best["reference"], best["hooks"]
-        t_nn = best.get("nnsight")
+        def check(name: str, got: dict[str, torch.Tensor]) -> None:
+            tol = 1e-3 if args.dtype == "float32" else 5e-2
+            for key, value in expected.items():
+                if value.is_floating_point():
+                    torch.testing.assert_close(got[key].float(), value.float(), atol=tol, rtol=tol,
+                                               msg=f"{work} {name} {key}")
+                else:
+                    assert (got[key] == value).float().mean() > 0.99, f"{work} {name} {key}"
+
+        expected = hand_hooks(model, work, data, args.batch, args.device, vector, token)
+        columns = {"floor": lambda: floor(model, work, data, args.batch, args.device),
+                   "hooks": lambda: hand_hooks(model, work, data, args.batch, args.device, vector, token),
+                   "reference": lambda: check("reference", dsl(model, work, data, size, "off", vector, token)),
+                   "compiled": lambda: check("compiled", dsl(model, work, data, size, compiled, vector, token))}
+        if have_nnsight:
+            columns["nnsight"] = lambda: nnsight_column(nn_base, work, data, args.batch, vector)
+        order = list(columns)
+        for turn in range(args.rounds):  # the columns take turns, starting one later each round
+            for column in order[turn % len(order):] + order[: turn % len(order)]:
+                measure(column, columns[column])
+        ratio = {column: statistics.median(t / f for t, f in zip(seconds, times["floor"], strict=True))
+                 for column, seconds in times.items()}
+        spread = {column: (min(t / f for t, f in zip(seconds, times["floor"], strict=True)),
+                           max(t / f for t, f in zip(seconds, times["floor"], strict=True)))
+                  for column, seconds in times.items()}
+        t_floor = statistics.median(times["floor"])
+        t_comp, t_ref, t_hooks = (ratio[c] * t_floor for c in ("compiled", "reference", "hooks"))
+        t_nn = ratio["nnsight"] * t_floor if "nnsight" in ratio else None
         t_tables -= times["reference"][0]  # the first pass's extra time: a single run against a single run
+        spreads.append(spread)
         rows.append((work, n, t_floor, t_comp, t_ref, t_hooks, t_nn, t_compile, t_kept, t_tables))
         print(f"{work}: done", rows[-1], file=sys.stderr)  # kept if a later workload fails
     print(f"SmolLM2-135M, {args.device} {args.dtype}, {args.threads} threads, batch {args.batch} "
@@ -316,6 +331,9 @@ def main() -> None:
         print(f"\npatch: the per-layer floor (a clean and a corrupt forward per layer) took {t_layer_floor:.1f} s, "
               f"{t_layer_floor / next(r[2] for r in rows if r[0] == 'patch'):.2f}x the batched floor")
 
+    print("\nper-round ratios, min-max (each round's time over the same round's floor):")
+    for row, spread in zip(rows, spreads, strict=True):
+        print(f"  {row[0]}: " + ", ".join(f"{c} {lo:.2f}-{hi:.2f}" for c, (lo, hi) in spread.items() if c != "floor"))
 
 if __name__ == "__main__":
     main()
