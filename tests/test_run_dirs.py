@@ -137,6 +137,25 @@ def test_the_weight_fingerprint_sums_bit_patterns_exactly_and_leaves_the_tensor_
     assert torch.equal(flat, before)
 
 
+def test_a_tied_weight_is_fingerprinted_like_two_equal_ones():
+    """A tied weight is read once (it appears under each of its names); the fingerprint is the one
+    of a model whose two weights are equal copies."""
+    from runtime.fingerprints import weights_fingerprint
+
+    torch.manual_seed(0)
+    tied, untied = torch.nn.Module(), torch.nn.Module()
+    tied.a = torch.nn.Linear(8, 16)
+    tied.b = torch.nn.Linear(8, 16)
+    tied.b.weight = tied.a.weight
+    untied.a, untied.b = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+    untied.load_state_dict(tied.state_dict())
+    assert untied.a.weight.data_ptr() != untied.b.weight.data_ptr()
+    assert weights_fingerprint(tied) == weights_fingerprint(untied)
+    with torch.no_grad():
+        untied.b.weight[3, 3] += 1.0
+    assert weights_fingerprint(tied) != weights_fingerprint(untied)
+
+
 def test_the_weight_fingerprint_does_not_depend_on_the_thread_count():
     """A float64 sum of 16M elements differs between 1 and 2 threads here; the fingerprint must not
     (a Ray worker or a resumed run uses other thread counts than the process that wrote the manifest)."""
