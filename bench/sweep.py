@@ -304,11 +304,10 @@ def main() -> None:
         for turn in range(args.rounds):  # the columns take turns, starting one later each round
             for column in order[turn % len(order):] + order[: turn % len(order)]:
                 measure(column, columns[column])
-        ratio = {column: statistics.median(t / f for t, f in zip(seconds, times["floor"], strict=True))
-                 for column, seconds in times.items()}
-        spread = {column: (min(t / f for t, f in zip(seconds, times["floor"], strict=True)),
-                           max(t / f for t, f in zip(seconds, times["floor"], strict=True)))
-                  for column, seconds in times.items()}
+        per_round = {column: [t / f for t, f in zip(seconds, times["floor"], strict=True)]
+                     for column, seconds in times.items()}
+        ratio = {column: statistics.median(r) for column, r in per_round.items()}
+        spread = {column: (min(r), max(r)) for column, r in per_round.items()}
         t_floor = statistics.median(times["floor"])
         t_comp, t_ref, t_hooks = (ratio[c] * t_floor for c in ("compiled", "reference", "hooks"))
         t_nn = ratio["nnsight"] * t_floor if "nnsight" in ratio else None

@@ -56,7 +56,6 @@ _FRESH = frozenset({"clone", "empty", "zeros", "ones", "full", "empty_like", "ze
                     *_TENSOR_EXTRA})
 
 
-
 class GraphFormatError(Exception):
     """The graph cannot be written as JSON, or a file does not hold a graph this module wrote."""
 
